@@ -1,0 +1,209 @@
+"""`SparseMap`: the visible sites of a masked NCHW batch as a real sparse tensor.
+
+SparK hides most 32x32 patches of an image. At a feature scale of stride s the
+active set is the patch mask upsampled by 32/s (nearest). A `SparseMap` keeps
+only the features at those active sites:
+
+* ``features``  [N, C]  one row per visible site,
+* ``mask``      [B, h, w] bool, the active set at this scale,
+* ``indices``   [N, 3] contiguous int32 (batch, y, x), derived from ``mask``.
+
+Rows are always in *canonical order*: sorted by (batch, y, x), i.e. the order
+of ``mask.nonzero()``. Every op that changes scale re-establishes that order,
+so two maps with equal masks have row-aligned features and can be added.
+
+Maps that share their sites also share ``cache``: a dict where ops keep index
+tables (neighbour tables, spconv index pairs) built once per scale and reused
+by every layer at that scale.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["SparseMap", "upsample_mask", "check_visible_mask"]
+
+
+def upsample_mask(visible: Tensor, factor: int) -> Tensor:
+    """Nearest upsampling of a bool [B, h, w] mask by an integer factor."""
+    if factor == 1:
+        return visible
+    return visible.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+def check_visible_mask(visible: Tensor, height: int, width: int, batch_size: int | None = None,
+                       device: torch.device | None = None) -> int:
+    """Validate a patch-level visible mask for an input of ``height`` x ``width``.
+
+    Returns the upsampling factor (pixels per mask cell). Raises ``ValueError``
+    with a message that says what is wrong and how to fix it.
+    """
+    if not isinstance(visible, Tensor):
+        raise TypeError(f"visible mask must be a torch.Tensor, got {type(visible).__name__}")
+    if visible.dtype != torch.bool:
+        raise ValueError(f"visible mask must be a bool tensor (True = visible), got dtype {visible.dtype}; "
+                         "convert with `mask.bool()`")
+    if visible.dim() != 3:
+        raise ValueError(f"visible mask must be [B, h, w], got shape {tuple(visible.shape)}")
+    if batch_size is not None and visible.shape[0] != batch_size:
+        raise ValueError(f"visible mask has batch {visible.shape[0]} but the feature map has batch {batch_size}")
+    if device is not None and visible.device != device:
+        raise ValueError(f"visible mask is on {visible.device} but the features are on {device}; "
+                         "move both to the same device")
+    h, w = visible.shape[1:]
+    if h == 0 or w == 0 or height % h or width % w or height // h != width // w:
+        raise ValueError(
+            f"visible mask of grid {h}x{w} does not fit a {height}x{width} map: each side of the map must be "
+            f"the same integer multiple of the mask's side (e.g. a {height // 32}x{width // 32} patch mask for a "
+            f"{height}x{width} image with 32-pixel patches)")
+    empty = (~visible.flatten(1).any(1)).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"images {empty.tolist()} of the batch have no visible patch; every image needs at "
+                         "least one (lower mask_ratio, or check how the mask was built)")
+    return height // h
+
+
+class SparseMap:
+    """Features at the visible sites of a [B, C, h, w] map, in canonical (batch, y, x) row order."""
+
+    __slots__ = ("features", "mask", "cache")
+
+    def __init__(self, features: Tensor, mask: Tensor, cache: dict[str, Any] | None = None):
+        self.features = features
+        self.mask = mask
+        self.cache = {} if cache is None else cache
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, x: Tensor, visible: Tensor) -> "SparseMap":
+        """Gather the visible sites of dense ``x`` [B, C, H, W].
+
+        ``visible`` is a bool mask [B, h, w] at ``x``'s resolution or coarser
+        (e.g. the 32-pixel patch mask of an image); it is upsampled to H x W.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"expected a dense NCHW tensor, got shape {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        factor = check_visible_mask(visible, H, W, batch_size=B, device=x.device)
+        mask = upsample_mask(visible, factor)
+        return cls(x.permute(0, 2, 3, 1)[mask], mask)
+
+    def replace_features(self, features: Tensor) -> "SparseMap":
+        """A map at the same sites (sharing the index cache) with new features."""
+        if features.shape[0] != self.features.shape[0]:
+            raise ValueError(f"new features have {features.shape[0]} rows, the map has {self.features.shape[0]} sites")
+        return SparseMap(features, self.mask, self.cache)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def spatial_shape(self) -> tuple[int, int]:
+        return int(self.mask.shape[1]), int(self.mask.shape[2])
+
+    @property
+    def num_channels(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def num_sites(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features.dtype
+
+    @property
+    def indices(self) -> Tensor:
+        """[N, 3] contiguous int32 (batch, y, x): the layout spconv reads (spconv.md item 2)."""
+        idx = self.cache.get("indices")
+        if idx is None:
+            idx = self.mask.nonzero().int().contiguous()
+            self.cache["indices"] = idx
+        return idx
+
+    @property
+    def batch_index(self) -> Tensor:
+        """[N] int64 batch index of every row."""
+        b = self.cache.get("batch_index")
+        if b is None:
+            b = self.indices[:, 0].long()
+            self.cache["batch_index"] = b
+        return b
+
+    @property
+    def sites_per_sample(self) -> Tensor:
+        """[B] int64 number of visible sites of each sample."""
+        n = self.cache.get("sites_per_sample")
+        if n is None:
+            n = self.mask.flatten(1).sum(1)
+            self.cache["sites_per_sample"] = n
+        return n
+
+    def same_sites(self, other: "SparseMap") -> bool:
+        if self.cache is other.cache or self.mask is other.mask:
+            return True
+        return self.mask.shape == other.mask.shape and bool(torch.equal(self.mask, other.mask))
+
+    # ------------------------------------------------------------------ conversion
+    def dense(self, fill: float = 0.0) -> Tensor:
+        """Scatter back to a dense [B, C, h, w] tensor with ``fill`` at hidden sites (differentiable)."""
+        B, (h, w), C = self.batch_size, self.spatial_shape, self.num_channels
+        out = self.features.new_full((B, h, w, C), fill)
+        out = out.index_put((self.mask,), self.features)
+        return out.permute(0, 3, 1, 2)
+
+    def to(self, *args, **kwargs) -> "SparseMap":
+        features = self.features.to(*args, **kwargs)
+        if features.device == self.features.device:
+            return SparseMap(features, self.mask, self.cache)
+        return SparseMap(features, self.mask.to(features.device))
+
+    # ------------------------------------------------------------------ arithmetic
+    def _check_partner(self, other: "SparseMap", op: str) -> None:
+        if not self.same_sites(other):
+            raise ValueError(
+                f"cannot {op} two sparse maps whose active sites differ (shapes {tuple(self.mask.shape)} and "
+                f"{tuple(other.mask.shape)}, {self.num_sites} vs {other.num_sites} sites). A residual branch must "
+                "keep the sites of its input: restrict strided outputs to the coarse mask before adding.")
+
+    def _binary(self, other, fn, op: str) -> "SparseMap":
+        if isinstance(other, SparseMap):
+            self._check_partner(other, op)
+            return self.replace_features(fn(self.features, other.features))
+        if isinstance(other, Tensor) and other.dim() > 1:
+            raise ValueError(f"can only {op} a sparse map and a scalar, a per-channel [C] tensor or another "
+                             f"sparse map; got a tensor of shape {tuple(other.shape)}")
+        return self.replace_features(fn(self.features, other))
+
+    def __add__(self, other):
+        return self._binary(other, torch.add, "add")
+
+    __radd__ = __add__
+
+    def __iadd__(self, other):  # torchvision blocks write `out += identity`; keep it out-of-place for autograd
+        return self.__add__(other)
+
+    def __sub__(self, other):
+        return self._binary(other, torch.sub, "subtract")
+
+    def __mul__(self, other):
+        return self._binary(other, torch.mul, "multiply")
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return self.replace_features(-self.features)
+
+    def __repr__(self) -> str:
+        B, (h, w), C = self.batch_size, self.spatial_shape, self.num_channels
+        return (f"SparseMap(batch={B}, channels={C}, grid={h}x{w}, sites={self.num_sites} "
+                f"({self.num_sites / max(B * h * w, 1):.0%}), dtype={self.dtype}, device={self.device})")
