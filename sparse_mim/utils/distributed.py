@@ -1,0 +1,197 @@
+"""torch.distributed set-up for torchrun, Slurm (srun) and a plain single process.
+
+One code path for all three: ``init_distributed()`` reads the launcher's variables,
+picks the device, and (for more than one process) starts the process group; with
+one process nothing is started and the helpers below degrade to no-ops, so the
+training loop never branches on "distributed or not".
+
+- torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+- Slurm's srun sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_NODELIST;
+  MASTER_ADDR becomes the first host of the node list (parsed here, no scontrol),
+  MASTER_PORT defaults to 29500 + (SLURM_JOB_ID mod 1000) unless already set.
+- On CUDA, ``torch.cuda.set_device(local_rank)`` runs before anything else touches
+  CUDA (spconv assumes the current device; spconv.md item 11); backend nccl.
+  On CPU: gloo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo", "init_distributed", "parse_slurm_nodelist", "launcher_env", "get_rank", "get_world_size",
+    "is_main_process", "is_distributed", "barrier", "all_reduce_mean", "all_reduce_sum", "seed_everything",
+    "cleanup",
+]
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    launcher: str = "none"  # "torchrun", "slurm" or "none"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _expand_range(prefix: str, body: str, suffix: str) -> list[str]:
+    hosts = []
+    for part in body.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            width = len(lo)
+            for n in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{n:0{width}d}{suffix}")
+        else:
+            hosts.append(f"{prefix}{part}{suffix}")
+    return hosts
+
+
+def parse_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand Slurm's compressed host list without scontrol.
+
+    Handles the usual forms: ``node01``, ``node[01-04]``, ``gpu[1,3-5],cpu7``,
+    ``rack1-node[08-09]``. (Several bracket groups in one name are not expanded.)
+    """
+    hosts, i, token, depth = [], 0, "", 0
+    # split on commas that are outside brackets
+    parts = []
+    for ch in nodelist.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(token)
+            token = ""
+        else:
+            token += ch
+    if token:
+        parts.append(token)
+    for part in parts:
+        m = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", part)
+        if m:
+            hosts.extend(_expand_range(*m.groups()))
+        elif part:
+            hosts.append(part)
+    return hosts
+
+
+def launcher_env(environ=None) -> dict:
+    """Read rank/world/local rank and the rendezvous address from torchrun or Slurm variables.
+
+    Returns a dict with rank, world_size, local_rank, launcher and, for Slurm, the
+    MASTER_ADDR / MASTER_PORT to use. Does not touch the process environment.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return dict(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                    local_rank=int(env.get("LOCAL_RANK", 0)), launcher="torchrun",
+                    master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=env.get("MASTER_PORT", "29500"))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        hosts = parse_slurm_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        port = env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)
+        return dict(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+                    local_rank=int(env.get("SLURM_LOCALID", 0)), launcher="slurm",
+                    master_addr=env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1"), master_port=port)
+    return dict(rank=0, world_size=1, local_rank=0, launcher="none", master_addr=None, master_port=None)
+
+
+def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: int = 1800) -> DistInfo:
+    """Initialise from the launcher's variables; returns the process's rank/world/device.
+
+    ``device``: "auto" (CUDA if available, else CPU), "cuda" or "cpu".
+    """
+    info = launcher_env()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda requested but torch sees no GPU; use device=cpu (or auto)")
+        # must happen before spconv / NCCL touch CUDA (spconv.md item 11)
+        torch.cuda.set_device(info["local_rank"] % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    out = DistInfo(rank=info["rank"], world_size=info["world_size"], local_rank=info["local_rank"],
+                   device=dev, backend=None, launcher=info["launcher"])
+    if out.world_size > 1 and not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = info["master_addr"]
+        os.environ["MASTER_PORT"] = str(info["master_port"])
+        os.environ.setdefault("RANK", str(out.rank))
+        os.environ.setdefault("WORLD_SIZE", str(out.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(out.local_rank))
+        import datetime
+        kwargs = dict(backend=backend, init_method="env://", rank=out.rank, world_size=out.world_size,
+                      timeout=datetime.timedelta(seconds=timeout_s))
+        if dev.type == "cuda":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+    if dist.is_initialized():
+        out.backend = dist.get_backend()
+    return out
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (a copy; identity with one process)."""
+    t = t.detach().clone()
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over processes (a copy; identity with one process)."""
+    return all_reduce_sum(t) / get_world_size()
+
+
+def seed_everything(seed: int, rank: int | None = None) -> int:
+    """Seed python, numpy and torch with ``seed + rank`` (different augmentation per rank); returns it."""
+    s = int(seed) + (get_rank() if rank is None else int(rank))
+    random.seed(s)
+    np.random.seed(s % (2 ** 32))
+    torch.manual_seed(s)
+    return s
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

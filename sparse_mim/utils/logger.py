@@ -1,0 +1,155 @@
+"""Run logger: Weights & Biases (offline by default) plus plain files in the output folder.
+
+Only rank 0 logs; on other ranks every method is a no-op. wandb is imported only
+when a run starts (never at package import). The user's ``WANDB_MODE`` decides the
+mode; we only default it to ``offline`` so nothing leaves the machine unasked. With
+``WANDB_MODE=disabled`` wandb is never started; the local files are still written:
+
+- ``metrics.jsonl``: one JSON object per ``log`` call (``{"step": .., "lr": ..}``),
+- ``images/<key>_<step>.png``: every logged image, always,
+- the wandb run itself under ``<out_dir>/wandb`` (its id is kept in checkpoints so a
+  resumed run continues the same wandb run: ``resume="allow"``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import string
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["RunLogger", "new_run_id", "to_pil"]
+
+
+def new_run_id() -> str:
+    """An 8-character id in wandb's alphabet (lower-case letters and digits)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def to_pil(image):
+    """PIL image from a PIL image, an HWC uint8/float array, or a CHW / HWC torch tensor in [0, 1]."""
+    from PIL import Image
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        import torch
+        if isinstance(image, torch.Tensor):
+            image = image.detach().float().cpu()
+            if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+                image = image.permute(1, 2, 0)
+            image = image.numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return Image.fromarray(arr)
+
+
+def _jsonable(v: Any):
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError):
+            return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    return str(v)
+
+
+class RunLogger:
+    """Rank-0 logger: scalars, images, config and model artifacts to wandb + local files.
+
+    Args:
+        out_dir: output folder (wandb's ``dir``; metrics.jsonl and images/ go here).
+        config: the resolved run config (logged to wandb as its config).
+        project / name / entity / tags: wandb run fields.
+        run_id: wandb run id to continue (from a checkpoint); a new one is made if None.
+        enabled: False on ranks other than 0 (everything becomes a no-op).
+    """
+
+    def __init__(self, out_dir: str, config: Mapping | None = None, project: str = "sparse_mim",
+                 name: str | None = None, entity: str | None = None, run_id: str | None = None,
+                 tags=None, enabled: bool = True, job_type: str | None = None):
+        self.enabled = bool(enabled)
+        self.out_dir = out_dir
+        self.run_id = run_id or new_run_id()
+        self.run = None
+        self._wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.image_dir = os.path.join(out_dir, "images")
+        os.environ.setdefault("WANDB_MODE", "offline")
+        self.mode = os.environ["WANDB_MODE"]
+        if self.mode == "disabled":
+            return
+        import wandb  # imported only where a run starts
+        self._wandb = wandb
+        cfg = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config else None)
+        self.run = wandb.init(project=project, name=name, entity=entity, id=self.run_id, resume="allow",
+                              dir=out_dir, config=cfg, tags=tags, job_type=job_type, reinit=True)
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return getattr(self.run, "dir", None) if self.run is not None else None
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Scalars at a global step: one line in metrics.jsonl and a wandb.log call."""
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+
+    def log_image(self, key: str, image, step: int, caption: str | None = None) -> str | None:
+        """Save ``image`` as ``images/<key>_<step>.png`` and log it as a wandb.Image; returns the PNG path."""
+        if not self.enabled:
+            return None
+        os.makedirs(self.image_dir, exist_ok=True)
+        pil = to_pil(image)
+        path = os.path.join(self.image_dir, f"{key.replace('/', '_')}_{int(step):08d}.png")
+        tmp = path + ".tmp.png"
+        pil.save(tmp)
+        os.replace(tmp, path)
+        if self.run is not None:
+            self.run.log({key: self._wandb.Image(pil, caption=caption)}, step=int(step))
+        return path
+
+    def log_config(self, config: Mapping) -> None:
+        if not self.enabled or self.run is None:
+            return
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        self.run.config.update(cfg, allow_val_change=True)
+
+    def log_artifact(self, path: str, name: str, type: str = "model", metadata: Mapping | None = None,
+                     aliases=None) -> None:
+        """Attach a file (e.g. the exported backbone) to the run as an artifact."""
+        if not self.enabled or self.run is None:
+            return
+        art = self._wandb.Artifact(name=name, type=type, metadata=dict(metadata or {}))
+        art.add_file(path)
+        self.run.log_artifact(art, aliases=aliases)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if not self.enabled or self.run is None:
+            return
+        for k, v in values.items():
+            self.run.summary[k] = _jsonable(v)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
