@@ -1,0 +1,223 @@
+"""Meta-information encoders for MetaFormer (spatio-temporal, attributes, text, numeric).
+
+Every encoder turns raw values into a fixed-size float vector plus a "present" flag.
+A truly missing value (empty field, ``None``) becomes zeros, which the MetaFormer meta
+heads turn into a learned "unknown" token. A value that is present but impossible
+(latitude 95, month 13, is_present 7) is never used silently: it is recorded in a
+:class:`MetaIssues` report with the file and line number, and the field is treated as
+missing. Readers print that report, or raise when ``strict`` is set.
+
+The spatio-temporal encoding follows the official MetaFormer iNaturalist code:
+``[sin(2pi m/12), cos(2pi m/12), sin(2pi h/24), cos(2pi h/24)]`` for month/hour and
+``[cos(lat)cos(lon), cos(lat)sin(lon), sin(lat)]`` (radians) for the location, groups
+``meta_dims = [4, 3]`` in that order. Unlike the official code, a 0.0 latitude or
+longitude is a real coordinate (the equator / Greenwich), not "missing".
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "MetaGroup", "MetaIssues", "TEMPORAL_DIM", "SPATIAL_DIM", "CUB_NUM_ATTRIBUTES",
+    "parse_date", "encode_month_hour", "encode_lat_lon", "parse_float", "encode_numeric",
+]
+
+TEMPORAL_DIM = 4
+SPATIAL_DIM = 3
+CUB_NUM_ATTRIBUTES = 312
+
+# "2014-06-08", "2014-06-08 17:35:00+00:00", "2011-06-16T09:32:49", "2010/06/13 17:35"
+_DATE_RE = re.compile(r"^\s*(\d{1,4})[-/](\d{1,2})[-/](\d{1,2})(?:[ T]+(\d{1,2}):(\d{1,2})(?::(\d{1,2}))?)?")
+
+
+@dataclass(frozen=True)
+class MetaGroup:
+    """One meta group = one (or ``tokens``) MetaFormer meta token(s).
+
+    ``dim`` is the width of the group's input vector (the ``meta_dims`` entry);
+    ``tokens`` > 1 only for text embeddings (one token per word position).
+    """
+    name: str
+    dim: int
+    tokens: int = 1
+
+
+@dataclass
+class MetaIssues:
+    """Collects bad meta values / bad lines per file with line numbers.
+
+    ``counts`` tallies issues per (file, kind); ``examples`` keeps the first few
+    messages per file so the report stays short on a 500k-image dataset.
+    """
+    max_examples: int = 5
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, file: str, line, kind: str, message: str):
+        self.counts[(str(file), kind)] += 1
+        ex = self.examples.setdefault(str(file), [])
+        if len(ex) < self.max_examples:
+            where = f"line {line}" if isinstance(line, int) else str(line)
+            ex.append(f"{where}: {message}")
+
+    def __len__(self):
+        return sum(self.counts.values())
+
+    def __bool__(self):
+        return len(self) > 0
+
+    def total(self, kind: Optional[str] = None) -> int:
+        return sum(n for (f, k), n in self.counts.items() if kind is None or k == kind)
+
+    def summary(self) -> str:
+        if not self:
+            return "no data issues"
+        lines = []
+        files = sorted({f for f, _ in self.counts})
+        for f in files:
+            kinds = ", ".join(f"{n} {k}" for (ff, k), n in sorted(self.counts.items()) if ff == f)
+            lines.append(f"{f}: {kinds}")
+            for ex in self.examples.get(f, []):
+                lines.append(f"    {ex}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {f"{f}|{k}": n for (f, k), n in self.counts.items()}
+
+
+def parse_date(text) -> Tuple[int, int, int, Optional[int]]:
+    """Parse a date string into (year, month, day, hour or None).
+
+    Raises ValueError when the string is not a date or the month / day / hour is out of
+    range (month 13 is an error, not month 1 of next year).
+    """
+    m = _DATE_RE.match(str(text))
+    if m is None:
+        raise ValueError(f"not a date: {text!r} (expected YYYY-MM-DD[ HH:MM[:SS]])")
+    year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    hour = int(m.group(4)) if m.group(4) is not None else None
+    if not 1 <= month <= 12:
+        raise ValueError(f"month {month} out of range 1..12 in {text!r}")
+    if not 1 <= day <= 31:
+        raise ValueError(f"day {day} out of range 1..31 in {text!r}")
+    if hour is not None and not 0 <= hour <= 23:
+        raise ValueError(f"hour {hour} out of range 0..23 in {text!r}")
+    return year, month, day, hour
+
+
+def is_missing(value) -> bool:
+    """True for None, NaN and empty / 'nan' / 'none' / 'null' strings."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null", "na"):
+        return True
+    return False
+
+
+def encode_month_hour(month: Optional[int], hour: Optional[int]) -> np.ndarray:
+    """[sin, cos] of 2pi*month/12 then of 2pi*hour/24; a missing part stays zeros."""
+    out = np.zeros(TEMPORAL_DIM, dtype=np.float32)
+    if month is not None:
+        out[0] = math.sin(2 * math.pi * month / 12)
+        out[1] = math.cos(2 * math.pi * month / 12)
+    if hour is not None:
+        out[2] = math.sin(2 * math.pi * hour / 24)
+        out[3] = math.cos(2 * math.pi * hour / 24)
+    return out
+
+
+def encode_lat_lon(lat: float, lon: float) -> np.ndarray:
+    """3-d unit vector of a (latitude, longitude) in degrees; 0.0 is a real coordinate."""
+    la, lo = math.radians(lat), math.radians(lon)
+    return np.array([math.cos(la) * math.cos(lo), math.cos(la) * math.sin(lo), math.sin(la)], dtype=np.float32)
+
+
+def parse_float(value) -> Optional[float]:
+    """float(value), None when missing; ValueError when present but not a finite number."""
+    if is_missing(value):
+        return None
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"not a finite number: {value!r}")
+    return v
+
+
+def temporal_from_date(date, issues: MetaIssues, file: str, line, use_hour: bool = True):
+    """Encode a date string -> (4-d vector, present). Bad dates are reported, not used."""
+    if is_missing(date):
+        return np.zeros(TEMPORAL_DIM, np.float32), False
+    try:
+        _, month, _, hour = parse_date(date)
+    except ValueError as e:
+        issues.add(file, line, "bad date", str(e))
+        return np.zeros(TEMPORAL_DIM, np.float32), False
+    return encode_month_hour(month, hour if use_hour else None), True
+
+
+def temporal_from_month_hour(month, hour, issues: MetaIssues, file: str, line):
+    """Encode separate month (1..12) / hour (0..23) fields -> (4-d vector, present)."""
+    try:
+        m = parse_float(month)
+        h = parse_float(hour) if hour is not None else None
+    except ValueError as e:
+        issues.add(file, line, "bad month/hour", str(e))
+        return np.zeros(TEMPORAL_DIM, np.float32), False
+    if m is not None and not (1 <= m <= 12 and m == int(m)):
+        issues.add(file, line, "bad month/hour", f"month {month!r} out of range 1..12")
+        m = None
+    if h is not None and not (0 <= h < 24):
+        issues.add(file, line, "bad month/hour", f"hour {hour!r} out of range 0..23")
+        h = None
+    if m is None and h is None:
+        return np.zeros(TEMPORAL_DIM, np.float32), False
+    return encode_month_hour(m, h), True
+
+
+def spatial_from_lat_lon(lat, lon, issues: MetaIssues, file: str, line):
+    """Encode latitude / longitude in degrees -> (3-d vector, present).
+
+    Missing when either is missing; out of range (|lat| > 90, |lon| > 180) is reported.
+    """
+    try:
+        la, lo = parse_float(lat), parse_float(lon)
+    except ValueError as e:
+        issues.add(file, line, "bad coordinate", str(e))
+        return np.zeros(SPATIAL_DIM, np.float32), False
+    if la is None or lo is None:
+        return np.zeros(SPATIAL_DIM, np.float32), False
+    if not -90.0 <= la <= 90.0:
+        issues.add(file, line, "bad coordinate", f"latitude {la} out of range -90..90")
+        return np.zeros(SPATIAL_DIM, np.float32), False
+    if not -180.0 <= lo <= 180.0:
+        issues.add(file, line, "bad coordinate", f"longitude {lo} out of range -180..180")
+        return np.zeros(SPATIAL_DIM, np.float32), False
+    return encode_lat_lon(la, lo), True
+
+
+def encode_numeric(values: Sequence, issues: MetaIssues, file: str, line, columns: Sequence[str]):
+    """Plain numeric columns -> (vector, present). Missing cells are zeros; the group is
+    present when at least one cell is present. Non-numbers are reported and zeroed."""
+    out = np.zeros(len(values), np.float32)
+    present = False
+    for i, (v, col) in enumerate(zip(values, columns)):
+        try:
+            f = parse_float(v)
+        except ValueError:
+            issues.add(file, line, "bad number", f"column {col!r}: {v!r} is not a number")
+            continue
+        if f is not None:
+            out[i] = f
+            present = True
+    return out, present
+
+
+def concat_groups(vectors: List[np.ndarray]) -> np.ndarray:
+    return np.concatenate(vectors).astype(np.float32) if vectors else np.zeros(0, np.float32)
