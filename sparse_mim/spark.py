@@ -1,0 +1,484 @@
+"""SparK: sparse and hierarchical masked image modelling for convnets, on true sparse tensors.
+
+"Designing BERT for Convolutional Networks: Sparse and Hierarchical Masked
+Modeling" (Tian et al., ICLR 2023). The official code (keyu-tian/SparK,
+``pretrain/spark.py``) simulates sparsity with dense ops on a zero-filled image;
+here the encoder computes on the visible sites only (``sparse_mim.sparse``) and
+the dense-masked simulation is kept as a reference mode of the same model.
+
+The class reads like the method (MAE style), one method per step:
+
+1. ``mask``            random patch mask, a fixed number of visible patches per image
+2. ``forward_encoder`` sparse encoder on the visible patches -> 4 maps, strides 4..32
+3. ``densify``         norm on visible features, fill hidden sites with mask tokens,
+                       project to the decoder's width, coarsest first
+4. ``forward_decoder`` light UNet decoder -> per-patch-normalised pixels
+5. ``forward_loss``    MSE to per-patch-normalised targets, hidden patches only
+
+Parameter names follow the official module (``sparse_encoder.sp_cnn.*``,
+``dense_decoder.*``, ``densify_norms.i``, ``densify_projs.i``, ``mask_tokens.i``),
+so ``load_spark_checkpoint`` reads the official ``*_withdecoder_*`` files.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from timm.layers import trunc_normal_
+
+from .decoder import LightDecoder
+from .sparse.tensor import SparseMap, check_visible_mask, upsample_mask
+
+__all__ = ["SparK", "param_groups", "load_spark_checkpoint", "patchify", "unpatchify"]
+
+# Buffers of the official module that it never uses (its own comment says so); dropped on import.
+_OFFICIAL_UNUSED_KEYS = ("imn_m", "imn_s", "norm_black")
+_ENCODER_PREFIX = "sparse_encoder.sp_cnn."
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"input_size must be an int or (height, width), got {size}")
+    return size
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """[B, C, H, W] -> [B, h*w, p*p*C] (row-major patches; each patch (py, px, c), like the official code)."""
+    B, C, H, W = images.shape
+    h, w = H // patch_size, W // patch_size
+    x = images.reshape(B, C, h, patch_size, w, patch_size)
+    x = torch.einsum("bchpwq->bhwpqc", x)
+    return x.reshape(B, h * w, patch_size * patch_size * C)
+
+
+def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
+    """[B, h*w, p*p*C] -> [B, C, h*p, w*p], the inverse of ``patchify``."""
+    B, L, D = patches.shape
+    h, w = grid
+    if L != h * w:
+        raise ValueError(f"{L} patches do not form a {h}x{w} grid")
+    C = D // (patch_size * patch_size)
+    x = patches.reshape(B, h, w, patch_size, patch_size, C)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(B, C, h * patch_size, w * patch_size)
+
+
+class _SparseEncoder(nn.Module):
+    """Holds the backbone under the official name ``sparse_encoder.sp_cnn``."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.sp_cnn = backbone
+
+
+def _backbone_is_sparse(backbone: nn.Module) -> bool:
+    flag = getattr(backbone, "sparse", None)
+    if isinstance(flag, bool):
+        return flag
+    return any(type(m).__module__.startswith("sparse_mim.sparse") for m in backbone.modules())
+
+
+def _default_densify_norm(backbone: nn.Module) -> str:
+    """Official choice: BN for ResNets, LN for ConvNeXts; decided by the norm layers the backbone holds."""
+    for m in backbone.modules():
+        if "BatchNorm" in type(m).__name__:
+            return "bn"
+    return "ln"
+
+
+class SparK(nn.Module):
+    """SparK pre-training model: sparse encoder, densify layers, light decoder, masked loss.
+
+    Args:
+        backbone: a backbone from ``sparse_mim.create_backbone`` (``.channels``,
+            ``.downsample_ratio``, ``forward(images, visible)``), or its registry name.
+        input_size: image size, int or (height, width); both multiples of the
+            backbone's downsample ratio (32).
+        mask_ratio: fraction of patches hidden; every image keeps exactly
+            ``round(f_h * f_w * (1 - mask_ratio))`` patches.
+        decoder_width: the decoder's width at the coarsest scale (768 in the paper).
+        sbn: SyncBatchNorm in the decoder and the densify norms (multi-process runs).
+        densify_norm: 'bn', 'ln' or 'identity'; default: 'bn' if the backbone has
+            BatchNorm layers (ResNet), else 'ln' (ConvNeXt), as in the official code.
+        sparse: only when ``backbone`` is a name: build the sparse backbone (True)
+            or its dense-masked simulation twin (False).
+        backbone_kwargs: extra arguments for ``create_backbone`` when ``backbone`` is a name.
+    """
+
+    def __init__(
+            self,
+            backbone: nn.Module | str,
+            input_size: int | Sequence[int] = 224,
+            mask_ratio: float = 0.6,
+            decoder_width: int = 768,
+            sbn: bool = False,
+            densify_norm: str | None = None,
+            sparse: bool = True,
+            **backbone_kwargs: Any,
+    ):
+        super().__init__()
+        self.backbone_name = None
+        self.backbone_kwargs = dict(backbone_kwargs)
+        if isinstance(backbone, str):
+            from . import create_backbone  # lazy: the registry lives in sparse_mim.backbones
+            self.backbone_name = backbone
+            backbone = create_backbone(backbone, sparse=sparse, **backbone_kwargs)
+        elif backbone_kwargs:
+            raise ValueError(f"backbone kwargs {sorted(backbone_kwargs)} need a backbone *name*; "
+                             "pass them to create_backbone instead")
+        else:
+            self.backbone_name = getattr(backbone, "name", None) or getattr(backbone, "backbone_name", None)
+        for attr in ("channels", "downsample_ratio"):
+            if not hasattr(backbone, attr):
+                raise TypeError(f"the backbone {type(backbone).__name__} has no `.{attr}`; SparK needs a backbone "
+                                "with `.channels` (4 widths, stride 4 to 32), `.downsample_ratio` and "
+                                "`forward(images, visible)` (see sparse_mim.create_backbone)")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+
+        self.sparse_encoder = _SparseEncoder(backbone)
+        self.is_sparse = _backbone_is_sparse(backbone)
+        self.patch_size = int(backbone.downsample_ratio)
+        self.input_size = _pair(input_size)
+        self.patch_grid = self.check_image_size(*self.input_size)
+        self.mask_ratio = float(mask_ratio)
+        self.num_visible = self.visible_count(self.patch_grid)
+        self.sbn = sbn
+
+        self.dense_decoder = LightDecoder(self.patch_size, width=decoder_width, sbn=sbn)
+        self.densify_norm_type = (densify_norm or _default_densify_norm(backbone)).lower()
+        if self.densify_norm_type not in ("bn", "ln", "identity"):
+            raise ValueError(f"densify_norm must be 'bn', 'ln' or 'identity', got {densify_norm!r}")
+
+        # Densify layers, coarsest scale first (official order).
+        encoder_widths = list(backbone.channels)[::-1]
+        self.densify_norms = nn.ModuleList()
+        self.densify_projs = nn.ModuleList()
+        self.mask_tokens = nn.ParameterList()
+        decoder_chs = decoder_width
+        for i, enc_chs in enumerate(encoder_widths):
+            token = nn.Parameter(torch.zeros(1, enc_chs, 1, 1))
+            trunc_normal_(token, mean=0., std=.02, a=-.02, b=.02)
+            self.mask_tokens.append(token)
+            if self.densify_norm_type == "bn":
+                norm = (nn.SyncBatchNorm if sbn else nn.BatchNorm1d)(enc_chs)  # over visible rows [N, C]
+            elif self.densify_norm_type == "ln":
+                norm = nn.LayerNorm(enc_chs, eps=1e-6)
+            else:
+                norm = nn.Identity()
+            self.densify_norms.append(norm)
+            if i == 0 and enc_chs == decoder_chs:
+                proj = nn.Identity()
+            else:
+                k = 1 if i == 0 else 3
+                proj = nn.Conv2d(enc_chs, decoder_chs, kernel_size=k, stride=1, padding=k // 2, bias=True)
+                trunc_normal_(proj.weight, std=.02)
+                nn.init.zeros_(proj.bias)
+            self.densify_projs.append(proj)
+            decoder_chs //= 2
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def backbone(self) -> nn.Module:
+        """The encoder (a ``create_backbone`` module); its state_dict is the exportable backbone."""
+        return self.sparse_encoder.sp_cnn
+
+    def check_image_size(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid (f_h, f_w) of an image; a clear error if a side is not a multiple of the patch size."""
+        p = self.patch_size
+        if height % p or width % p or height <= 0 or width <= 0:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the backbone's downsample ratio {p}: SparK masks "
+                f"{p}x{p} patches. Resize or crop to a multiple of {p} (e.g. {max(p, height // p * p)}x"
+                f"{max(p, width // p * p)})")
+        return height // p, width // p
+
+    def visible_count(self, grid: tuple[int, int]) -> int:
+        keep = round(grid[0] * grid[1] * (1 - self.mask_ratio))
+        if keep < 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch on a {grid[0]}x{grid[1]} grid; "
+                             "lower mask_ratio or use larger images")
+        return keep
+
+    # ------------------------------------------------------------------ 1. masking
+    def mask(self, batch_size: int, device: torch.device | str | None = None, generator: torch.Generator | None = None,
+             grid: tuple[int, int] | None = None) -> Tensor:
+        """Random visible mask [B, f_h, f_w] (True = visible), exactly ``num_visible`` per image.
+
+        Chosen as ``rand(B, f_h*f_w).argsort()[:, :keep]`` (official). Random numbers are
+        drawn on the generator's device (CPU by default), so a seeded generator
+        gives the same mask on any device.
+        """
+        fh, fw = grid or self.patch_grid
+        keep = self.visible_count((fh, fw))
+        noise = torch.rand(batch_size, fh * fw, generator=generator,
+                           device=generator.device if generator is not None else "cpu")
+        keep_idx = noise.argsort(dim=1)[:, :keep]
+        visible = torch.zeros(batch_size, fh * fw, dtype=torch.bool, device=keep_idx.device)
+        visible.scatter_(1, keep_idx, True)
+        return visible.view(batch_size, fh, fw).to(device if device is not None else keep_idx.device)
+
+    # ------------------------------------------------------------------ 2. encoder
+    def forward_encoder(self, images: Tensor, visible: Tensor) -> list[Tensor | SparseMap]:
+        """4 feature maps, stride 4 first: ``SparseMap``s from a sparse backbone, dense maps from the twin."""
+        if self.is_sparse:
+            return list(self.backbone(images, visible, return_sparse=True))
+        return list(self.backbone(images, visible))
+
+    # ------------------------------------------------------------------ 3. densify
+    def densify(self, features: Sequence[Tensor | SparseMap], visible: Tensor) -> list[Tensor]:
+        """Dense decoder inputs, coarsest first: norm(visible features), mask tokens at hidden sites, projection.
+
+        The norm sees the visible rows only (BN statistics over visible sites),
+        whether they come as a ``SparseMap`` or are gathered from a dense map: the
+        two paths perform the same operations on the same rows in the same order.
+        """
+        to_decoder = []
+        for i, feat in enumerate(reversed(list(features))):
+            if isinstance(feat, SparseMap):
+                rows, site_mask = feat.features, feat.mask
+            else:
+                factor = feat.shape[-1] // visible.shape[-1]
+                site_mask = upsample_mask(visible, factor)
+                rows = feat.permute(0, 2, 3, 1)[site_mask]
+            rows = self.densify_norms[i](rows)
+            token = self.mask_tokens[i]
+            B, (h, w), C = site_mask.shape[0], site_mask.shape[1:], token.shape[1]
+            # Channels-last buffer of mask tokens, visible rows written in (differentiable w.r.t. both).
+            dense = token.view(1, 1, 1, C).to(rows.dtype).expand(B, h, w, C).clone()
+            dense = dense.index_put((site_mask,), rows).permute(0, 3, 1, 2)
+            to_decoder.append(self.densify_projs[i](dense))
+        return to_decoder
+
+    # ------------------------------------------------------------------ 4. decoder
+    def forward_decoder(self, to_decoder: Sequence[Tensor]) -> Tensor:
+        return self.dense_decoder(to_decoder)
+
+    # ------------------------------------------------------------------ 5. loss
+    def patchify(self, images: Tensor) -> Tensor:
+        return patchify(images, self.patch_size)
+
+    def unpatchify(self, patches: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        return unpatchify(patches, self.patch_size, grid or self.patch_grid)
+
+    def target_patches(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-patch-normalised target [B, L, p*p*3], with each patch's mean and std (unbiased var + 1e-6)."""
+        target = self.patchify(images)
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1e-6) ** .5
+        return (target - mean) / std, mean, std
+
+    def forward_loss(self, images: Tensor, reconstruction: Tensor, visible: Tensor) -> Tensor:
+        """MSE per patch against the normalised target, averaged over the hidden patches only."""
+        target, _, _ = self.target_patches(images)
+        pred = self.patchify(reconstruction)
+        per_patch = ((pred - target) ** 2).mean(dim=-1)  # [B, L]
+        hidden = (~visible).flatten(1).to(per_patch.dtype)
+        return (per_patch * hidden).sum() / hidden.sum().clamp_min(1.0)
+
+    # ------------------------------------------------------------------ forward
+    def _prepare_visible(self, images: Tensor, visible: Tensor | None, generator=None) -> Tensor:
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        grid = self.check_image_size(images.shape[2], images.shape[3])
+        if visible is None:
+            return self.mask(images.shape[0], images.device, generator=generator, grid=grid)
+        if visible.dim() == 4 and visible.shape[1] == 1:  # official (B, 1, f, f) layout
+            visible = visible[:, 0]
+        check_visible_mask(visible, images.shape[2], images.shape[3], batch_size=images.shape[0],
+                           device=images.device)
+        if tuple(visible.shape[1:]) != grid:
+            raise ValueError(f"visible mask grid {tuple(visible.shape[1:])} does not match the {grid[0]}x{grid[1]} "
+                             f"patch grid of {images.shape[2]}x{images.shape[3]} images (patch {self.patch_size})")
+        return visible
+
+    def forward(self, images: Tensor, visible: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(loss, reconstruction [B, 3, H, W] in per-patch-normalised pixels, visible [B, f_h, f_w])``.
+
+        Without ``visible`` a random mask is drawn (``mask``); given one, the result is deterministic.
+        """
+        visible = self._prepare_visible(images, visible)
+        features = self.forward_encoder(images, visible)
+        to_decoder = self.densify(features, visible)
+        reconstruction = self.forward_decoder(to_decoder)
+        loss = self.forward_loss(images, reconstruction, visible)
+        return loss, reconstruction, visible
+
+    # ------------------------------------------------------------------ visualisation
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, visible: Tensor | None = None, generator=None) -> dict[str, Tensor]:
+        """Images-space views: ``masked`` input, ``reconstruction`` (visible patches pasted back), ``original``.
+
+        The prediction is un-normalised with each patch's own mean / std, as the
+        loss normalised the target. All in the same (e.g. ImageNet-normalised) space as ``images``.
+        """
+        visible = self._prepare_visible(images, visible, generator=generator)
+        _, pred, visible = self.forward(images, visible)
+        _, mean, std = self.target_patches(images)
+        grid = tuple(visible.shape[1:])
+        pred_pixels = self.unpatchify(self.patchify(pred) * std + mean, grid)
+        visible_px = upsample_mask(visible, self.patch_size)[:, None]
+        return {
+            "masked": images * visible_px,
+            "reconstruction": torch.where(visible_px, images, pred_pixels),
+            "original": images,
+            "visible": visible,
+        }
+
+    @torch.no_grad()
+    def reconstruction_grid(self, images: Tensor, visible: Tensor | None = None, mean: Sequence[float] | None = None,
+                            std: Sequence[float] | None = None, generator=None, padding: int = 2) -> Tensor:
+        """(masked input | reconstruction | original), one image per row: float [3, H', W'] in [0, 1].
+
+        ``mean`` / ``std``: the normalisation of ``images`` (default ImageNet). The
+        tensor goes straight into ``wandb.Image``; ``sparse_mim.visualize.save_grid`` writes a PNG.
+        """
+        from .visualize import make_grid_rows
+        views = self.reconstruct(images, visible, generator=generator)
+        return make_grid_rows([views["masked"], views["reconstruction"], views["original"]], mean=mean, std=std,
+                              padding=padding)
+
+    # ------------------------------------------------------------------ reference mode
+    def dense_reference(self) -> "SparK":
+        """A copy of this model whose encoder is the dense-masked simulation twin, with the same weights.
+
+        The reference every sparse result must equal (tests, benchmarks). Needs the
+        backbone's registry name (``SparK('resnet50', ...)`` or a backbone from ``create_backbone``).
+        """
+        if not self.is_sparse:
+            return copy.deepcopy(self)
+        name = self.backbone_name
+        if name is None:
+            raise ValueError("dense_reference() needs the backbone's registry name: build SparK with "
+                             "SparK('resnet50', ...) or a backbone from sparse_mim.create_backbone")
+        from . import create_backbone
+        twin = create_backbone(name, sparse=False, **self.backbone_kwargs)
+        ref = SparK(twin, input_size=self.input_size, mask_ratio=self.mask_ratio,
+                    decoder_width=self.dense_decoder.width, sbn=self.sbn, densify_norm=self.densify_norm_type)
+        ref.backbone_name = name
+        ref.to(self.mask_tokens[0].device)
+        ref.load_state_dict(self.state_dict(), strict=True)
+        return ref.train(self.training)
+
+    def extra_repr(self) -> str:
+        return (f"input_size={self.input_size}, patch_grid={self.patch_grid}, mask_ratio={self.mask_ratio}, "
+                f"visible_per_image={self.num_visible}, densify_norm={self.densify_norm_type}, sparse={self.is_sparse}")
+
+
+# ---------------------------------------------------------------------- optimiser groups
+def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Sequence[str] = ("mask_token", "gamma"),
+                 ) -> list[dict[str, Any]]:
+    """Two parameter groups: with weight decay, and without (1-D params, biases, mask tokens, layer-scale gamma).
+
+    Each group carries ``apply_weight_decay`` so a weight-decay schedule only
+    touches the first; frozen parameters are left out.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim <= 1 or name.endswith(".bias") or any(key in name for key in no_decay_names) or leaf == "gamma":
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "apply_weight_decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False},
+    ]
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _to_our_encoder_layout(encoder_state: dict[str, Tensor], backbone: nn.Module) -> dict[str, Tensor]:
+    """Map an official encoder state dict (official ConvNeXt layout) to the backbone's (timm) names."""
+    ours = backbone.state_dict()
+    if any(k.startswith("downsample_layers.") for k in encoder_state) and not any(
+            k.startswith("downsample_layers.") for k in ours):
+        from timm.models.convnext import checkpoint_filter_fn
+        return checkpoint_filter_fn(encoder_state, backbone)
+    return encoder_state
+
+
+def _unwrap_checkpoint(checkpoint: Any) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
+    if "module" in checkpoint and isinstance(checkpoint["module"], dict):
+        state, kind = dict(checkpoint["module"]), "official SparK (*_withdecoder_*)"
+    elif "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        state, kind = dict(checkpoint["model"]), "sparse_mim training checkpoint"
+    else:
+        state, kind = dict(checkpoint), "plain SparK state_dict"
+    config = state.pop("config", None) or {}
+    if not isinstance(config, dict):
+        config = {}
+    state = _strip_prefix(state, "module.")  # DistributedDataParallel
+    return state, kind, config
+
+
+def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+    """Load a whole SparK model (encoder, densify layers, mask tokens, decoder) from a checkpoint.
+
+    Accepts the official ``*_withdecoder_1kpretrained_spark_style.pth`` files (a dict
+    with ``module``; ConvNeXt encoders renamed to timm's layout), this project's
+    training checkpoints (a dict with ``model``) and plain SparK state dicts. Files
+    are read with ``weights_only=True``. Raises ``ValueError`` listing missing /
+    unexpected / mis-shaped keys when the checkpoint is for another architecture.
+    Returns a small report: the format, the checkpoint's config, the keys ignored.
+    """
+    if isinstance(path_or_state, (str, os.PathLike)):
+        checkpoint = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        source = str(path_or_state)
+    else:
+        checkpoint, source = path_or_state, "the given state dict"
+    state, kind, config = _unwrap_checkpoint(checkpoint)
+    ignored = [k for k in state if k in _OFFICIAL_UNUSED_KEYS]
+    for k in ignored:
+        state.pop(k)
+    if not any(k.startswith(_ENCODER_PREFIX) for k in state):
+        hint = ""
+        if any(re.match(r"(conv1|stem|layer1|stages|downsample_layers)\.", k) for k in state):
+            hint = (" It looks like a backbone-only file (e.g. *_1kpretrained_timm_style.pth): load it into the "
+                    "encoder with sparse_mim.backbones.load_backbone_weights(model.backbone, path).")
+        raise ValueError(f"{source} holds no SparK encoder weights (no key starts with '{_ENCODER_PREFIX}').{hint}")
+
+    encoder_state = {k[len(_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(_ENCODER_PREFIX)}
+    encoder_state = _to_our_encoder_layout(encoder_state, model.backbone)
+    state = {k: v for k, v in state.items() if not k.startswith(_ENCODER_PREFIX)}
+    state.update({_ENCODER_PREFIX + k: v for k, v in encoder_state.items()})
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                        for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or mis_shaped:
+        def _fmt(keys):
+            return ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12} more)" if len(keys) > 12 else "")
+        lines = [f"{source} ({kind}) does not fit this SparK model "
+                 f"(backbone {model.backbone_name or type(model.backbone).__name__}, decoder width "
+                 f"{model.dense_decoder.width}, densify norm {model.densify_norm_type})."]
+        if config:
+            lines.append(f"Checkpoint config: {config}.")
+        if missing:
+            lines.append(f"Missing keys ({len(missing)}): {_fmt(missing)}")
+        if unexpected:
+            lines.append(f"Unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+        if mis_shaped:
+            lines.append(f"Shape mismatches ({len(mis_shaped)}): {_fmt(mis_shaped)}")
+        lines.append("Build the model with the checkpoint's backbone, decoder width and densify norm.")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    return {"format": kind, "config": config, "ignored_keys": ignored}
