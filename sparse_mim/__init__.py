@@ -1,0 +1,33 @@
+"""sparse_mim: SparK masked-image pre-training for convnets on true sparse tensors.
+
+Public entry points (imported lazily so that ``import sparse_mim`` stays cheap):
+
+* `create_backbone(name, sparse=True, drop_path_rate=None, **kw)` / `list_backbones()`:
+  sparse ResNets and ConvNeXts (`sparse_mim.backbones`).
+* `SparK(backbone, input_size=224, mask_ratio=0.6, ...)`: the pre-training model
+  (`sparse_mim.spark`).
+"""
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["create_backbone", "list_backbones", "SparK"]
+
+_LAZY = {
+    "create_backbone": "sparse_mim.backbones",
+    "list_backbones": "sparse_mim.backbones",
+    "SparK": "sparse_mim.spark",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparse_mim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
