@@ -1,4 +1,23 @@
-"""Sparse tensor engine: SparK's masked images as real sparse tensors (spconv + torch)."""
-from .tensor import SparseMap, check_visible_mask, upsample_mask
+"""Sparse tensor engine: SparK's masked images as real sparse tensors.
 
-__all__ = ["SparseMap", "check_visible_mask", "upsample_mask"]
+`SparseMap` holds the visible sites of a masked batch; `nn` has the sparse
+layers (dense twins' parameter names, torch weight layout); `convert` turns a
+dense model into its sparse twin (`sparsify`) or into SparK's dense-masked
+simulation (`dense_masked` + `active_mask`), the reference for equivalence.
+"""
+from .tensor import SparseMap, check_visible_mask, upsample_mask
+from .nn import (SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseGELU, SparseGRN, SparseIdentity,
+                 SparseLayerNorm, SparseLayerNorm2d, SparseLinear, SparseMaxPool2d, SparseReLU, SparseReLU6,
+                 SparseSiLU, SparseSyncBatchNorm, sparse_global_avg_pool)
+from .convert import (UnsupportedLayerError, active_mask, convert_sync_batchnorm, current_mask, dense_masked, mask_at,
+                      sparsify)
+from . import functional
+
+__all__ = [
+    "SparseMap", "check_visible_mask", "upsample_mask",
+    "SparseConv2d", "SparseBatchNorm2d", "SparseSyncBatchNorm", "SparseLayerNorm", "SparseLayerNorm2d", "SparseGRN",
+    "SparseMaxPool2d", "SparseDropPath", "SparseLinear", "SparseIdentity", "SparseReLU", "SparseReLU6", "SparseGELU",
+    "SparseSiLU", "sparse_global_avg_pool",
+    "sparsify", "dense_masked", "active_mask", "current_mask", "mask_at", "convert_sync_batchnorm",
+    "UnsupportedLayerError", "functional",
+]

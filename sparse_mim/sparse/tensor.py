@@ -77,15 +77,25 @@ class SparseMap:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dense(cls, x: Tensor, visible: Tensor) -> "SparseMap":
+    def from_dense(cls, x: Tensor, visible: Tensor, patch_size: int | None = None) -> "SparseMap":
         """Gather the visible sites of dense ``x`` [B, C, H, W].
 
         ``visible`` is a bool mask [B, h, w] at ``x``'s resolution or coarser
         (e.g. the 32-pixel patch mask of an image); it is upsampled to H x W.
+        With ``patch_size`` (e.g. 32 for an image entering a backbone), H and W
+        must be multiples of it and ``visible`` must be the H/p x W/p patch grid.
         """
-        if x.dim() != 4:
-            raise ValueError(f"expected a dense NCHW tensor, got shape {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"expected a dense NCHW tensor, got {getattr(x, 'shape', type(x).__name__)}")
         B, _, H, W = x.shape
+        if patch_size is not None:
+            if H % patch_size or W % patch_size:
+                raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {patch_size}; resize or "
+                                 f"crop to e.g. {max(H // patch_size, 1) * patch_size}x"
+                                 f"{max(W // patch_size, 1) * patch_size}")
+            if isinstance(visible, Tensor) and tuple(visible.shape[1:]) != (H // patch_size, W // patch_size):
+                raise ValueError(f"visible mask grid {tuple(visible.shape[1:])} does not fit a {H}x{W} image "
+                                 f"with {patch_size}-pixel patches: expected {(H // patch_size, W // patch_size)}")
         factor = check_visible_mask(visible, H, W, batch_size=B, device=x.device)
         mask = upsample_mask(visible, factor)
         return cls(x.permute(0, 2, 3, 1)[mask], mask)
@@ -175,14 +185,58 @@ class SparseMap:
                 f"{tuple(other.mask.shape)}, {self.num_sites} vs {other.num_sites} sites). A residual branch must "
                 "keep the sites of its input: restrict strided outputs to the coarse mask before adding.")
 
+    def _as_row_operand(self, other: Tensor, op: str) -> Tensor:
+        """Bring a dense operand to something that broadcasts against the [N, C] features.
+
+        Accepted: a scalar / 0-d tensor, a per-channel [C], [1, C], [1, C, 1, 1] or
+        [1, 1, 1, C] tensor (e.g. ConvNeXt's layer-scale gamma), or a per-sample
+        per-channel [B, C] / [B, C, 1, 1] tensor (e.g. SE-block scales), which is
+        gathered to the rows by their batch index.
+        """
+        shape = tuple(other.shape)
+        C, B = self.num_channels, self.batch_size
+        if other.dim() == 4:
+            if shape[2:] == (1, 1):
+                other = other.flatten(1)
+            elif shape[1:3] == (1, 1) and shape[0] == 1:
+                other = other.reshape(1, shape[3])
+            else:
+                other = None
+        if other is not None and other.dim() <= 1:
+            return other
+        if other is not None and other.dim() == 2 and other.shape[1] in (C, 1):
+            if other.shape[0] == 1:
+                return other
+            if other.shape[0] == B:
+                return other[self.batch_index]
+        raise ValueError(f"can only {op} a sparse map (batch {B}, {C} channels) and a scalar, a per-channel [C] / "
+                         f"[1, C, 1, 1] tensor, a per-sample [B, C] / [B, C, 1, 1] tensor or another sparse map; "
+                         f"got a tensor of shape {shape}")
+
     def _binary(self, other, fn, op: str) -> "SparseMap":
         if isinstance(other, SparseMap):
             self._check_partner(other, op)
             return self.replace_features(fn(self.features, other.features))
-        if isinstance(other, Tensor) and other.dim() > 1:
-            raise ValueError(f"can only {op} a sparse map and a scalar, a per-channel [C] tensor or another "
-                             f"sparse map; got a tensor of shape {tuple(other.shape)}")
+        if isinstance(other, Tensor):
+            other = self._as_row_operand(other, op)
         return self.replace_features(fn(self.features, other))
+
+    def add(self, other) -> "SparseMap":
+        return self.__add__(other)
+
+    def mul(self, other) -> "SparseMap":
+        return self.__mul__(other)
+
+    def permute(self, *dims) -> "SparseMap":
+        """NCHW <-> NHWC permutes are no-ops: the features are [N, C] whichever way a dense block looks at them.
+
+        Lets dense blocks that switch to channels-last around a LayerNorm / MLP
+        (timm's ConvNeXtBlock) run unchanged on a sparse map.
+        """
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+        if dims not in ((0, 2, 3, 1), (0, 3, 1, 2), (0, 1, 2, 3)):
+            raise ValueError(f"a sparse map only supports the NCHW <-> NHWC permutes, got {dims}")
+        return self
 
     def __add__(self, other):
         return self._binary(other, torch.add, "add")

@@ -1,0 +1,308 @@
+"""Model conversion: dense model -> sparse twin (`sparsify`), and -> SparK's dense-masked simulation (`dense_masked`).
+
+Both conversions work in place by switching the class of each supported
+layer to a subclass of its own class, so every Parameter and buffer object
+stays where it was: ``state_dict()`` keys and tensors are unchanged, and a
+sparse model, its dense-masked twin and the plain dense model share weights.
+
+Dense-masked simulation (the reference every sparse result must equal, and the
+baseline of every benchmark), as in the official SparK code:
+
+* the input is zeroed at hidden patches;
+* every spatial op (conv, max-pool) masks its input, so it only ever reads
+  zeros at hidden sites, and multiplies its output by the mask at the output
+  scale; statistics ops (BatchNorm, GRN) likewise see zeros at hidden sites,
+  BatchNorm's statistics are over visible sites only, GRN's norms are per
+  sample over its visible sites (zeros add nothing to a sum of squares);
+* per-site ops (activations, channels-last LayerNorm / Linear, LayerNorm2d,
+  DropPath, layer-scale) are left alone. They may write non-zeros at hidden
+  sites (a LayerNorm's bias, GELU(0) + a Linear's bias), but a value at a hidden
+  site never reaches a visible site except through a spatial or statistics op,
+  and all of those mask their input first. Hence the visible sites of the
+  simulation equal the sparse model's features exactly; hidden sites are junk
+  unless the model masks its final outputs (the backbones do).
+
+The mask comes from the `active_mask(visible)` context: ``visible`` is the
+bool [B, h, w] patch mask; a layer seeing a [B, C, H, W] tensor uses it
+upsampled (nearest) by H / h (= W / w; rectangular inputs work).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .nn import (SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseElementwise, SparseGRN, SparseLayerNorm,
+                 SparseLayerNorm2d, SparseMaxPool2d, SparseSyncBatchNorm, elementwise_twin)
+from .tensor import check_visible_mask, upsample_mask
+
+__all__ = ["sparsify", "dense_masked", "active_mask", "current_mask", "mask_at", "convert_sync_batchnorm",
+           "MaskedConv2d", "MaskedBatchNorm2d", "MaskedSyncBatchNorm", "MaskedMaxPool2d", "UnsupportedLayerError"]
+
+
+class UnsupportedLayerError(TypeError):
+    """A layer type that has no sparse / dense-masked twin."""
+
+
+# ---------------------------------------------------------------------------------------------------- mask context
+class _MaskState:
+    def __init__(self, visible: Tensor):
+        self.visible = visible
+        self.by_size: dict[tuple[int, int], Tensor] = {}
+
+    def at(self, height: int, width: int) -> Tensor:
+        m = self.by_size.get((height, width))
+        if m is None:
+            factor = check_visible_mask(self.visible, height, width)
+            m = upsample_mask(self.visible, factor)
+            self.by_size[(height, width)] = m
+        return m
+
+
+_ACTIVE: contextvars.ContextVar[_MaskState | None] = contextvars.ContextVar("sparse_mim_active_mask", default=None)
+
+
+@contextlib.contextmanager
+def active_mask(visible: Tensor) -> Iterator[Tensor]:
+    """Make ``visible`` (bool [B, h, w], True = visible patch) the mask of the dense-masked layers inside."""
+    if not isinstance(visible, Tensor) or visible.dtype != torch.bool or visible.dim() != 3:
+        raise ValueError("active_mask expects a bool [B, h, w] visible-patch mask, got "
+                         f"{getattr(visible, 'dtype', type(visible).__name__)} {tuple(getattr(visible, 'shape', ()))}")
+    token = _ACTIVE.set(_MaskState(visible))
+    try:
+        yield visible
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_mask() -> Tensor | None:
+    """The visible-patch mask of the innermost `active_mask` context, or None."""
+    state = _ACTIVE.get()
+    return None if state is None else state.visible
+
+
+def mask_at(x: Tensor, channels_last: bool = False) -> Tensor:
+    """The active mask at ``x``'s resolution, shaped to broadcast against ``x`` (NCHW, or NHWC), in x's dtype."""
+    state = _ACTIVE.get()
+    if state is None:
+        raise RuntimeError("a dense-masked layer ran outside `with active_mask(visible):`; the simulation needs "
+                           "the visible-patch mask")
+    h, w = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+    m = state.at(h, w)
+    if m.shape[0] != x.shape[0]:
+        raise ValueError(f"active mask has batch {m.shape[0]}, the tensor has batch {x.shape[0]}")
+    if m.device != x.device:
+        raise ValueError(f"active mask is on {m.device} but the tensor is on {x.device}; move both to one device")
+    m = m.to(x.dtype)
+    return m[..., None] if channels_last else m[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------- masked layers
+class MaskedConv2d(nn.Conv2d):
+    """Dense conv on the zero-filled map, output multiplied by the mask at its scale."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x * mask_at(x))
+        return y * mask_at(y)
+
+
+class _MaskedBatchNormMixin:
+    """BatchNorm whose statistics cover visible sites only; zeros at hidden sites."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2:
+            raise ValueError(f"expected [N, C] rows, got shape {tuple(input.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects an NCHW tensor, got shape {tuple(x.shape)}")
+        m = mask_at(x)[:, 0].bool()
+        y = super().forward(x.permute(0, 2, 3, 1)[m])
+        out = y.new_zeros((x.shape[0], x.shape[2], x.shape[3], y.shape[1])).index_put((m,), y)
+        return out.permute(0, 3, 1, 2)
+
+
+class MaskedBatchNorm2d(_MaskedBatchNormMixin, nn.BatchNorm2d):
+    pass
+
+
+class MaskedSyncBatchNorm(_MaskedBatchNormMixin, nn.SyncBatchNorm):
+    pass
+
+
+class MaskedMaxPool2d(nn.MaxPool2d):
+    """Max-pool on the zero-filled map (hidden neighbours count as 0), output masked."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x * mask_at(x))
+        return y * mask_at(y)
+
+
+class _MaskedGRNMixin:
+    """GRN on the zero-filled map (per-sample norms = norms over visible sites), output masked."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        channels_last = getattr(self, "channel_dim", -1) in (-1, 3)
+        m = mask_at(x, channels_last)
+        return super().forward(x * m) * m
+
+
+_MASKED_GRN: dict[type, type] = {}
+
+
+def _masked_grn_class(cls: type) -> type:
+    twin = _MASKED_GRN.get(cls)
+    if twin is None:
+        twin = type(f"Masked{cls.__name__}", (_MaskedGRNMixin, cls), {"__module__": __name__})
+        _MASKED_GRN[cls] = twin
+        globals()[twin.__name__] = twin
+    return twin
+
+
+# ---------------------------------------------------------------------------------------------------- layer kinds
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
+    nn.Mish, nn.PReLU, nn.Softplus, nn.Dropout, nn.Identity, nn.Linear,
+)
+
+
+def _timm_classes() -> dict[str, tuple[type, ...]]:
+    try:
+        from timm.layers import activations, norm
+        from timm.layers.drop import DropPath
+        from timm.layers.grn import GlobalResponseNorm
+    except ImportError:  # timm is optional for the engine itself
+        return {"ln": (), "ln2d": (), "grn": (), "droppath": (), "act_modules": ()}
+    return {"ln": (norm.LayerNorm,), "ln2d": (norm.LayerNorm2d,), "grn": (GlobalResponseNorm,),
+            "droppath": (DropPath,), "act_modules": (activations.__name__,)}
+
+
+def _kind(m: nn.Module, timm_classes: dict) -> str | None:
+    t = type(m)
+    if t in (nn.Conv2d, SparseConv2d, MaskedConv2d):
+        return "conv"
+    if t in (nn.BatchNorm2d, SparseBatchNorm2d, MaskedBatchNorm2d):
+        return "bn"
+    if t in (nn.SyncBatchNorm, SparseSyncBatchNorm, MaskedSyncBatchNorm):
+        return "syncbn"
+    if t in (nn.MaxPool2d, SparseMaxPool2d, MaskedMaxPool2d):
+        return "maxpool"
+    if t in (nn.LayerNorm, SparseLayerNorm) + timm_classes["ln"]:
+        return "ln"
+    if t is SparseLayerNorm2d or t in timm_classes["ln2d"]:
+        return "ln2d"
+    if t is SparseGRN or t in timm_classes["grn"] or t in _MASKED_GRN.values():
+        return "grn"
+    if t is SparseDropPath or t in timm_classes["droppath"]:
+        return "droppath"
+    if isinstance(m, SparseElementwise) or t in _ELEMENTWISE or t.__module__ in timm_classes["act_modules"]:
+        return "elementwise"
+    return None
+
+
+def _walk(module: nn.Module, visit, prefix: str = "") -> None:
+    timm_classes = _timm_classes()
+    unsupported = []
+
+    def rec(m: nn.Module, name: str) -> None:
+        kind = _kind(m, timm_classes)
+        if kind is not None:
+            visit(m, kind, name)
+            return
+        children = list(m.named_children())
+        if not children:
+            unsupported.append(f"{name or '<root>'} ({type(m).__module__}.{type(m).__qualname__})")
+            return
+        for child_name, child in children:
+            rec(child, f"{name}.{child_name}" if name else child_name)
+
+    rec(module, prefix)
+    if unsupported:
+        raise UnsupportedLayerError(
+            "no sparse / dense-masked twin for these layers: " + ", ".join(unsupported) + ". Supported: Conv2d "
+            "(groups 1 or depthwise), BatchNorm2d/SyncBatchNorm, LayerNorm, timm LayerNorm2d, timm "
+            "GlobalResponseNorm, MaxPool2d, DropPath, Linear, Identity, Dropout and element-wise activations. "
+            "Remove or replace them (e.g. drop the classifier head / global pool) before converting.")
+
+
+def sparsify(module: nn.Module) -> nn.Module:
+    """Turn ``module`` (in place) into its sparse twin; returns it.
+
+    Every supported layer's class is switched to its sparse twin (a subclass
+    of the layer's class), sharing the same Parameter / buffer objects, so
+    ``state_dict()`` is unchanged. Raises `UnsupportedLayerError` naming every
+    layer without a twin. Containers (Sequential, blocks) are walked; their own
+    ``forward`` must only use supported layers, ``+`` / ``*`` and permutes.
+    """
+    sparse_class = {"conv": SparseConv2d, "bn": SparseBatchNorm2d, "syncbn": SparseSyncBatchNorm,
+                    "maxpool": SparseMaxPool2d, "ln": SparseLayerNorm, "ln2d": SparseLayerNorm2d,
+                    "droppath": SparseDropPath}
+
+    def visit(m: nn.Module, kind: str, name: str) -> None:
+        if kind == "grn":
+            if not (isinstance(getattr(m, "weight", None), nn.Parameter) and hasattr(m, "eps")):
+                raise UnsupportedLayerError(f"{name}: GRN layer without `weight` / `bias` / `eps` (timm naming)")
+            m.__class__ = SparseGRN
+        elif kind == "elementwise":
+            m.__class__ = elementwise_twin(type(m))
+        else:
+            m.__class__ = sparse_class[kind]
+
+    _walk(module, visit)
+    return module
+
+
+def dense_masked(module: nn.Module) -> nn.Module:
+    """Turn ``module`` (in place) into SparK's dense-masked simulation; returns it.
+
+    Run it inside ``with active_mask(visible):`` on zero-filled inputs. Shares
+    all parameters and buffers with the original (only classes change).
+    """
+    masked_class = {"conv": MaskedConv2d, "bn": MaskedBatchNorm2d, "syncbn": MaskedSyncBatchNorm,
+                    "maxpool": MaskedMaxPool2d}
+    timm_classes = _timm_classes()
+
+    def visit(m: nn.Module, kind: str, name: str) -> None:
+        if kind in masked_class:
+            m.__class__ = masked_class[kind]
+        elif kind == "grn":
+            base = type(m)
+            if base is SparseGRN or base in _MASKED_GRN.values():
+                if not timm_classes["grn"]:
+                    raise UnsupportedLayerError(f"{name}: dense-masked GRN needs timm")
+                base = timm_classes["grn"][0]
+                if not hasattr(m, "channel_dim"):
+                    m.spatial_dim, m.channel_dim, m.wb_shape = (1, 2), -1, (1, 1, 1, -1)
+            m.__class__ = _masked_grn_class(base)
+        elif kind == "droppath" and type(m) is SparseDropPath:
+            pass  # works on dense tensors too
+        elif kind in ("ln", "ln2d", "elementwise") and isinstance(m, (SparseElementwise, SparseLayerNorm,
+                                                                           SparseLayerNorm2d)):
+            pass  # sparse element-wise twins accept dense tensors
+        # other per-site layers need no masking (see the module docstring)
+
+    _walk(module, visit)
+    return module
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` but keeps sparse / dense-masked BN sparse / masked.
+
+    In place (class switch, parameters shared); returns the module.
+    """
+    mapping = {SparseBatchNorm2d: SparseSyncBatchNorm, MaskedBatchNorm2d: MaskedSyncBatchNorm}
+    for m in module.modules():
+        t = type(m)
+        if t in mapping:
+            m.__class__ = mapping[t]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            if t not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+                raise UnsupportedLayerError(f"cannot convert {t.__qualname__} to SyncBatchNorm")
+            m.__class__ = nn.SyncBatchNorm
+        else:
+            continue
+        m.process_group = process_group
+    return module

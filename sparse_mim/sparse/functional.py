@@ -1,0 +1,359 @@
+"""Sparse ops on `SparseMap`: each one equals its dense-masked twin.
+
+The dense-masked twin of an op is the dense op run on the zero-filled map,
+its output multiplied by the mask at the output scale (SparK's simulation).
+Every op here computes only at active sites and returns the same numbers.
+
+Convolutions use *neighbour tables*: for every output site, the row of each
+of the k*k input sites its window reads, with two sentinel rows appended to the
+features: row ``N`` for a hidden site inside the map (value 0, as in the
+dense-masked simulation) and row ``N + 1`` for padding outside the map (0 for
+convs, -inf for max-pool). A table is built once per (scale, kernel geometry)
+and kept in ``SparseMap.cache``, so every layer at that scale reuses it.
+
+* k x k stride-1 conv (submanifold): gather the table into an im2col matrix
+  [N, k*k*C] and run ONE GEMM with the weight reshaped to [k*k*C, out]. The
+  neighbour relation of an odd 'same'-padded kernel is symmetric (site j is
+  tap o of site i iff i is tap k*k-1-o of j), so the input gradient is again a
+  gather + GEMM with the spatially flipped weight, no scatter.
+* strided conv: output sites are the coarser mask (the input mask subsampled
+  by the stride), in canonical order; the input gradient is a scatter-add.
+* 1x1 stride-1 conv: a linear map of the features.
+* depthwise k x k: per tap, a row gather and a per-channel multiply-add.
+
+Weights stay in torch layout [out, in, kh, kw]; all layout changes happen here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from .tensor import SparseMap
+
+__all__ = [
+    "conv2d", "depthwise_conv2d", "max_pool2d", "batch_norm", "layer_norm", "global_response_norm",
+    "global_avg_pool", "drop_path", "coarse_map", "neighbour_table",
+]
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+# ---------------------------------------------------------------------------------------------------- index tables
+def _row_lookup(x: SparseMap) -> Tensor:
+    """[B*h*w] int64: the feature row of each site, ``N`` at hidden sites (cached per scale)."""
+    lut = x.cache.get("row_lookup")
+    if lut is None:
+        n = x.num_sites
+        lut = torch.full((x.mask.numel(),), n, dtype=torch.long, device=x.mask.device)
+        lut[x.mask.flatten()] = torch.arange(n, device=x.mask.device)
+        x.cache["row_lookup"] = lut
+    return lut
+
+
+def coarse_map(x: SparseMap, stride: tuple[int, int], features: Tensor | None = None) -> SparseMap:
+    """The map at ``stride`` times coarser scale: sites = the input mask subsampled by the stride.
+
+    SparK's mask at every scale is the patch mask upsampled (nearest), so the
+    coarse mask is ``mask[:, ::sh, ::sw]``. The result is cached in the input's
+    cache: every strided op (conv, pool, main branch or shortcut) from the same
+    input shares one mask object and one cache, hence one canonical row order.
+    """
+    sh, sw = stride
+    key = ("coarse", sh, sw)
+    entry = x.cache.get(key)
+    if entry is None:
+        h, w = x.spatial_shape
+        if h % sh or w % sw:
+            raise ValueError(f"a stride-{stride} op needs map sides divisible by the stride, got {h}x{w}; "
+                             "use image sides that are multiples of 32")
+        mask = x.mask[:, ::sh, ::sw].contiguous()
+        empty = (~mask.flatten(1).any(1)).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"stride {stride} leaves images {empty.tolist()} without an active site; the mask "
+                             "must be the patch mask upsampled to this scale")
+        entry = (mask, {})
+        x.cache[key] = entry
+    mask, cache = entry
+    if features is None:
+        features = x.features.new_zeros((int(mask.sum()), x.num_channels))
+    return SparseMap(features, mask, cache)
+
+
+def neighbour_table(x: SparseMap, out: SparseMap, kernel: tuple[int, int], stride: tuple[int, int],
+                    padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """[M, kh*kw] int64 rows of ``x`` read by each output site of ``out`` (N = hidden, N + 1 = outside).
+
+    Taps are in (dy, dx) row-major order, the order of a torch weight's
+    [kh, kw] dims. Cached in the input's cache, keyed by the geometry.
+    """
+    key = ("table", kernel, stride, padding, dilation)
+    table = x.cache.get(key)
+    if table is not None:
+        return table
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    h, w = x.spatial_shape
+    dev = x.mask.device
+    idx = out.indices.long()
+    b, oy, ox = idx[:, 0:1], idx[:, 1:2], idx[:, 2:3]
+    ys = oy * sh - ph + torch.arange(kh, device=dev) * dh  # [M, kh]
+    xs = ox * sw - pw + torch.arange(kw, device=dev) * dw  # [M, kw]
+    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
+    lin = (b[:, :, None] * h + ys.clamp(0, h - 1)[:, :, None]) * w + xs.clamp(0, w - 1)[:, None, :]
+    table = _row_lookup(x)[lin]
+    table = table.masked_fill_(~inside, x.num_sites + 1).view(idx.shape[0], kh * kw)
+    x.cache[key] = table
+    return table
+
+
+def _padded(features: Tensor, outside: float = 0.0) -> Tensor:
+    """Features with the two sentinel rows: hidden (0) and outside (``outside``)."""
+    extra = features.new_zeros((2, features.shape[1]))
+    if outside != 0.0:
+        extra[1] = outside
+    return torch.cat([features, extra], 0)
+
+
+def _compute_dtype(features: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a dense conv would compute in: autocast's if enabled for the device, else the input's."""
+    dev = features.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return features.dtype
+
+
+def _check_devices(x: SparseMap, *tensors: Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and t.device != x.features.device:
+            raise RuntimeError(f"sparse map is on {x.features.device} but a parameter is on {t.device}; "
+                               "move the model and the input to the same device")
+
+
+# ---------------------------------------------------------------------------------------------------- convolution
+class _GatherGemmConv(Function):
+    """out = im2col(x, table) @ weight2d.   weight2d: [K*C, O] (taps major, then input channels).
+
+    ``symmetric`` marks a stride-1 odd 'same' kernel whose table is its own
+    transpose up to tap reversal: the input gradient is then a gather + GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, weight2d: Tensor, table: Tensor, symmetric: bool):
+        n, c = features.shape
+        m, k = table.shape
+        cols = torch.index_select(_padded(features), 0, table.view(-1)).view(m, k * c)
+        ctx.save_for_backward(features, weight2d, table)
+        ctx.symmetric = symmetric
+        return cols @ weight2d
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        features, weight2d, table = ctx.saved_tensors
+        n, c = features.shape
+        m, k = table.shape
+        o = weight2d.shape[1]
+        grad_out = grad_out.contiguous()
+        grad_in = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if ctx.symmetric:
+                w_t = weight2d.view(k, c, o).flip(0).transpose(1, 2).reshape(k * o, c)
+                gcols = torch.index_select(_padded(grad_out), 0, table.view(-1)).view(n, k * o)
+                grad_in = gcols @ w_t
+            else:
+                gcols = (grad_out @ weight2d.t()).view(m * k, c)
+                grad_in = features.new_zeros((n + 2, c)).index_add_(0, table.view(-1), gcols)[:n]
+        if ctx.needs_input_grad[1]:
+            cols = torch.index_select(_padded(features), 0, table.view(-1)).view(m, k * c)
+            grad_w = cols.t() @ grad_out
+        return grad_in, grad_w, None, None
+
+
+class _DepthwiseConv(Function):
+    """out[i, c] = sum_t x[table[i, t], c] * weight[t, c]   (weight: [K, C])."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, weight: Tensor, table_t: Tensor, symmetric: bool):
+        ctx.save_for_backward(features, weight, table_t)
+        ctx.symmetric = symmetric
+        return _depthwise_apply(_padded(features), weight, table_t)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        features, weight, table_t = ctx.saved_tensors
+        n, c = features.shape
+        k = table_t.shape[0]
+        grad_out = grad_out.contiguous()
+        grad_in = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if ctx.symmetric:
+                grad_in = _depthwise_apply(_padded(grad_out), weight.flip(0), table_t)
+            else:
+                grad_pad = features.new_zeros((n + 2, c))
+                for t in range(k):
+                    grad_pad.index_add_(0, table_t[t], grad_out * weight[t])
+                grad_in = grad_pad[:n]
+        if ctx.needs_input_grad[1]:
+            xpad = _padded(features)
+            grad_w = torch.stack([(torch.index_select(xpad, 0, table_t[t]) * grad_out).sum(0) for t in range(k)])
+        return grad_in, grad_w, None, None
+
+
+def _depthwise_apply(xpad: Tensor, weight: Tensor, table_t: Tensor) -> Tensor:
+    k, m = table_t.shape
+    out = torch.index_select(xpad, 0, table_t[0]).mul_(weight[0])
+    for t in range(1, k):
+        out.addcmul_(torch.index_select(xpad, 0, table_t[t]), weight[t])
+    return out
+
+
+def _geometry(weight: Tensor, stride, padding, dilation):
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    stride, dilation = _pair(stride), _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "same" and stride == (1, 1):
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+        elif padding == "valid":
+            padding = (0, 0)
+        else:
+            raise ValueError(f"unsupported padding {padding!r}")
+    return kernel, stride, _pair(padding), dilation
+
+
+def _output_map(x: SparseMap, kernel, stride, padding, dilation) -> SparseMap | None:
+    """None for stride 1 (output sites = input sites), else the coarse map. Checks dense output sizes."""
+    h, w = x.spatial_shape
+    for size, k, s, p, d, name in ((h, kernel[0], stride[0], padding[0], dilation[0], "height"),
+                                   (w, kernel[1], stride[1], padding[1], dilation[1], "width")):
+        dense_out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if size % s or dense_out != size // s:
+            raise ValueError(
+                f"sparse conv/pool with kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation} "
+                f"maps {name} {size} to {dense_out}, not {size}/{s}: the sparse engine keeps the patch grid, so "
+                "use 'same'-style padding ((k-1)//2 for odd k, 0 for k == stride)")
+    if stride == (1, 1):
+        return None
+    return coarse_map(x, stride)
+
+
+def conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> SparseMap:
+    """Sparse twin of ``F.conv2d`` (torch weight layout [out, in/groups, kh, kw]).
+
+    groups must be 1 or the number of input channels (depthwise, out == in).
+    """
+    if not isinstance(x, SparseMap):
+        raise TypeError(f"sparse conv2d expects a SparseMap, got {type(x).__name__}; build one with "
+                        "SparseMap.from_dense(images, visible)")
+    _check_devices(x, weight, bias)
+    kernel, stride, padding, dilation = _geometry(weight, stride, padding, dilation)
+    c_in = x.num_channels
+    if groups != 1 and not (groups == c_in and weight.shape[0] == c_in and weight.shape[1] == 1):
+        raise NotImplementedError(f"sparse conv supports groups=1 or depthwise (groups == in == out channels); got "
+                                  f"groups={groups}, in={c_in}, weight {tuple(weight.shape)}")
+    if groups == 1 and weight.shape[1] != c_in:
+        raise ValueError(f"conv weight {tuple(weight.shape)} expects {weight.shape[1]} input channels, the sparse "
+                         f"map has {c_in}")
+    out_map = _output_map(x, kernel, stride, padding, dilation)
+    dtype = _compute_dtype(x.features, weight)
+    features = x.features.to(dtype)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    target = x if out_map is None else out_map
+
+    if groups == 1 and kernel == (1, 1) and out_map is None:
+        out = F.linear(features, weight.flatten(1), bias)  # pointwise: a linear map of the features
+        return x.replace_features(out)
+
+    table = neighbour_table(x, target, kernel, stride, padding, dilation)
+    symmetric = out_map is None and kernel[0] % 2 == 1 and kernel[1] % 2 == 1
+    if groups == 1:
+        k = kernel[0] * kernel[1]
+        weight2d = weight.permute(2, 3, 1, 0).reshape(k * c_in, weight.shape[0])
+        out = _GatherGemmConv.apply(features, weight2d, table, symmetric)
+    else:
+        table_t = x.cache.get(("table_t", id(table)))
+        if table_t is None:  # per-tap contiguous rows for the depthwise loop
+            table_t = table.t().contiguous()
+            x.cache[("table_t", id(table))] = table_t
+        out = _DepthwiseConv.apply(features, weight.flatten(1).t(), table_t, symmetric)
+    if bias is not None:
+        out = out + bias
+    return target.replace_features(out)
+
+
+def depthwise_conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                     dilation=1) -> SparseMap:
+    """Depthwise conv (weight [C, 1, kh, kw]), e.g. ConvNeXt's 7x7."""
+    return conv2d(x, weight, bias, stride, padding, dilation, groups=x.num_channels)
+
+
+# ---------------------------------------------------------------------------------------------------- pooling
+def max_pool2d(x: SparseMap, kernel_size, stride=None, padding=0, dilation=1) -> SparseMap:
+    """Sparse twin of ``F.max_pool2d`` on the zero-filled map: hidden neighbours count as 0, padding as -inf.
+
+    So it equals the dense-masked simulation for inputs of any sign (SparK
+    relies on non-negative inputs; this does not need to).
+    """
+    kernel = _pair(kernel_size)
+    stride = kernel if stride is None else _pair(stride)
+    padding, dilation = _pair(padding), _pair(dilation)
+    out_map = _output_map(x, kernel, stride, padding, dilation)
+    target = x if out_map is None else out_map
+    table = neighbour_table(x, target, kernel, stride, padding, dilation)
+    m, k = table.shape
+    cols = torch.index_select(_padded(x.features, float("-inf")), 0, table.view(-1)).view(m, k, -1)
+    return target.replace_features(cols.max(1).values)
+
+
+def global_avg_pool(x: SparseMap) -> Tensor:
+    """Per-sample mean over the visible sites: [B, C]."""
+    sums = x.features.new_zeros((x.batch_size, x.num_channels)).index_add_(0, x.batch_index, x.features)
+    return sums / x.sites_per_sample.to(sums.dtype)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------- normalisation
+def batch_norm(x: SparseMap, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5) -> SparseMap:
+    """``F.batch_norm`` over the [N, C] visible rows: statistics over visible sites only."""
+    return x.replace_features(F.batch_norm(x.features, running_mean, running_var, weight, bias, training, momentum, eps))
+
+
+def layer_norm(x: SparseMap, normalized_shape, weight: Tensor | None, bias: Tensor | None, eps: float) -> SparseMap:
+    """LayerNorm over channels at each site (channels-last LN and timm's LayerNorm2d alike)."""
+    return x.replace_features(F.layer_norm(x.features, normalized_shape, weight, bias, eps))
+
+
+def global_response_norm(x: SparseMap, weight: Tensor, bias: Tensor, eps: float = 1e-6) -> SparseMap:
+    """ConvNeXt-V2 GRN per sample over its visible sites (timm's formula).
+
+    g[b, c] = ||x[b, :, c]||_2 over the sample's sites, n = g / (mean_c g + eps),
+    out = x + bias + weight * x * n.
+    """
+    feats = x.features
+    sq = feats.new_zeros((x.batch_size, x.num_channels)).index_add_(0, x.batch_index, feats * feats)
+    positive = sq > 0
+    g = torch.where(positive, sq, torch.ones_like(sq)).sqrt() * positive  # norm with a zero (not NaN) grad at 0
+    n = g / (g.mean(1, keepdim=True) + eps)
+    return x.replace_features(feats + torch.addcmul(bias, weight, feats * n[x.batch_index]))
+
+
+# ---------------------------------------------------------------------------------------------------- regularisation
+def drop_path(x: SparseMap, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True) -> SparseMap:
+    """Per-sample stochastic depth; draws the same [B] Bernoulli numbers as timm's dense ``drop_path``."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    random_tensor = x.features.new_empty((x.batch_size, 1)).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        random_tensor.div_(keep_prob)
+    return x.replace_features(x.features * random_tensor[x.batch_index])

@@ -1,0 +1,185 @@
+"""Sparse layers: `SparseMap` in, `SparseMap` out, parameters named and shaped like their dense twins.
+
+Each class subclasses its dense twin (``SparseConv2d(nn.Conv2d)``, ...), so it
+holds exactly the same parameters and buffers under the same names, weights
+in torch layout [out, in, kh, kw]; a sparse model's ``state_dict`` loads into
+the dense model with ``strict=True``. `sparsify` (convert.py) turns a dense
+model into its sparse twin in place by switching each layer's class, so the
+Parameter objects themselves are shared.
+
+Element-wise layers (activations, Dropout, Identity, channels-last Linear /
+LayerNorm) also accept dense tensors, so heads and stems may mix both.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as SF
+from .tensor import SparseMap
+
+__all__ = [
+    "SparseConv2d", "SparseBatchNorm2d", "SparseSyncBatchNorm", "SparseLayerNorm", "SparseLayerNorm2d", "SparseGRN",
+    "SparseMaxPool2d", "SparseDropPath", "SparseLinear", "SparseIdentity", "SparseReLU", "SparseReLU6", "SparseGELU",
+    "SparseSiLU", "SparseDropout", "sparse_global_avg_pool", "SparseElementwise", "elementwise_twin",
+]
+
+
+def _require_sparse(x, layer: nn.Module) -> SparseMap:
+    if not isinstance(x, SparseMap):
+        raise TypeError(f"{type(layer).__name__} expects a SparseMap, got {type(x).__name__}; wrap images with "
+                        "SparseMap.from_dense(images, visible) (or use the dense-masked twin for dense tensors)")
+    return x
+
+
+class SparseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` on the active sites.
+
+    stride 1 = submanifold (output sites = input sites); strided = output
+    restricted to the coarser mask, canonical order; 1x1 stride 1 = linear map;
+    ``groups == in_channels == out_channels`` = depthwise. Padding must keep the
+    patch grid ('same' for odd k, 0 when kernel == stride).
+    """
+
+    def forward(self, x: SparseMap) -> SparseMap:
+        x = _require_sparse(x, self)
+        if self.padding_mode != "zeros":
+            raise NotImplementedError(f"sparse conv supports padding_mode='zeros' only, got {self.padding_mode!r}")
+        return SF.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _SparseBatchNormMixin:
+    """BatchNorm over the [N, C] visible rows (statistics over visible sites only)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected [N, C] sparse features or a 4-D tensor, got shape {tuple(input.shape)}")
+
+    def forward(self, x):
+        if isinstance(x, SparseMap):
+            return x.replace_features(super().forward(x.features))
+        return super().forward(x)
+
+
+class SparseBatchNorm2d(_SparseBatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with visible-site statistics (same parameters and buffers)."""
+
+
+class SparseSyncBatchNorm(_SparseBatchNormMixin, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` with visible-site statistics across all ranks (sites, not images, are counted)."""
+
+
+class SparseLayerNorm(nn.LayerNorm):
+    """Channels-last LayerNorm on the features (dense tensors pass through ``nn.LayerNorm``)."""
+
+    def forward(self, x):
+        if isinstance(x, SparseMap):
+            return SF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+class SparseLayerNorm2d(nn.LayerNorm):
+    """Twin of timm's ``LayerNorm2d`` (LayerNorm over C of an NCHW map): on sparse features it is a plain LN."""
+
+    def forward(self, x):
+        if isinstance(x, SparseMap):
+            return SF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        x = x.permute(0, 2, 3, 1)
+        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class SparseGRN(nn.Module):
+    """ConvNeXt-V2 Global Response Norm per sample over its visible sites (timm names ``weight``, ``bias``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, channels_last: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.channels_last = channels_last
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: SparseMap) -> SparseMap:
+        x = _require_sparse(x, self)
+        return SF.global_response_norm(x, self.weight, self.bias, self.eps)
+
+
+class SparseMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` on the zero-filled map, computed at the active (coarse) sites."""
+
+    def forward(self, x: SparseMap) -> SparseMap:
+        x = _require_sparse(x, self)
+        if self.ceil_mode or self.return_indices:
+            raise NotImplementedError("sparse max-pool supports ceil_mode=False, return_indices=False only")
+        return SF.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+
+
+class SparseDropPath(nn.Module):
+    """Per-sample stochastic depth keyed on each row's batch index (same RNG draws as timm's DropPath)."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x):
+        if isinstance(x, SparseMap):
+            return SF.drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        r = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        if keep > 0 and self.scale_by_keep:
+            r.div_(keep)
+        return x * r
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
+
+
+def sparse_global_avg_pool(x: SparseMap) -> Tensor:
+    """Per-sample mean over visible sites: [B, C] (e.g. for SE blocks: ``x * fc(sparse_global_avg_pool(x))``)."""
+    return SF.global_avg_pool(x)
+
+
+# ---------------------------------------------------------------------------------------------------- element-wise
+class SparseElementwise:
+    """Mixin: apply the dense layer's own forward to the [N, C] features of a SparseMap.
+
+    Valid for layers acting on each site independently along the channel dim
+    (activations, Dropout, Identity, channels-last Linear / LayerNorm).
+    """
+
+    def forward(self, x, *args, **kwargs):
+        if isinstance(x, SparseMap):
+            return x.replace_features(super().forward(x.features, *args, **kwargs))
+        return super().forward(x, *args, **kwargs)
+
+
+_TWINS: dict[type, type] = {}
+
+
+def elementwise_twin(cls: type) -> type:
+    """The sparse twin class of an element-wise layer class (created once, cached)."""
+    if issubclass(cls, SparseElementwise):
+        return cls
+    twin = _TWINS.get(cls)
+    if twin is None:
+        name = f"Sparse{cls.__name__}"
+        if name in globals():  # two dense classes with one name (torch's and timm's GELU): keep names unique
+            name = f"Sparse{cls.__module__.replace('.', '_')}_{cls.__name__}"
+        twin = type(name, (SparseElementwise, cls),
+                    {"__doc__": f"Sparse twin of {cls.__module__}.{cls.__qualname__} (applied to the features).",
+                     "__module__": __name__})
+        _TWINS[cls] = twin
+        globals()[name] = twin  # importable by name, so models holding it can be pickled / deep-copied
+    return twin
+
+
+SparseLinear = elementwise_twin(nn.Linear)
+SparseIdentity = elementwise_twin(nn.Identity)
+SparseReLU = elementwise_twin(nn.ReLU)
+SparseReLU6 = elementwise_twin(nn.ReLU6)
+SparseGELU = elementwise_twin(nn.GELU)
+SparseSiLU = elementwise_twin(nn.SiLU)
+SparseDropout = elementwise_twin(nn.Dropout)
