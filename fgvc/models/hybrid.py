@@ -55,6 +55,7 @@ class ResNetTrunk(nn.Module):
         self.channels = [blocks[-1].conv3.out_channels if hasattr(blocks[-1], "conv3") else blocks[-1].conv2.out_channels
                          for blocks in (self.layer1, self.layer2, self.layer3)]
         self.reductions = [4, 8, 16]
+        self.name = name
         self.unused_prefixes = ("layer4.", "fc.")
 
     def forward(self, x):
@@ -74,6 +75,7 @@ class ConvNeXtTrunk(nn.Module):
         self.stages = net.stages[:3]
         self.channels = [info["num_chs"] for info in net.feature_info[:3]]
         self.reductions = [4, 8, 16]
+        self.name = name
         self.unused_prefixes = ("stages.3.", "norm_pre.", "head.")
 
     def forward(self, x):
@@ -88,21 +90,40 @@ def build_conv_trunk(name: str, drop_path_rate: float = 0.) -> nn.Module:
     raise ValueError(f"unknown hybrid backbone {name!r}; available: {', '.join(_RESNETS + _CONVNEXTS)}")
 
 
-def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
-    """Load a torchvision / timm style backbone state dict (e.g. from ``tools/export_backbone.py``).
+def _read_backbone_state(trunk: nn.Module, checkpoint) -> Dict[str, torch.Tensor]:
+    """The file's backbone state dict in torchvision / timm names.
 
-    Every key of the trunk must be present with its shape (else ``ValueError``
-    listing them); keys of the stages the hybrid does not use are reported.
+    Uses ``sparse_mim.backbones`` (when importable) so that besides plain
+    torchvision / timm state dicts, official SparK ``*_spark_style.pth`` files and
+    facebookresearch ConvNeXt names are translated too; otherwise unwraps
+    ``model`` / ``state_dict`` / ``module.`` itself.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state_dict = _unwrap_state_dict(checkpoint)
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"backbone weights must be a state dict or a checkpoint dict, got {type(checkpoint).__name__}")
+    try:
+        from sparse_mim.backbones.weights import _unwrap, convert_state_dict
+    except ImportError:
+        return _unwrap_state_dict(checkpoint)
+    return convert_state_dict(_unwrap(checkpoint), trunk)
+
+
+def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
+    """Load torchvision / timm style backbone weights (e.g. from ``tools/export_backbone.py``) into a trunk.
+
+    ``checkpoint``: a path (``torch.load(weights_only=True)``) or a dict. Every
+    key of the trunk must be present with its shape (BN step counters aside),
+    else ``ValueError`` listing them; keys of the stages the hybrid replaces
+    (``layer4`` / ``fc`` / ``stages.3`` / ``head``) are reported in the notes.
+    """
+    state_dict = _read_backbone_state(trunk, checkpoint)
     target = trunk.state_dict()
-    missing = sorted(k for k in target if k not in state_dict)
+    missing = sorted(k for k in target if k not in state_dict and not k.endswith("num_batches_tracked"))
     wrong_shape = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
                          for k in target if k in state_dict and state_dict[k].shape != target[k].shape)
     if missing or wrong_shape:
-        lines = [f"backbone weights do not fit {type(trunk).__name__} (is the file of another backbone?)"]
+        lines = [f"backbone weights do not fit the {trunk.name} trunk (is the file of another backbone?)"]
         if missing:
             lines.append(f"  missing in the file ({len(missing)}): " + ", ".join(missing[:20])
                          + (" ..." if len(missing) > 20 else ""))
@@ -110,14 +131,14 @@ def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
             lines.append(f"  shape mismatches ({len(wrong_shape)}): " + "; ".join(wrong_shape[:20])
                          + (" ..." if len(wrong_shape) > 20 else ""))
         raise ValueError("\n".join(lines))
-    trunk.load_state_dict({k: state_dict[k] for k in target}, strict=True)
+    trunk.load_state_dict({k: state_dict[k] for k in target if k in state_dict}, strict=False)
     ignored = sorted(k for k in state_dict if k not in target)
     notes = []
     if ignored:
         stray = [k for k in ignored if not k.startswith(trunk.unused_prefixes)]
-        notes.append(f"backbone file: {len(ignored)} keys of stages the hybrid replaces were not used "
-                     f"({', '.join(sorted({k.split('.')[0] for k in ignored}))})"
-                     + (f"; unexpected keys: {stray[:10]}" if stray else ""))
+        notes.append(f"backbone file: {len(ignored) - len(stray)} keys of the stages the hybrid replaces were "
+                     f"not used ({', '.join(sorted({k.split('.')[0] for k in ignored if k not in stray}))})"
+                     + (f"; {len(stray)} keys of no known stage ignored: {stray[:10]}" if stray else ""))
     for n in notes:
         _logger.info(n)
     return notes
