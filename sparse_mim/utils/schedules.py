@@ -57,12 +57,16 @@ def cosine_weight_decay(wd: float, wd_end: float, total_steps: int) -> WarmupCos
 def set_optimizer_values(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float | None = None) -> None:
     """Set lr (times each group's ``lr_scale``) and weight decay (times ``wd_scale``) on every group.
 
-    A group created with weight_decay == 0 (biases, norms, mask tokens, gamma) gets
-    ``wd_scale`` 0 the first time it is seen, so it keeps no decay while the others
-    follow the schedule.
+    A group flagged ``apply_weight_decay=False`` (``sparse_mim.spark.param_groups``) or
+    created with weight_decay == 0 (biases, norms, mask tokens, gamma) gets ``wd_scale``
+    0 the first time it is seen, so it keeps no decay while the others follow the schedule.
     """
     for group in optimizer.param_groups:
-        group.setdefault("wd_scale", 0.0 if group.get("weight_decay", 0.0) == 0.0 else 1.0)
+        if "wd_scale" not in group:
+            if "apply_weight_decay" in group:
+                group["wd_scale"] = 1.0 if group["apply_weight_decay"] else 0.0
+            else:
+                group["wd_scale"] = 0.0 if group.get("weight_decay", 0.0) == 0.0 else 1.0
         group["lr"] = lr * group.get("lr_scale", 1.0)
         if weight_decay is not None:
             group["weight_decay"] = weight_decay * group["wd_scale"]

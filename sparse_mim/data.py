@@ -1,0 +1,341 @@
+"""Pre-training data: unlabelled images from a folder, an ImageFolder tree, a list file, or built in.
+
+- ``data.root`` a folder: every image PIL can open, found recursively (an ImageFolder
+  tree is just such a folder; its labels are ignored).
+- ``data.root`` a text file: one image path per line (relative paths are relative to
+  the list file; a trailing label column, ``path 17``, is ignored; ``#`` comments).
+- ``data.root`` empty or ``builtin``: procedurally generated images (gradients,
+  stripes, checkerboards, blobs, rings), made deterministically in memory, so the
+  default run needs no download and no data set.
+
+Augmentation is the official SparK one: RandomResizedCrop(input, scale 0.67-1,
+bicubic) + horizontal flip + ImageNet normalisation. Rectangular inputs are
+allowed; the crop's aspect-ratio range is centred on the target's aspect ratio.
+
+Determinism (exact resume, DDP == single process): the ``ResumableBatchSampler``
+shuffles with a generator seeded by (seed, epoch), can start mid-epoch, and hands
+each sample a seed derived from (seed, epoch, position in the epoch). The dataset
+seeds that sample's augmentation with it (without touching the global RNG), and
+the training loop draws that sample's mask from it: a sample's crop, flip and mask
+depend only on where it sits in the epoch, not on the number of processes, workers
+or on whether the run was restarted.
+
+A corrupt or unreadable image never stops a run: it is replaced by another
+(deterministically chosen) image, and the number of failures travels with the
+batch so the training loop can count and log it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "PretrainTransform", "ImageFileDataset", "SyntheticImageDataset",
+    "ResumableBatchSampler", "build_pretrain_dataset", "find_images", "read_image_list", "sample_seed",
+    "generate_image", "DataError",
+]
+
+_logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """The data option points at nothing usable (message says how to fix it)."""
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for the sample at ``position`` of ``epoch`` (independent of process layout)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    if len(size) == 1:
+        return size[0], size[0]
+    if len(size) != 2:
+        raise ValueError(f"input size must be an int or (height, width), got {size}")
+    return size
+
+
+# ---------------------------------------------------------------------------- augmentation
+class PretrainTransform:
+    """RandomResizedCrop(scale 0.67-1, bicubic) + flip + normalisation, seeded per sample.
+
+    ``__call__(img, seed)`` draws its randomness from ``seed`` inside a forked RNG,
+    so the global torch RNG is untouched and a sample is augmented identically in
+    any process layout or after a resume.
+    """
+
+    def __init__(self, input_size, scale=(0.67, 1.0), hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        from torchvision import transforms as T
+        from torchvision.transforms import InterpolationMode
+        self.size = _pair(input_size)
+        h, w = self.size
+        aspect = w / h  # keep the usual (3/4, 4/3) spread around the target's own aspect ratio
+        self.transform = T.Compose([
+            T.RandomResizedCrop(self.size, scale=tuple(scale), ratio=(aspect * 3 / 4, aspect * 4 / 3),
+                                interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip() if hflip else T.Lambda(lambda x: x),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ])
+
+    def __call__(self, img, seed: int | None = None) -> torch.Tensor:
+        if seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img)
+
+    def __repr__(self):
+        return f"PretrainTransform({self.transform})"
+
+
+# ---------------------------------------------------------------------------- finding images
+def _image_extensions() -> set[str]:
+    from PIL import Image
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def find_images(root: str) -> list[str]:
+    """All files under ``root`` (recursively, links followed) whose extension PIL can open; sorted."""
+    exts = _image_extensions()
+    paths = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
+                paths.append(os.path.join(folder, f))
+    return sorted(paths)
+
+
+def read_image_list(list_file: str) -> list[str]:
+    """Paths from a list file (one per line; relative to the list file; a trailing label column is ignored)."""
+    base = os.path.dirname(os.path.abspath(list_file))
+    paths = []
+    with open(list_file) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path = line if os.path.isabs(line) else os.path.join(base, line)
+            if not os.path.exists(path) and len(line.split()) > 1:  # "path label"
+                first = line.rsplit(None, 1)[0]
+                path = first if os.path.isabs(first) else os.path.join(base, first)
+            paths.append(path)
+    return paths
+
+
+def _load_rgb(path: str):
+    from PIL import Image
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")  # forces the decode; palette / grey / CMYK / alpha -> RGB
+
+
+class ImageFileDataset(Dataset):
+    """Unlabelled images from a list of paths; unreadable files are replaced and counted.
+
+    ``__getitem__(key)`` with ``key`` an index or an ``(index, seed)`` pair (from
+    ``ResumableBatchSampler``) returns ``(image [3, H, W], seed, n_failed)`` where
+    ``n_failed`` counts the unreadable files skipped to produce this sample.
+    """
+
+    def __init__(self, paths: Sequence[str], transform: PretrainTransform, max_retries: int = 20, source: str = ""):
+        self.paths = list(paths)
+        self.transform = transform
+        self.max_retries = max_retries
+        self.source = source
+        self.failed_paths: set[str] = set()  # this process's record (workers keep their own)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int):
+        return _load_rgb(self.paths[index])
+
+    def __getitem__(self, key):
+        index, seed = (key if isinstance(key, (tuple, list)) else (key, key))
+        index, seed = int(index), int(seed)
+        failures, last_error = 0, None
+        for attempt in range(self.max_retries + 1):
+            # a deterministic replacement: the same bad file is always replaced by the same image
+            i = (index + attempt * 7919) % len(self.paths)
+            try:
+                img = self.load(i)
+            except Exception as e:  # corrupt, truncated, unreadable, vanished: skip it
+                failures += 1
+                last_error = f"{self.paths[i]}: {type(e).__name__}: {e}"
+                if self.paths[i] not in self.failed_paths:
+                    self.failed_paths.add(self.paths[i])
+                    _logger.warning("skipping unreadable image %s", last_error)
+                continue
+            return self.transform(img, seed), seed, failures
+        raise RuntimeError(
+            f"{failures} images in a row could not be read (last: {last_error}). Most files in "
+            f"{self.source or 'the data set'} seem unreadable: check data.root and the files' format.")
+
+
+# ---------------------------------------------------------------------------- built-in images
+def generate_image(index: int, size: int = 96) -> np.ndarray:
+    """A deterministic procedural RGB image (uint8 HWC) with structure a model can learn.
+
+    Each image mixes a smooth colour gradient with one pattern: stripes at an angle,
+    a checkerboard, soft blobs, or concentric rings. Masked patches can be predicted
+    from their neighbours (patterns continue across patch borders).
+    """
+    rng = np.random.default_rng(index + 1234567)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy)
+    ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
+    img = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
+    kind = index % 4
+    colour = rng.uniform(0, 1, 3)
+    if kind == 0:  # stripes
+        freq = rng.uniform(3, 9)
+        theta = rng.uniform(0, math.pi)
+        pattern = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (np.cos(theta) * xx + np.sin(theta) * yy))
+    elif kind == 1:  # checkerboard
+        cells = rng.integers(3, 8)
+        pattern = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2).astype(np.float32)
+    elif kind == 2:  # soft blobs
+        pattern = np.zeros_like(xx)
+        for _ in range(rng.integers(2, 6)):
+            cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.08, 0.25)
+            pattern += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        pattern = np.clip(pattern, 0, 1)
+    else:  # rings
+        cx, cy, freq = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(4, 10)
+        pattern = 0.5 + 0.5 * np.cos(2 * math.pi * freq * np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2))
+    strength = rng.uniform(0.5, 0.9)
+    img = img * (1 - strength * pattern[..., None]) + colour * strength * pattern[..., None]
+    img += rng.normal(0, 0.02, img.shape)  # a little sensor noise
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+class SyntheticImageDataset(ImageFileDataset):
+    """``num_images`` generated images (see ``generate_image``), made on the fly; same interface."""
+
+    def __init__(self, num_images: int, transform: PretrainTransform, image_size: int = 96):
+        super().__init__([f"<builtin:{i}>" for i in range(num_images)], transform, source="built-in images")
+        self.image_size = image_size
+
+    def load(self, index: int):
+        from PIL import Image
+        return Image.fromarray(generate_image(index, self.image_size))
+
+
+# ---------------------------------------------------------------------------- building
+def _check_some_readable(paths: Sequence[str], where: str, n_check: int = 16) -> None:
+    """Fail early, with the fix, when a data source holds no readable image (checks up to 16, spread out)."""
+    idx = sorted(set(np.linspace(0, len(paths) - 1, num=min(n_check, len(paths))).round().astype(int).tolist()))
+    errors = []
+    for i in idx:
+        try:
+            _load_rgb(paths[i])
+            return
+        except Exception as e:
+            errors.append(f"{paths[i]}: {type(e).__name__}: {e}")
+    raise DataError(
+        f"none of the {len(idx)} images checked in {where} could be read, e.g. {errors[0]}.\n"
+        "Point data.root at a folder of images PIL can open (JPEG, PNG, WebP, ...), an ImageFolder tree "
+        "or a list file, or leave it empty to use the built-in images.")
+
+
+def build_pretrain_dataset(root: str, input_size, scale=(0.67, 1.0), hflip: bool = True, mean=IMAGENET_MEAN,
+                           std=IMAGENET_STD, builtin_images: int = 512, builtin_size: int = 96,
+                           check: bool = True) -> ImageFileDataset:
+    """The pre-training dataset for ``data.root`` (folder, list file, or ''/'builtin' for generated images)."""
+    transform = PretrainTransform(input_size, scale=scale, hflip=hflip, mean=mean, std=std)
+    if not root or root == "builtin":
+        if builtin_images < 1:
+            raise DataError("data.builtin_images must be at least 1")
+        return SyntheticImageDataset(builtin_images, transform, image_size=builtin_size)
+    root = os.path.expanduser(root)
+    if os.path.isdir(root):
+        paths = find_images(root)
+        if not paths:
+            exts = ", ".join(sorted(e for e in _image_extensions() if e in (".jpg", ".jpeg", ".png", ".webp",
+                                                                               ".bmp", ".tif", ".tiff")))
+            raise DataError(
+                f"no images found in {root!r} (searched recursively for {exts}, ...). Put images in that "
+                f"folder (any sub-folder layout, e.g. an ImageFolder tree), point data.root at a list file, "
+                f"or leave data.root empty to use the built-in images.")
+        where = f"folder {root!r}"
+    elif os.path.isfile(root):
+        paths = read_image_list(root)
+        if not paths:
+            raise DataError(f"list file {root!r} holds no image paths; write one path per line")
+        where = f"list file {root!r}"
+    else:
+        raise DataError(f"data.root={root!r} does not exist; give a folder of images, an ImageFolder tree, a "
+                        f"list file with one image path per line, or leave it empty for the built-in images")
+    if check:
+        _check_some_readable(paths, where)
+    return ImageFileDataset(paths, transform, source=where)
+
+
+# ---------------------------------------------------------------------------- sampling
+class ResumableBatchSampler:
+    """Deterministic, resumable, distributed batch sampler that also hands out per-sample seeds.
+
+    The epoch's order is ``randperm(n)`` seeded by ``seed + epoch``. It is cut into
+    chunks of ``batch_size``; process ``rank`` takes chunks ``rank, rank + P, ...``,
+    so micro-batch ``m`` of rank ``r`` is chunk ``m * P + r``. One optimizer step
+    (``accum_steps`` micro-batches on every rank) therefore covers a contiguous
+    slice of ``batch_size * P * accum_steps`` positions, whatever P and
+    accum_steps are: 2 processes x 1 accumulation step sees the same samples,
+    grouped in the same micro-batches, as 1 process x 2 accumulation steps.
+    The incomplete last global batch is dropped. ``set_epoch(epoch, start_step)``
+    restarts mid-epoch after ``start_step`` optimizer steps.
+
+    Yields lists of ``(dataset_index, sample_seed)``.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 accum_steps: int = 1, seed: int = 0, shuffle: bool = True):
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.num_replicas, self.rank, self.accum_steps = int(num_replicas), int(rank), int(accum_steps)
+        self.seed, self.shuffle = int(seed), shuffle
+        self.global_batch = self.batch_size * self.num_replicas * self.accum_steps
+        if self.num_samples < self.global_batch:
+            raise DataError(
+                f"the data set has {self.num_samples} images, fewer than one global batch of {self.global_batch} "
+                f"(batch_size {self.batch_size} x {self.num_replicas} processes x {self.accum_steps} accumulation "
+                f"steps): lower optim.batch_size / optim.accum_steps or add images")
+        self.steps_per_epoch = self.num_samples // self.global_batch
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        b, P = self.batch_size, self.num_replicas
+        for m in range(self.start_step * self.accum_steps, self.steps_per_epoch * self.accum_steps):
+            chunk = m * P + self.rank
+            yield [(order[p], sample_seed(self.seed, self.epoch, p)) for p in range(chunk * b, (chunk + 1) * b)]
