@@ -114,31 +114,33 @@ def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
 
     ``checkpoint``: a path (``torch.load(weights_only=True)``) or a dict. Every
     key of the trunk must be present with its shape (BN step counters aside),
-    else ``ValueError`` listing them; keys of the stages the hybrid replaces
-    (``layer4`` / ``fc`` / ``stages.3`` / ``head``) are reported in the notes.
+    and every other key must belong to a stage the hybrid replaces (``layer4`` /
+    ``fc`` / ``stages.3`` / ``norm_pre`` / ``head``, reported in the returned
+    notes), else ``ValueError`` listing the offending keys.
     """
     state_dict = _read_backbone_state(trunk, checkpoint)
     target = trunk.state_dict()
     missing = sorted(k for k in target if k not in state_dict and not k.endswith("num_batches_tracked"))
     wrong_shape = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
                          for k in target if k in state_dict and state_dict[k].shape != target[k].shape)
-    if missing or wrong_shape:
-        lines = [f"backbone weights do not fit the {trunk.name} trunk (is the file of another backbone?)"]
+    ignored = sorted(k for k in state_dict if k not in target)
+    stray = [k for k in ignored if not k.startswith(trunk.unused_prefixes)]
+    if missing or wrong_shape or stray:
+        def _fmt(title, keys, sep=", "):
+            return f"  {title} ({len(keys)}): " + sep.join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+        lines = [f"backbone weights do not fit the {trunk.name} trunk (is the file of another backbone or size?)"]
         if missing:
-            lines.append(f"  missing in the file ({len(missing)}): " + ", ".join(missing[:20])
-                         + (" ..." if len(missing) > 20 else ""))
+            lines.append(_fmt("missing in the file", missing))
         if wrong_shape:
-            lines.append(f"  shape mismatches ({len(wrong_shape)}): " + "; ".join(wrong_shape[:20])
-                         + (" ..." if len(wrong_shape) > 20 else ""))
+            lines.append(_fmt("shape mismatches", wrong_shape, "; "))
+        if stray:
+            lines.append(_fmt(f"keys {trunk.name} does not have", stray))
         raise ValueError("\n".join(lines))
     trunk.load_state_dict({k: state_dict[k] for k in target if k in state_dict}, strict=False)
-    ignored = sorted(k for k in state_dict if k not in target)
     notes = []
     if ignored:
-        stray = [k for k in ignored if not k.startswith(trunk.unused_prefixes)]
-        notes.append(f"backbone file: {len(ignored) - len(stray)} keys of the stages the hybrid replaces were "
-                     f"not used ({', '.join(sorted({k.split('.')[0] for k in ignored if k not in stray}))})"
-                     + (f"; {len(stray)} keys of no known stage ignored: {stray[:10]}" if stray else ""))
+        notes.append(f"backbone file: {len(ignored)} keys of the stages the hybrid replaces were not used "
+                     f"({', '.join(sorted({k.split('.')[0] for k in ignored}))})")
     for n in notes:
         _logger.info(n)
     return notes
