@@ -261,8 +261,21 @@ def test_model_logits_sdpa_equal_explicit(small_meta_model):
     with torch.inference_mode():
         sdpa = m.set_attn_impl("sdpa")(x, meta)
         explicit = m.set_attn_impl("explicit")(x, meta)
-    m.set_attn_impl("sdpa")
     torch.testing.assert_close(sdpa, explicit, atol=1e-5, rtol=1e-5)
+    # The no-grad mask cache of the SDPA path follows in-place updates of the tables (optimizer steps).
+    table = m.stage_3[1].attn.relative_position_bias_table
+    saved = table.detach().clone()
+    try:
+        with torch.no_grad():
+            table.add_(torch.randn_like(table))
+            explicit_new = m.set_attn_impl("explicit")(x, meta)
+            sdpa_new = m.set_attn_impl("sdpa")(x, meta)
+        torch.testing.assert_close(sdpa_new, explicit_new, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(sdpa_new, sdpa, atol=1e-4)
+    finally:
+        with torch.no_grad():
+            table.copy_(saved)
+        m.set_attn_impl("sdpa")
     with pytest.raises(ValueError, match="attn_impl"):
         m.set_attn_impl("flash")
 

@@ -220,6 +220,7 @@ class RelativeAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.attn_impl = attn_impl
+        self._mask_cache = None  # (key, mask) of the last no-grad SDPA call
         nn.init.trunc_normal_(self.relative_position_bias_table, std=.02)
 
     @property
@@ -241,6 +242,30 @@ class RelativeAttention(nn.Module):
         bias = self.relative_position_bias_table[index.reshape(-1)].view(n, n, self.num_heads)
         return bias.permute(2, 0, 1)
 
+    def _sdpa_mask(self, num_extra_tokens: int, q: torch.Tensor) -> torch.Tensor:
+        """The bias as SDPA's float mask [1, heads, N, N] in q's dtype.
+
+        Without autograd (evaluation) the gathered mask is cached, keyed on the
+        table's storage and version counter, so an optimizer step or a
+        ``load_state_dict`` invalidates it.
+        """
+        table = self.relative_position_bias_table
+        cacheable = not torch.is_grad_enabled()
+        key = (num_extra_tokens, q.dtype, q.device, table.data_ptr(), table._version)
+        if cacheable and self._mask_cache is not None and self._mask_cache[0] == key:
+            return self._mask_cache[1]
+        bias = self.relative_position_bias(num_extra_tokens).to(q.dtype)
+        N = bias.shape[-1]
+        if q.is_cuda and N % 8:
+            # The memory-efficient CUDA kernel wants the mask's row stride 16-byte aligned;
+            # hand it a view of a padded buffer instead of letting it copy every call.
+            padded = bias.new_zeros(self.num_heads, N, -(-N // 8) * 8)
+            padded[..., :N] = bias
+            bias = padded[..., :N]
+        bias = bias.unsqueeze(0)
+        self._mask_cache = (key, bias) if cacheable else None
+        return bias
+
     def forward(self, x):
         B, N, C = x.shape
         num_grid = self.grid_size[0] * self.grid_size[1]
@@ -248,19 +273,13 @@ class RelativeAttention(nn.Module):
             raise ValueError(f"attention over a {self.grid_size} grid got only {N} tokens")
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.relative_position_bias(N - num_grid)
         if self._attn_impl == "sdpa":
-            bias = bias.to(q.dtype)
-            if q.is_cuda and N % 8:
-                # The memory-efficient CUDA kernel wants the mask's row stride 16-byte aligned;
-                # hand it a view of a padded buffer instead of letting it copy every call.
-                padded = bias.new_zeros(self.num_heads, N, -(-N // 8) * 8)
-                padded[..., :N] = bias
-                bias = padded[..., :N]
+            bias = self._sdpa_mask(N - num_grid, q)
             x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias.unsqueeze(0),
+                q, k, v, attn_mask=bias,
                 dropout_p=self.attn_drop.p if self.training else 0.)
         else:
+            bias = self.relative_position_bias(N - num_grid)
             attn = (q * self.scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
