@@ -141,6 +141,21 @@ def test_every_parameter_gets_a_gradient(name):
     assert not no_grad, no_grad
 
 
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = fgvc.create_model("metaformer_0", num_classes=5, img_size=SMALL, meta_dims=(4,), drop_path_rate=0.,
+                              **TINY)
+    x, meta = torch.randn(2, 3, SMALL, SMALL), torch.randn(2, 4)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(x, meta).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.fixture(scope="module")
 def small_meta_model():
     torch.manual_seed(1)
@@ -289,6 +304,7 @@ def test_timm_surface(small_meta_model):
     assert [f["reduction"] for f in m.feature_info] == [4, 4, 8, 16, 32]
     assert [f["num_chs"] for f in m.feature_info] == [32, 48, 96, 64, 128]
     assert m.meta_dims == (4, 3, 6)
+    assert m.pretrained_cfg["input_size"] == (3, SMALL, SMALL) and m.pretrained_cfg["interpolation"] == "bicubic"
     x = torch.randn(1, 3, SMALL, SMALL)
     with torch.inference_mode():
         feats = m.forward_features(x)

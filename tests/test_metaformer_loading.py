@@ -257,11 +257,16 @@ def test_hybrid_rejects_weights_of_another_backbone():
         fgvc.create_model("metaformer_convnext_atto", init_backbone=femto, **HYBRID_SMALL)
 
 
-def test_hybrid_loads_sparse_mim_backbone_state_dict():
-    """The dense twin of a sparse_mim backbone (what tools/export_backbone.py writes) fits the hybrid."""
+def test_hybrid_loads_exported_sparse_mim_backbone(tmp_path):
+    """The file tools/export_backbone.py writes (the dense twin's plain state dict) fits the hybrid."""
     backbones = pytest.importorskip("sparse_mim.backbones")
+    engine = pytest.importorskip("sparse_mim.engine_pretrain")
     backbone = backbones.create_backbone("resnet18", sparse=False)
-    sd = backbone.state_dict()
-    model = fgvc.create_model("metaformer_resnet18", init_backbone=sd, **HYBRID_SMALL)
+    with torch.no_grad():  # make the weights recognisable
+        for p in backbone.parameters():
+            p.normal_()
+    path = engine.export_backbone(backbone, str(tmp_path / "resnet18_spark.pth"))
+    sd = torch.load(path, weights_only=True)
+    model = fgvc.create_model("metaformer_resnet18", init_backbone=path, **HYBRID_SMALL)
     for k, v in model.backbone.state_dict().items():
         torch.testing.assert_close(v, sd[k], msg=k)

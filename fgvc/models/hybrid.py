@@ -29,6 +29,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from ._registry import register_model
 from .metaformer import MetaFormer, _unwrap_state_dict
@@ -176,6 +177,8 @@ class MetaFormerHybrid(MetaFormer):
         return 0, self.backbone.channels[-1], 16
 
     def forward_conv_stages(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.backbone, x, use_reentrant=False)
         return self.backbone(x)
 
     def _feature_info(self, conv_embed_dims, conv_out_chs, conv_stride) -> List[Dict]:

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ._registry import register_model
 
@@ -425,6 +426,11 @@ class MetaFormer(nn.Module):
         self.head = nn.Linear(C4, num_classes) if num_classes > 0 else nn.Identity()
 
         self.feature_info = self._feature_info(conv_embed_dims, conv_out_chs, conv_stride)
+        # Data settings the official recipe uses with this model (timm's pretrained_cfg keys).
+        self.pretrained_cfg = dict(input_size=(in_chans, *self.img_size), mean=(0.485, 0.456, 0.406),
+                                   std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=224 / 256,
+                                   num_classes=num_classes, classifier="head")
+        self.grad_checkpointing = False
         self._init_token_weights()
 
     # -- construction helpers (overridden by the convnet hybrids) --------------------------------
@@ -460,9 +466,9 @@ class MetaFormer(nn.Module):
         """Images -> the NCHW map that stage 3 embeds (stride 8 here)."""
         x = self.maxpool(self.act1(self.bn1(self.stage_0(x))))
         for blk in self.stage_1:
-            x = blk(x)
+            x = self._run_block(blk, x)
         for blk in self.stage_2:
-            x = blk(x)
+            x = self._run_block(blk, x)
         return x
 
     def _feature_info(self, conv_embed_dims, conv_out_chs, conv_stride) -> List[Dict]:
@@ -518,6 +524,16 @@ class MetaFormer(nn.Module):
         device = self.norm.weight.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         self.head.apply(self._init_weights)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block in the backward pass (the official ``use_checkpoint``): less memory at 384."""
+        self.grad_checkpointing = enable
+
+    def _run_block(self, blk, x, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, *args, use_reentrant=False)
+        return blk(x, *args)
 
     def set_attn_impl(self, impl: str):
         """Switch every attention layer between "sdpa" and "explicit"."""
@@ -619,13 +635,13 @@ class MetaFormer(nn.Module):
         x = self.forward_conv_stages(x)
         extra_3 = [self.cls_token_1] + tokens_3
         for i, blk in enumerate(self.stage_3):
-            x = blk(x, extra_3) if i == 0 else blk(x)
+            x = self._run_block(blk, x, extra_3) if i == 0 else self._run_block(blk, x)
         num_extra_3 = 1 + sum(t.shape[1] for t in tokens_3)
         cls_1 = self.cl_1_fc(self.norm_1(x[:, :1]))
         x = x[:, num_extra_3:].reshape(B, *self.grid_3, -1).permute(0, 3, 1, 2)
         extra_4 = [self.cls_token_2] + tokens_4
         for i, blk in enumerate(self.stage_4):
-            x = blk(x, extra_4) if i == 0 else blk(x)
+            x = self._run_block(blk, x, extra_4) if i == 0 else self._run_block(blk, x)
         cls_2 = self.norm_2(x[:, :1])
         cls = self.aggregate(torch.cat([cls_1, cls_2], dim=1)).squeeze(1)
         return self.norm(cls)
