@@ -79,7 +79,7 @@ class _SparseEncoder(nn.Module):
 
 
 def _backbone_is_sparse(backbone: nn.Module) -> bool:
-    flag = getattr(backbone, "sparse", None)
+    flag = getattr(backbone, "is_sparse", getattr(backbone, "sparse", None))
     if isinstance(flag, bool):
         return flag
     return any(type(m).__module__.startswith("sparse_mim.sparse") for m in backbone.modules())
@@ -363,7 +363,7 @@ class SparK(nn.Module):
         ref = SparK(twin, input_size=self.input_size, mask_ratio=self.mask_ratio,
                     decoder_width=self.dense_decoder.width, sbn=self.sbn, densify_norm=self.densify_norm_type)
         ref.backbone_name = name
-        ref.to(self.mask_tokens[0].device)
+        ref.to(device=self.mask_tokens[0].device, dtype=self.mask_tokens[0].dtype)
         ref.load_state_dict(self.state_dict(), strict=True)
         return ref.train(self.training)
 
@@ -403,13 +403,9 @@ def _strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _to_our_encoder_layout(encoder_state: dict[str, Tensor], backbone: nn.Module) -> dict[str, Tensor]:
-    """Map an official encoder state dict (official ConvNeXt layout) to the backbone's (timm) names."""
-    ours = backbone.state_dict()
-    if any(k.startswith("downsample_layers.") for k in encoder_state) and not any(
-            k.startswith("downsample_layers.") for k in ours):
-        from timm.models.convnext import checkpoint_filter_fn
-        return checkpoint_filter_fn(encoder_state, backbone)
-    return encoder_state
+    """Map an encoder state dict (e.g. the official ConvNeXt layout) to the backbone's (timm) names."""
+    from .backbones import convert_state_dict
+    return convert_state_dict(encoder_state, backbone)
 
 
 def _unwrap_checkpoint(checkpoint: Any) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
@@ -421,7 +417,7 @@ def _unwrap_checkpoint(checkpoint: Any) -> tuple[dict[str, Tensor], str, dict[st
         state, kind = dict(checkpoint["model"]), "sparse_mim training checkpoint"
     else:
         state, kind = dict(checkpoint), "plain SparK state_dict"
-    config = state.pop("config", None) or {}
+    config = state.pop("config", None) or checkpoint.get("config") or {}
     if not isinstance(config, dict):
         config = {}
     state = _strip_prefix(state, "module.")  # DistributedDataParallel
@@ -436,7 +432,9 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
     training checkpoints (a dict with ``model``) and plain SparK state dicts. Files
     are read with ``weights_only=True``. Raises ``ValueError`` listing missing /
     unexpected / mis-shaped keys when the checkpoint is for another architecture.
-    Returns a small report: the format, the checkpoint's config, the keys ignored.
+    Returns a small report: the format, the checkpoint's config, the keys ignored
+    (the official file's unused buffers) and the model keys kept as they were (the
+    encoder's unused head).
     """
     if isinstance(path_or_state, (str, os.PathLike)):
         checkpoint = torch.load(path_or_state, map_location="cpu", weights_only=True)
@@ -460,6 +458,11 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
     state.update({_ENCODER_PREFIX + k: v for k, v in encoder_state.items()})
 
     expected = model.state_dict()
+    # The encoder's head (e.g. timm ConvNeXt's `head.norm`, kept for weight compatibility) is
+    # unused in pre-training and absent from the official files: keep its current values.
+    kept = sorted(k for k in set(expected) - set(state) if k.startswith(_ENCODER_PREFIX + "head."))
+    for k in kept:
+        state[k] = expected[k]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -481,4 +484,4 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
         lines.append("Build the model with the checkpoint's backbone, decoder width and densify norm.")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)
-    return {"format": kind, "config": config, "ignored_keys": ignored}
+    return {"format": kind, "config": config, "ignored_keys": ignored, "kept_keys": kept}

@@ -235,3 +235,122 @@ def test_reconstruction_pastes_visible_patches_and_grid_shapes(tmp_path):
     torch.testing.assert_close(grid[:, 2 + 66:2 + 66 + 64, 2 + 2 * 66:2 + 2 * 66 + 64], denormalize(images)[1])
     with pytest.raises(ValueError, match="same shape"):
         make_grid_rows([images, images[:, :, :32]])
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _official_decoder_and_densify_keys(norm: str, identity_first_proj: bool) -> set[str]:
+    """Key names of the official SparK module outside the encoder, written out from its structure."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = set()
+    for i in range(4):
+        keys.add(f"mask_tokens.{i}")
+        keys |= {f"densify_norms.{i}.{k}" for k in (bn if norm == "bn" else ("weight", "bias"))}
+        if not (i == 0 and identity_first_proj):
+            keys |= {f"densify_projs.{i}.weight", f"densify_projs.{i}.bias"}
+    for b in range(5):
+        keys |= {f"dense_decoder.dec.{b}.up_sample.weight", f"dense_decoder.dec.{b}.up_sample.bias",
+                 f"dense_decoder.dec.{b}.conv.0.weight", f"dense_decoder.dec.{b}.conv.3.weight"}
+        keys |= {f"dense_decoder.dec.{b}.conv.{j}.{k}" for j in (1, 4) for k in bn}
+    return keys | {"dense_decoder.proj.weight", "dense_decoder.proj.bias"}
+
+
+def _timm_to_official_convnext(key: str) -> str | None:
+    """timm ConvNeXt names -> the official (facebookresearch / SparK) ones; None for the head."""
+    import re
+    if key.startswith("head."):
+        return None
+    key = re.sub(r"^stem\.(\d)", r"downsample_layers.0.\1", key)
+    key = re.sub(r"^stages\.(\d)\.downsample\.(\d)", r"downsample_layers.\1.\2", key)
+    key = re.sub(r"^stages\.(\d)\.blocks\.(\d+)", r"stages.\1.\2", key)
+    return key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+
+
+@pytest.mark.parametrize("name,norm", [("resnet18", "bn"), ("convnext_atto", "ln")])
+def test_loads_official_withdecoder_file(tmp_path, name, norm):
+    model = SparK(name, input_size=64, decoder_width=320 if name == "convnext_atto" else 256)
+    assert model.densify_norm_type == norm
+    identity = name == "convnext_atto"  # coarsest width 320 == decoder width -> identity projection
+    assert isinstance(model.densify_projs[0], nn.Identity) == identity
+    ours = model.state_dict()
+    enc = "sparse_encoder.sp_cnn."
+    assert {k for k in ours if not k.startswith(enc)} == _official_decoder_and_densify_keys(norm, identity)
+
+    official = {}
+    for k, v in ours.items():
+        if k.startswith(enc):
+            sub = k[len(enc):] if name == "resnet18" else _timm_to_official_convnext(k[len(enc):])
+            if sub is None:
+                continue
+            k = enc + sub
+        official[k] = torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v + 3
+    official |= {"imn_m": torch.zeros(1, 3, 1, 1), "imn_s": torch.ones(1, 3, 1, 1),
+                 "norm_black": torch.zeros(1, 3, 64, 64),
+                 "config": {"mask_ratio": 0.6, "densify_norm_str": norm, "sbn": False, "hierarchy": 4,
+                            "sparse_encoder.input_size": 64, "dense_decoder.width": model.dense_decoder.width}}
+    path = tmp_path / "official_withdecoder_1kpretrained_spark_style.pth"
+    torch.save({"module": official, "arch": name, "input_size": 64, "epoch": 3, "is_pretrain": True}, path)
+
+    fresh = SparK(name, input_size=64, decoder_width=model.dense_decoder.width)
+    report = load_spark_checkpoint(fresh, path)
+    assert sorted(report["ignored_keys"]) == ["imn_m", "imn_s", "norm_black"]
+    assert report["config"]["densify_norm_str"] == norm
+    loaded = fresh.state_dict()
+    for k, v in ours.items():
+        sub = k[len(enc):] if k.startswith(enc) else None
+        if sub is not None and name == "convnext_atto":
+            official_key = _timm_to_official_convnext(sub)
+            if official_key is None:
+                assert torch.equal(loaded[k], v)  # unused head kept as it was
+                continue
+            src = official[enc + official_key]
+        else:
+            src = official[k]
+        assert torch.equal(loaded[k], src.reshape(loaded[k].shape)), k
+    # our own training checkpoints: {'model': state_dict, 'config': ...}, also behind DDP's 'module.' prefix
+    again = SparK(name, input_size=64, decoder_width=model.dense_decoder.width)
+    load_spark_checkpoint(again, {"model": {"module." + k: v for k, v in loaded.items()}, "config": {}})
+    assert all(torch.equal(v, loaded[k]) for k, v in again.state_dict().items())
+
+
+def test_checkpoint_of_another_architecture_errors_clearly(tmp_path):
+    r18 = SparK("resnet18", input_size=64, decoder_width=256)
+    path = tmp_path / "r18.pth"
+    torch.save({"model": r18.state_dict(), "config": {"model": {"backbone": "resnet18"}}}, path)
+    with pytest.raises(ValueError, match=r"(?s)does not fit.*Missing keys.*Unexpected keys") as e:
+        load_spark_checkpoint(SparK("convnext_atto", input_size=64, decoder_width=256), path)
+    assert "backbone convnext_atto" in str(e.value) and "'backbone': 'resnet18'" in str(e.value)
+    assert "sparse_encoder.sp_cnn.stages.0.blocks.0.conv_dw.weight" in str(e.value)
+    with pytest.raises(ValueError, match=r"(?s)Shape mismatches.*dense_decoder.dec.0.up_sample.weight"):
+        load_spark_checkpoint(SparK("resnet18", input_size=64, decoder_width=128), path)
+    with pytest.raises(ValueError, match="Missing keys.*layer1.2"):
+        load_spark_checkpoint(SparK("resnet34", input_size=64, decoder_width=256), path)
+    backbone_only = tmp_path / "resnet18_1kpretrained_timm_style.pth"
+    torch.save(r18.backbone.state_dict(), backbone_only)
+    with pytest.raises(ValueError, match="backbone-only file"):
+        load_spark_checkpoint(r18, backbone_only)
+
+
+def test_visualize_reconstruction_tool(tmp_path):
+    from PIL import Image
+    model = SparK("resnet18", input_size=64, decoder_width=64)
+    ckpt = tmp_path / "last.pth"
+    torch.save({"model": model.state_dict(), "config": {"model": {"backbone": "resnet18", "input_size": 64,
+                                                                   "decoder_width": 64}}}, ckpt)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, wh in enumerate([(80, 70), (64, 64)]):
+        Image.fromarray((torch.rand(wh[1], wh[0], 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "grid.png"
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import visualize_reconstruction as tool
+    finally:
+        sys.path.pop(0)
+    grid = tool.main([str(ckpt), str(folder), "--out", str(out), "--seed", "1"])
+    assert grid.shape == (3, 2 * 66 + 2, 3 * 66 + 2)
+    with Image.open(out) as im:
+        assert im.size == (3 * 66 + 2, 2 * 66 + 2)
+    with pytest.raises(SystemExit, match="--backbone"):
+        bare = tmp_path / "bare.pth"
+        torch.save({"model": model.state_dict()}, bare)
+        tool.main([str(bare), str(folder), "--out", str(out)])
