@@ -127,9 +127,11 @@ def prepare_data_config(cfg: Config) -> Dict:
     """The ``data`` section as a plain dict; generates the demo dataset when asked."""
     data = cfg.data.to_dict()
     if data["demo"]:
-        from fgvc.demo import make_demo_dataset
+        from fgvc.demo import demo_data_config, make_demo_dataset
         root = data["root"] or os.path.join(cfg.output_dir, "data")
-        demo = make_demo_dataset(root)
+        # an existing demo folder (any size: tests write smaller ones) is reused as it is
+        exists = os.path.isfile(os.path.join(root, "demo.json"))
+        demo = demo_data_config(root) if exists else make_demo_dataset(root)
         for k, v in demo.items():
             if k == "meta_groups" and data["meta_groups"]:
                 continue

@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = [
     "MetaGroup", "MetaIssues", "TEMPORAL_DIM", "SPATIAL_DIM", "CUB_NUM_ATTRIBUTES",
-    "parse_date", "encode_month_hour", "encode_lat_lon", "parse_float", "encode_numeric",
+    "parse_date", "encode_month_hour", "encode_lat_lon", "parse_float", "encode_numeric", "describe_meta",
 ]
 
 TEMPORAL_DIM = 4
@@ -221,3 +221,31 @@ def encode_numeric(values: Sequence, issues: MetaIssues, file: str, line, column
 
 def concat_groups(vectors: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(vectors).astype(np.float32) if vectors else np.zeros(0, np.float32)
+
+
+def describe_meta(groups: Sequence[MetaGroup], meta: np.ndarray, present: Sequence[bool]) -> dict:
+    """Human-readable meta values of one sample (for prediction tables): decodes the
+    spatio-temporal encodings back to month / hour / latitude / longitude."""
+    out, start = {}, 0
+    for g, ok in zip(groups, present):
+        v = np.asarray(meta[start:start + g.dim * g.tokens], dtype=np.float64)
+        start += g.dim * g.tokens
+        if not ok:
+            out[g.name] = "missing"
+        elif g.name in ("temporal", "date", "month_hour") and g.dim == TEMPORAL_DIM:
+            month = (math.degrees(math.atan2(v[0], v[1])) / 30.0) % 12 or 12
+            text = f"month {month:.0f}"
+            if abs(v[2]) + abs(v[3]) > 0:
+                text += f", hour {(math.degrees(math.atan2(v[2], v[3])) / 15.0) % 24:.0f}"
+            out[g.name] = text
+        elif g.name in ("spatial", "latlon", "location") and g.dim == SPATIAL_DIM:
+            lat = math.degrees(math.asin(max(-1.0, min(1.0, v[2]))))
+            lon = math.degrees(math.atan2(v[1], v[0]))
+            out[g.name] = f"lat {lat:.2f}, lon {lon:.2f}"
+        elif g.tokens > 1:
+            out[g.name] = f"{g.tokens} x {g.dim} embedding"
+        elif g.dim <= 8:
+            out[g.name] = ", ".join(f"{x:.3g}" for x in v)
+        else:
+            out[g.name] = f"{int((v != 0).sum())} of {g.dim} non-zero"
+    return out
