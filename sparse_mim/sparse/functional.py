@@ -36,8 +36,58 @@ from .tensor import SparseMap
 
 __all__ = [
     "conv2d", "depthwise_conv2d", "max_pool2d", "batch_norm", "layer_norm", "global_response_norm",
-    "global_avg_pool", "drop_path", "coarse_map", "neighbour_table",
+    "global_avg_pool", "drop_path", "coarse_map", "neighbour_table", "set_conv_backend", "get_conv_backend",
 ]
+
+_CONV_BACKENDS = ("auto", "gather", "windows", "dense", "spconv")
+_conv_backend = "auto"
+
+
+def set_conv_backend(name: str) -> str:
+    """Force one implementation of the stride-1 k x k convs (for tests and benchmarks); returns the previous one.
+
+    * ``"auto"`` (default): per op and shape, the one measured fastest (see
+      `_choose_path` and docs/readme/sparse_engine.md);
+    * ``"gather"``: neighbour-table gather into im2col + one GEMM (any scale);
+    * ``"windows"``: dense conv on each visible patch plus its halo (needs a
+      map built from a patch mask, ``patch_factor > 1``);
+    * ``"dense"``: dense channels-last conv on the zero-filled map, visible rows
+      gathered back (what the dense-masked simulation computes, without the
+      hidden-site outputs);
+    * ``"spconv"``: spconv SubMConv2d (Native on CPU, implicit GEMM on CUDA;
+      groups=1 only).
+    Every path gives the dense-masked result; the tests check each of them.
+    1x1 convs are always a linear map, strided convs always the gather-GEMM.
+    """
+    global _conv_backend
+    if name not in _CONV_BACKENDS:
+        raise ValueError(f"unknown conv backend {name!r}; choose one of {_CONV_BACKENDS}")
+    previous, _conv_backend = _conv_backend, name
+    return previous
+
+
+def get_conv_backend() -> str:
+    return _conv_backend
+
+
+def _choose_path(x: SparseMap, kernel: tuple[int, int], dilation: tuple[int, int], depthwise: bool) -> str:
+    """Pick the stride-1 conv implementation (measured on CPU, batch 16, 40% visible; see the benchmark)."""
+    f = x.patch_factor
+    halo = (dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1))
+    if _conv_backend != "auto":
+        if _conv_backend == "windows" and f == 1:
+            return "gather"
+        if _conv_backend == "spconv" and depthwise:
+            return "gather"
+        return _conv_backend
+    if x.features.is_cuda:
+        from .spconv_backend import spconv_available
+        return "dense" if depthwise or not spconv_available() else "spconv"
+    if depthwise:
+        # torch's channels-last depthwise kernel beats any gather of k*k rows per site, even on the full map
+        return "dense"
+    window_cost = (f + halo[0]) * (f + halo[1]) / (f * f)  # dense MACs per visible site, relative
+    return "windows" if f > 1 and window_cost <= 1.6 else "gather"
 
 
 def _pair(v) -> tuple[int, int]:
@@ -81,7 +131,8 @@ def coarse_map(x: SparseMap, stride: tuple[int, int], features: Tensor | None = 
         if empty.numel():
             raise ValueError(f"stride {stride} leaves images {empty.tolist()} without an active site; the mask "
                              "must be the patch mask upsampled to this scale")
-        entry = (mask, {})
+        f = x.patch_factor
+        entry = (mask, {"patch_factor": f // sh if f % sh == 0 and sh == sw else 1})
         x.cache[key] = entry
     mask, cache = entry
     if features is None:
@@ -244,6 +295,58 @@ def _output_map(x: SparseMap, kernel, stride, padding, dilation) -> SparseMap | 
     return coarse_map(x, stride)
 
 
+def _patch_windows(x: SparseMap, halo: tuple[int, int]) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """Tables for the per-patch dense path (cached per scale and halo).
+
+    Returns ``window_rows`` [P * wh * ww] (feature rows of each visible patch's
+    window incl. a halo of ``halo`` sites per side; N = hidden, N + 1 = outside),
+    ``to_canonical`` [N] (position in the patch-major output of each canonical
+    row) and the window size.
+    """
+    key = ("windows", halo)
+    entry = x.cache.get(key)
+    if entry is not None:
+        return entry
+    f = x.patch_factor
+    h, w = x.spatial_shape
+    dev = x.mask.device
+    patches = x.mask[:, ::f, ::f].nonzero().long()  # [P, 3] visible patches, (b, py, px)
+    b, py, px = patches[:, 0, None], patches[:, 1, None], patches[:, 2, None]
+    wh, ww = f + 2 * halo[0], f + 2 * halo[1]
+    ys = py * f - halo[0] + torch.arange(wh, device=dev)  # [P, wh]
+    xs = px * f - halo[1] + torch.arange(ww, device=dev)  # [P, ww]
+    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
+    lin = (b[:, :, None] * h + ys.clamp(0, h - 1)[:, :, None]) * w + xs.clamp(0, w - 1)[:, None, :]
+    window_rows = _row_lookup(x)[lin].masked_fill_(~inside, x.num_sites + 1)
+    centre = window_rows[:, halo[0]:halo[0] + f, halo[1]:halo[1] + f].reshape(-1)  # patch-major -> canonical row
+    if centre.numel() != x.num_sites or bool((centre >= x.num_sites).any()):
+        raise RuntimeError("the mask is not constant on its patch_factor blocks; cannot use the windows path")
+    to_canonical = torch.empty_like(centre)
+    to_canonical[centre] = torch.arange(centre.numel(), device=dev)
+    entry = (window_rows.view(-1), to_canonical, (wh, ww))
+    x.cache[key] = entry
+    return entry
+
+
+def _windows_conv(x: SparseMap, weight: Tensor, dilation: tuple[int, int], groups: int) -> Tensor:
+    """Stride-1 conv as ONE dense conv over the visible patches, each with its halo of neighbours.
+
+    Every output site lies in a visible patch; its window is the patch grown by
+    the kernel's reach, filled from the features (0 at hidden / outside sites),
+    so the dense conv (padding 0) over the batch of windows gives exactly the
+    dense-masked outputs of the patch. Plain autograd (index_select -> conv ->
+    index_select), with the conv in channels-last memory for the fast CPU kernel.
+    """
+    kh, kw = weight.shape[2:]
+    halo = (dilation[0] * (kh - 1) // 2, dilation[1] * (kw - 1) // 2)
+    window_rows, to_canonical, (wh, ww) = _patch_windows(x, halo)
+    f, c = x.patch_factor, x.num_channels
+    windows = torch.index_select(_padded(x.features), 0, window_rows).view(-1, wh, ww, c).permute(0, 3, 1, 2)
+    out = F.conv2d(windows, weight, None, 1, 0, dilation, groups)  # [P, O, f, f], channels-last memory
+    out = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    return torch.index_select(out, 0, to_canonical)
+
+
 def conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1) -> SparseMap:
     """Sparse twin of ``F.conv2d`` (torch weight layout [out, in/groups, kh, kw]).
@@ -273,8 +376,22 @@ def conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, p
         out = F.linear(features, weight.flatten(1), bias)  # pointwise: a linear map of the features
         return x.replace_features(out)
 
-    table = neighbour_table(x, target, kernel, stride, padding, dilation)
     symmetric = out_map is None and kernel[0] % 2 == 1 and kernel[1] % 2 == 1
+    path = _choose_path(x, kernel, dilation, groups != 1) if symmetric else "gather"
+    if path == "spconv":
+        from .spconv_backend import subm_conv2d
+        out = subm_conv2d(x.replace_features(features), weight, dilation, padding)
+    elif path == "windows":
+        out = _windows_conv(x.replace_features(features), weight, dilation, groups)
+    elif path == "dense":
+        xs = x.replace_features(features)
+        out = F.conv2d(xs.dense(), weight, None, 1, padding, dilation, groups)  # channels-last in, out
+        out = out.permute(0, 2, 3, 1)[x.mask]
+    if path != "gather":
+        if bias is not None:
+            out = out + bias
+        return x.replace_features(out)
+    table = neighbour_table(x, target, kernel, stride, padding, dilation)
     if groups == 1:
         k = kernel[0] * kernel[1]
         weight2d = weight.permute(2, 3, 1, 0).reshape(k * c_in, weight.shape[0])

@@ -98,7 +98,8 @@ class SparseMap:
                                  f"with {patch_size}-pixel patches: expected {(H // patch_size, W // patch_size)}")
         factor = check_visible_mask(visible, H, W, batch_size=B, device=x.device)
         mask = upsample_mask(visible, factor)
-        return cls(x.permute(0, 2, 3, 1)[mask], mask)
+        # patch_factor: the mask is constant on aligned patch_factor^2 blocks (lets convs work per patch window)
+        return cls(x.permute(0, 2, 3, 1)[mask], mask, {"patch_factor": factor})
 
     def replace_features(self, features: Tensor) -> "SparseMap":
         """A map at the same sites (sharing the index cache) with new features."""
@@ -122,6 +123,11 @@ class SparseMap:
     @property
     def num_sites(self) -> int:
         return self.features.shape[0]
+
+    @property
+    def patch_factor(self) -> int:
+        """Side of the aligned blocks (mask patches at this scale) on which the mask is constant; 1 if unknown."""
+        return int(self.cache.get("patch_factor", 1))
 
     @property
     def device(self) -> torch.device:
