@@ -159,7 +159,7 @@ def train_one_epoch(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_meter.smooth:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
         if logger is not None and (state.step % log_every == 0 or state.step == 1):
-            state.history.append((state.step, loss_meter.smooth))
+            state.history.append((state.step, step_loss_value))
             logger.log({
                 "train/loss": step_loss_value, "train/loss_avg": loss_meter.smooth, "train/lr": lr,
                 "train/weight_decay": wd, "train/grad_norm": float(grad_norm), "train/images_per_s": rate,

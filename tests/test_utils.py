@@ -221,3 +221,17 @@ def test_meters_and_nan_guard():
         with pytest.raises(NonFiniteLossError, match="step 3.*resume=auto"):
             check_finite(torch.tensor(bad), step=3)
     assert isinstance(NonFiniteLossError("x"), FloatingPointError) and math.isfinite(1.0)
+
+
+def test_config_types_follow_code_defaults_not_earlier_overrides(tmp_path):
+    defaults = {"size": [224, 224], "x": 1.0}
+    f = tmp_path / "c.yaml"
+    f.write_text("size: 192\nx: 2\n")
+    cfg = load_config(defaults, str(f), ["size=[224,160]", "x=3"])
+    assert cfg.size == [224, 160] and cfg.x == 3.0 and isinstance(cfg.x, float)
+    assert load_config(defaults, None, ["size=96", "size=[64,96]"]).size == [64, 96]
+
+
+def test_config_free_form_section():
+    cfg = load_config({"kw": {}, "n": 1}, None, ["kw={depths: [1, 1], width: 8}"])
+    assert cfg.kw == {"depths": [1, 1], "width": 8}

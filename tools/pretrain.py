@@ -48,6 +48,7 @@ DEFAULTS = {
         "decoder_width": 128,        # 768 in the paper
         "densify_norm": "",          # "" = bn for ResNets, ln for ConvNeXts (official); or bn | ln | identity
         "drop_path_rate": 0.0,       # official pre-training: 0
+        "backbone_kwargs": {},       # extra create_backbone arguments, e.g. {depths: [1, 1, 1, 1]}
     },
     "data": {
         "root": "",                  # folder / ImageFolder tree / list file; "" or "builtin": generated images
@@ -111,7 +112,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
         raise ValueError(f"model.input_size={list(size)} is not divisible by 32: SparK masks the backbone's "
                          f"stride-32 grid in 32x32 patches. Use a multiple of 32, e.g. "
                          f"model.input_size={fix[0] if fix[0] == fix[1] else fix}")
-    backbone = create_backbone(name, sparse=cfg.model.sparse, drop_path_rate=cfg.model.drop_path_rate)
+    backbone = create_backbone(name, sparse=cfg.model.sparse, drop_path_rate=cfg.model.drop_path_rate,
+                               **dict(cfg.model.backbone_kwargs))
     return SparK(backbone, input_size=size, mask_ratio=cfg.model.mask_ratio, decoder_width=cfg.model.decoder_width,
                  densify_norm=cfg.model.densify_norm or None)
 
@@ -153,10 +155,10 @@ def run(cfg: Config) -> dict:
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
         save_config(cfg, out_dir)
-    dist_utils.seed_everything(cfg.seed, info.rank)
-
-    # ---- model (first: it validates the backbone name and the input size)
+    # ---- model (first: it validates the backbone name and the input size); same init on every rank
+    dist_utils.seed_everything(cfg.seed, rank=0)
     model = build_model(cfg).to(device)
+    dist_utils.seed_everything(cfg.seed, info.rank)  # then one seed per rank (drop-path etc.)
     if info.distributed and cfg.optim.sync_bn:
         if device.type == "cuda":
             model = _convert_sync_bn(model)

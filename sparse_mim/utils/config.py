@@ -136,26 +136,31 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
             return list(value)
         raise ConfigError(f"{what}: expected a list like {list(default)!r}")
     if isinstance(default, Mapping):
+        if len(default) == 0 and isinstance(value, Mapping):  # a free-form section (e.g. backbone kwargs)
+            return dict(value)
         raise ConfigError(f"{what}: {key!r} is a section; set its keys as {key}.<name>=value")
     if not isinstance(value, expected):
         raise ConfigError(f"{what}: expected {expected.__name__}")
     return value
 
 
-def _set_dotted(cfg: Config, dotted: str, value: Any, source: str) -> None:
+def _set_dotted(cfg: Config, dotted: str, value: Any, source: str, reference: Mapping | None = None) -> None:
+    """Set ``cfg[a][b] = value`` for ``dotted == "a.b"``, typed like ``reference`` (the code defaults)."""
     parts = dotted.split(".")
-    node = cfg
+    node, ref = cfg, reference if reference is not None else cfg
     for i, part in enumerate(parts):
         if not isinstance(node, Mapping) or part not in node:
             raise _unknown_key_error(dotted, flatten(cfg).keys(), source)
+        ref_value = ref.get(part, node[part]) if isinstance(ref, Mapping) else node[part]
         if i == len(parts) - 1:
-            node[part] = _coerce(dotted, value, node[part], source)
+            node[part] = _coerce(dotted, value, ref_value, source)
         else:
-            node = node[part]
+            node, ref = node[part], ref_value
 
 
-def merge_config(cfg: Config, update: Mapping, source: str = "config file", prefix: str = "") -> Config:
-    """Merge a (nested) mapping into ``cfg`` in place, checking every key and type."""
+def merge_config(cfg: Config, update: Mapping, source: str = "config file", prefix: str = "",
+                 reference: Mapping | None = None) -> Config:
+    """Merge a (nested) mapping into ``cfg`` in place, checking every key, and types against ``reference``."""
     for k, v in update.items():
         dotted = f"{prefix}{k}"
         if isinstance(v, Mapping):
@@ -165,13 +170,13 @@ def merge_config(cfg: Config, update: Mapping, source: str = "config file", pref
                     raise _unknown_key_error(dotted, flatten(cfg).keys(), source)
                 node = node[part]
             if isinstance(node, Mapping) and len(node) > 0:
-                merge_config(cfg, v, source, dotted + ".")
+                merge_config(cfg, v, source, dotted + ".", reference)
                 continue
-        _set_dotted(cfg, dotted, v, source)
+        _set_dotted(cfg, dotted, v, source, reference)
     return cfg
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+def apply_overrides(cfg: Config, overrides: Sequence[str], reference: Mapping | None = None) -> Config:
     """Apply ``key.sub=value`` strings in place (values parsed as YAML, then type-checked)."""
     for item in overrides:
         if "=" not in item:
@@ -180,13 +185,14 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
                 f"(e.g. optim.lr=1e-3) or --key value")
         key, value = item.split("=", 1)
         key = key.strip().lstrip("-").replace("-", "_")
-        _set_dotted(cfg, key, value, "command line")
+        _set_dotted(cfg, key, value, "command line", reference)
     return cfg
 
 
 def load_config(defaults: Mapping, config_file: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """defaults <- YAML ``config_file`` <- ``overrides``; returns a new Config."""
     cfg = Config(copy.deepcopy(dict(defaults)))
+    reference = copy.deepcopy(dict(defaults))  # types are checked against the code defaults
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file {config_file!r} not found; pass an existing YAML file with -c/--config")
@@ -197,8 +203,8 @@ def load_config(defaults: Mapping, config_file: str | None = None, overrides: Se
                 raise ConfigError(f"config file {config_file!r} is not valid YAML: {e}") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"config file {config_file!r} must hold a mapping of keys to values")
-        merge_config(cfg, data, source=config_file)
-    apply_overrides(cfg, overrides)
+        merge_config(cfg, data, source=config_file, reference=reference)
+    apply_overrides(cfg, overrides, reference)
     return cfg
 
 
