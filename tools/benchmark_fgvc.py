@@ -103,15 +103,49 @@ def bench_model(name, size, args, device):
                 model.set_attn_impl(impl)
                 results[impl][phase].append(timed(fn))
     rows = []
+    # The attention layers alone (what the flag changes): one stage-3 layer, tokens as in the model.
+    attn = model.stage_3[-1].attn
+    tokens = torch.randn(args.batch, attn.grid_size[0] * attn.grid_size[1] + 1 + len(meta_dims),
+                         model.attn_embed_dims[0], device=device)
+    attn_results = {impl: {"infer": [], "train": []} for impl in impls}
+
+    def attn_infer():
+        with torch.inference_mode(), _autocast(device, args.amp):
+            attn(tokens)
+
+    def attn_train():
+        with _autocast(device, args.amp):
+            out = attn(tokens.requires_grad_())
+        out.float().square().mean().backward()
+
+    for phase, fn in (("infer", attn_infer), ("train", attn_train)):
+        for impl in impls:
+            attn.attn_impl = impl
+            fn()
+        for _ in range(max(args.repeats, 5)):
+            for impl in impls:
+                attn.attn_impl = impl
+                attn_results[impl][phase].append(timed(fn))
+    for impl in impls:
+        rows.append(dict(model=f"{name} stage-3 attention", size=size, impl=impl,
+                         infer_ips=args.batch / statistics.median(attn_results[impl]["infer"]),
+                         train_s=statistics.median(attn_results[impl]["train"])))
     for impl in impls:
         infer_s = statistics.median(results[impl]["infer"])
         train_s = statistics.median(results[impl]["train"]) if results[impl]["train"] else float("nan")
         rows.append(dict(model=name, size=size, impl=impl, infer_ips=args.batch / infer_s, train_s=train_s))
-    base = rows[0]
-    for r in rows:
-        r["infer_speedup"] = r["infer_ips"] / base["infer_ips"]
-        r["train_speedup"] = base["train_s"] / r["train_s"]
-        r["max_diff"] = max_diff
+    with torch.inference_mode():
+        outs = {}
+        for impl in impls:
+            attn.attn_impl = impl
+            outs[impl] = attn(tokens).float()
+    attn_diff = (outs["sdpa"] - outs["explicit"]).abs().max().item()
+    rows = rows[2:] + rows[:2]  # whole model first, then the attention layer alone
+    for (base, r), diff in zip(zip(rows[0::2], rows[1::2]), (max_diff, attn_diff)):  # (explicit, sdpa) pairs
+        for row in (base, r):
+            row["infer_speedup"] = row["infer_ips"] / base["infer_ips"]
+            row["train_speedup"] = base["train_s"] / row["train_s"]
+            row["max_diff"] = diff
     del model, optimizer
     return rows
 
@@ -126,7 +160,8 @@ def main(argv=None):
     print(f"# MetaFormer attention benchmark: {desc}, torch {torch.__version__}, batch {args.batch}, "
           f"meta_dims [{args.meta_dims}], amp {args.amp}, median of {args.repeats}")
     print("| model | size | attention | infer img/s | vs explicit | train step (s) | vs explicit "
-          "| max abs logit diff |")
+          "| max abs diff |")
+    # rows "<model> stage-3 attention": one attention layer alone (forward; forward + backward as "train")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
