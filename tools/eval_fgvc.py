@@ -167,12 +167,10 @@ def top_confusions(cm: np.ndarray, classes: List[str], n: int):
     return out
 
 
-def _write_csv(path: str, rows: List[Dict]):
-    if not rows:
-        return
+def _write_csv(path: str, rows: List[Dict], fieldnames: List[str]):
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w = csv.DictWriter(f, fieldnames=fieldnames)
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
@@ -237,10 +235,11 @@ def run_eval(ckpt_path: str, ckpt: Dict, cfg: Config, ours: bool, log=print) -> 
     pred0 = outputs["meta_zeroed"]["logits"].argmax(1).numpy() if "meta_zeroed" in outputs else None
 
     rows = per_class_table(pred, pred0, labels, classes)
-    _write_csv(os.path.join(out_dir, "per_class.csv"), rows)
+    _write_csv(os.path.join(out_dir, "per_class.csv"), rows, list(rows[0].keys()))
     cm = confusion_matrix(pred, labels, len(classes))
     confusions = top_confusions(cm, classes, e.top_confusions)
-    _write_csv(os.path.join(out_dir, "top_confusions.csv"), confusions)
+    _write_csv(os.path.join(out_dir, "top_confusions.csv"), confusions,
+               ["true", "predicted", "count", "fraction_of_true"])
     if len(classes) <= e.max_confusion_classes:
         save_confusion_png(cm, classes, os.path.join(out_dir, "confusion.png"),
                            f"{rec.name}: top-1 {results['with_meta']['top1']:.2f} (with meta)")

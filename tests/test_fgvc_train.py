@@ -1,0 +1,184 @@
+"""fgvc training / evaluation: meta dropout, mixup keeps meta, the generated demo proves the meta
+pathway, kill + resume gives the uninterrupted weights, evaluation is deterministic."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import eval_fgvc  # noqa: E402
+import train_fgvc  # noqa: E402
+from fgvc.demo import make_demo_dataset  # noqa: E402
+from fgvc.engine import drop_meta_groups, meta_dropout, meta_dropout_prob, train_one_epoch  # noqa: E402
+from sparse_mim.utils.config import load_config  # noqa: E402
+from sparse_mim.utils.misc import NonFiniteLossError  # noqa: E402
+
+DEMO_YAML = os.path.join(REPO, "configs", "fgvc", "demo.yaml")
+
+
+def _cfg(root, out, *overrides):
+    return load_config(train_fgvc.DEFAULTS, DEMO_YAML, [
+        f"data.root={root}", f"output_dir={out}", "data.val_split=0", "data.batch_size=16", "optim.lr_base_batch=16",
+        "train.progress=false", "wandb.enabled=false", "train.warmup_epochs=0", *overrides])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~5x faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fgvc_demo") / "data")
+    make_demo_dataset(root, n_looks=2, train_per_class=32, test_per_class=16, image_size=32, seed=1)
+    return root
+
+
+# ------------------------------------------------------------------------------------------- engine units
+def test_meta_dropout_schedule_and_rows():
+    assert meta_dropout_prob(0, 10) == 1.0 and meta_dropout_prob(5, 10) == 0.5 and meta_dropout_prob(10, 10) == 0.0
+    meta = torch.arange(1, 71, dtype=torch.float32).reshape(10, 7)
+    present = torch.ones(10, 2, dtype=torch.bool)
+    m, p = meta_dropout(meta, present, 0.35)
+    dropped = (m == 0).all(1)
+    assert int(dropped.sum()) == 3                                   # floor(10 * 0.35)
+    assert torch.equal(m[~dropped], meta[~dropped]) and torch.equal(~p.any(1), dropped)
+    assert meta.min() > 0                                            # input untouched
+    m, p = drop_meta_groups(meta, present, [1], [4, 3])
+    assert torch.equal(m[:, :4], meta[:, :4]) and not m[:, 4:].any() and p[:, 0].all() and not p[:, 1].any()
+
+
+class _SpyModel(torch.nn.Module):
+    """Records what the engine feeds it; meta enters the logits so a wrong row would matter."""
+
+    def __init__(self, k=4, d=3):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 + d, k)
+        self.seen = []
+
+    def forward(self, images, meta=None, meta_present=None):
+        self.seen.append((images.detach().clone(), meta.detach().clone(), meta_present.clone()))
+        return self.fc(torch.cat([images.mean((2, 3)), meta], 1))
+
+
+def test_mixup_mixes_images_and_labels_not_meta():
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    torch.manual_seed(0)
+    batches = []
+    for b in range(3):
+        batches.append({"images": torch.randn(6, 3, 8, 8), "meta": torch.randn(6, 3),
+                        "meta_present": torch.ones(6, 1, dtype=torch.bool), "labels": torch.arange(6) % 4,
+                        "index": torch.arange(6), "skipped": 0})
+    originals = [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    model = _SpyModel()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mix = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0, num_classes=4, label_smoothing=0.0)
+    stats = train_one_epoch(model, batches, opt, SoftTargetCrossEntropy(), torch.device("cpu"), epoch=3, epochs=4,
+                            lr_schedule=lambda s: 1e-3, start_step=0, mixup_fn=mix, use_meta_dropout=False,
+                            progress=False)
+    assert stats["step"] == 3 and len(model.seen) == 3
+    for batch, (images, meta, present) in zip(originals, model.seen):  # timm mixes the batch in place
+        assert torch.equal(meta, batch["meta"])                        # meta rows unchanged and in order
+        assert not torch.allclose(images, batch["images"])             # the images were mixed
+        lam_img = images[0] - batch["images"][0]
+        flipped = batch["images"].flip(0)                               # timm batch mixup pairs i with B-1-i
+        lam = 1 - (lam_img / (flipped[0] - batch["images"][0])).median()
+        np.testing.assert_allclose(images.numpy(), (lam * batch["images"] + (1 - lam) * flipped).numpy(), atol=1e-4)
+
+
+def test_nan_loss_stops_with_clear_error():
+    class NaNModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, meta=None, meta_present=None):
+            return self.w * torch.full((images.shape[0], 2), float("nan"))
+
+    batch = {"images": torch.zeros(2, 3, 4, 4), "meta": torch.zeros(2, 1), "meta_present": torch.ones(2, 1).bool(),
+             "labels": torch.zeros(2, dtype=torch.long), "index": torch.arange(2), "skipped": 0}
+    model = NaNModel()
+    with pytest.raises(NonFiniteLossError, match="resume=auto"):
+        train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
+                        torch.device("cpu"), 0, 1, lambda s: 0.1, 0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- the demo
+@pytest.fixture(scope="module")
+def demo_run(demo_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo_out"))
+    summary = train_fgvc.train(_cfg(demo_root, out, "train.epochs=6", "train.meta_dropout=false"), log=lambda *a: None)
+    return out, summary
+
+
+def test_demo_meta_beats_image_only(demo_run, demo_root, tmp_path):
+    """Class pairs differ only by latitude / season: only a model that reads its meta tokens can
+    separate them (image-only ceiling: 50 %)."""
+    out, summary = demo_run
+    assert summary["test/top1"] >= 90.0, summary
+    assert summary["test/top1"] - summary["test/top1_meta_zeroed"] >= 30.0, summary
+    image_only = train_fgvc.train(_cfg(demo_root, str(tmp_path), "train.epochs=6", "data.use_meta=false"),
+                                  log=lambda *a: None)
+    assert image_only["test/top1"] <= 65.0, image_only             # chance within each pair
+    assert summary["test/top1"] - image_only["test/top1"] >= 25.0
+    with open(os.path.join(out, "final.json")) as f:
+        assert json.load(f)["test/top1"] == summary["test/top1"]
+    assert os.path.isfile(os.path.join(out, "config.yaml")) and os.path.isfile(os.path.join(out, "last.pth"))
+
+
+def test_eval_tool_outputs_and_determinism(demo_run, tmp_path):
+    out, summary = demo_run
+    ckpt = os.path.join(out, "best.pth")
+    res = []
+    for k in range(2):
+        d = str(tmp_path / f"eval{k}")
+        s = eval_fgvc.main([ckpt, f"eval.out_dir={d}", "wandb.enabled=false", "eval.table_rows=0"])
+        res.append(s)
+        assert {"summary.json", "per_class.csv", "top_confusions.csv", "confusion.png"} <= set(os.listdir(d))
+    assert res[0]["results"] == res[1]["results"]                      # bit-identical numbers
+    r = res[0]["results"]
+    assert set(r) == {"with_meta", "meta_zeroed", "without_temporal", "without_spatial"}
+    assert r["with_meta"]["top1"] == pytest.approx(summary["test/top1"])
+    assert r["meta_zeroed"]["top1"] == pytest.approx(summary["test/top1_meta_zeroed"])
+    # one pair is split by season, the other by latitude: each group alone is worth ~ one pair
+    assert r["without_temporal"]["top1"] < r["with_meta"]["top1"] - 10
+    assert r["without_spatial"]["top1"] < r["with_meta"]["top1"] - 10
+    lines = open(os.path.join(str(tmp_path / "eval0"), "per_class.csv")).read().splitlines()
+    assert lines[0] == "class_index,class,images,top1,top1_meta_zeroed" and len(lines) == 5
+    with pytest.raises(SystemExit, match="unknown config key"):
+        eval_fgvc.main([ckpt, "eval.nope=1"])
+
+
+# ------------------------------------------------------------------------------------------- resume
+def test_kill_and_resume_equals_uninterrupted(demo_root, tmp_path):
+    """2 epochs in one go == 1 epoch, 'killed', resumed with resume=auto (weights, optimizer, best)."""
+    common = ["train.epochs=2", "data.batch_size=8", "optim.lr_base_batch=8", "aug.mixup=0.8", "aug.cutmix=1.0",
+              "aug.reprob=0.25", "aug.rand_augment=rand-m9-mstd0.5", "train.ema=true", "train.ema_decay=0.9",
+              "data.val_split=0.25", "train.eval_meta_zeroed=false"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train_fgvc.train(_cfg(demo_root, a, *common), log=lambda *x: None)
+    stopped = train_fgvc.train(_cfg(demo_root, b, *common, "train.stop_after_epoch=1"), log=lambda *x: None)
+    assert stopped == {"stopped_at_epoch": 1}
+    torch.manual_seed(123)  # the resumed run must restore its own RNG state, not rely on the process's
+    np.random.seed(123)
+    train_fgvc.train(_cfg(demo_root, b, *common, "resume=auto"), log=lambda *x: None)
+    ca = torch.load(os.path.join(a, "last.pth"), weights_only=True)
+    cb = torch.load(os.path.join(b, "last.pth"), weights_only=True)
+    assert ca["epoch"] == cb["epoch"] == 2 and ca["step"] == cb["step"]
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    for k in ca["model_ema"]:
+        assert torch.equal(ca["model_ema"][k], cb["model_ema"][k]), k
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert ca["best"] == cb["best"]
