@@ -195,6 +195,18 @@ def test_checkpoint_of_another_model_lists_the_mismatched_keys():
         checkpoint_filter_fn(sd, _tiny())
 
 
+class _NotAWeight:  # stands in for the yacs config object the official script pickles
+    pass
+
+
+def test_file_with_pickled_objects_is_refused_with_a_fix(tmp_path):
+    ck = _official_file(_tiny())
+    ck["config"] = _NotAWeight()
+    torch.save(ck, tmp_path / "official_train_ckpt.pth")
+    with pytest.raises(RuntimeError, match=r"(?s)weights_only=True.*weights_only=False"):
+        load_pretrained(_tiny(), tmp_path / "official_train_ckpt.pth")
+
+
 def test_create_model_pretrained_path(tmp_path):
     src = _tiny(num_classes=5)
     torch.save(_official_file(src), tmp_path / "w.pth")

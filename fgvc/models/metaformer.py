@@ -49,7 +49,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "MetaFormer", "MBConvBlock", "MHSABlock", "RelativeAttention", "OverlapPatchEmbed", "Mlp",
     "ResNormLayer", "checkpoint_filter_fn", "load_pretrained", "resize_relative_position_bias_table",
-    "param_groups_for_weight_decay", "meta_dropout_mask",
+    "param_groups_for_weight_decay", "meta_dropout_mask", "read_weights",
 ]
 
 ATTN_IMPLS = ("sdpa", "explicit")
@@ -777,6 +777,9 @@ def checkpoint_filter_fn(state_dict, model: MetaFormer) -> Tuple[Dict[str, torch
     for k, v in state_dict.items():
         if k.endswith("relative_position_index") or k.endswith("attn_mask"):
             continue  # rebuilt from the grid
+        if k == "point_coord" and k not in target:
+            notes.append("dropped point_coord (a buffer of the official training code, not of the model)")
+            continue
         out[k] = v
 
     # Classifier.
@@ -829,6 +832,26 @@ def checkpoint_filter_fn(state_dict, model: MetaFormer) -> Tuple[Dict[str, torch
     return out, notes
 
 
+def read_weights(path) -> dict:
+    """``torch.load(path, weights_only=True)``, with a way out for files that also pickle objects.
+
+    The official training script saves its yacs ``config`` object next to the
+    weights, which a weights-only load refuses: the error says how to extract
+    the weights once from a file you trust.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise RuntimeError(
+            f"could not read {str(path)!r} with torch.load(weights_only=True): {str(e).splitlines()[0]}\n"
+            f"Official MetaFormer training checkpoints also pickle their yacs config. If you trust the file, "
+            f"extract the weights once and load that file instead:\n"
+            f"  python -c \"import torch; ck = torch.load('{path}', map_location='cpu', weights_only=False); "
+            f"torch.save({{'model': ck.get('model', ck.get('state_dict_ema'))}}, 'weights_only.pth')\"") from e
+
+
 def load_pretrained(model: MetaFormer, checkpoint, strict: bool = True) -> List[str]:
     """Load an official MetaFormer file (or a state dict / checkpoint dict) into ``model``.
 
@@ -837,7 +860,7 @@ def load_pretrained(model: MetaFormer, checkpoint, strict: bool = True) -> List[
     :func:`checkpoint_filter_fn` (also logged).
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read_weights(checkpoint)
     state_dict, notes = checkpoint_filter_fn(checkpoint, model)
     result = model.load_state_dict(state_dict, strict=False)
     if strict and result.unexpected_keys:
