@@ -346,11 +346,14 @@ class SparK(nn.Module):
                               padding=padding)
 
     # ------------------------------------------------------------------ reference mode
-    def dense_reference(self) -> "SparK":
+    def dense_reference(self, **backbone_kwargs: Any) -> "SparK":
         """A copy of this model whose encoder is the dense-masked simulation twin, with the same weights.
 
-        The reference every sparse result must equal (tests, benchmarks). Needs the
-        backbone's registry name (``SparK('resnet50', ...)`` or a backbone from ``create_backbone``).
+        The reference every sparse result must equal (tests, benchmarks). The twin is
+        rebuilt from the backbone's registry name (``SparK('resnet50', ...)`` or a backbone
+        from ``create_backbone``) with the same drop-path rate; pass the other
+        ``create_backbone`` arguments the sparse backbone was built with (e.g. ``depths``)
+        as ``backbone_kwargs`` when SparK was given a module.
         """
         if not self.is_sparse:
             return copy.deepcopy(self)
@@ -359,12 +362,24 @@ class SparK(nn.Module):
             raise ValueError("dense_reference() needs the backbone's registry name: build SparK with "
                              "SparK('resnet50', ...) or a backbone from sparse_mim.create_backbone")
         from . import create_backbone
-        twin = create_backbone(name, sparse=False, **self.backbone_kwargs)
+        kwargs = {**self.backbone_kwargs, **backbone_kwargs}
+        if "drop_path_rate" not in kwargs and getattr(self.backbone, "drop_path_rate", None) is not None:
+            kwargs["drop_path_rate"] = self.backbone.drop_path_rate
+        twin = create_backbone(name, sparse=False, **kwargs)
+        # per-block drop-path probabilities, in case they were changed after construction
+        twin_modules = dict(twin.named_modules())
+        for module_name, module in self.backbone.named_modules():
+            if hasattr(module, "drop_prob") and hasattr(twin_modules.get(module_name), "drop_prob"):
+                twin_modules[module_name].drop_prob = module.drop_prob
         ref = SparK(twin, input_size=self.input_size, mask_ratio=self.mask_ratio,
                     decoder_width=self.dense_decoder.width, sbn=self.sbn, densify_norm=self.densify_norm_type)
         ref.backbone_name = name
         ref.to(device=self.mask_tokens[0].device, dtype=self.mask_tokens[0].dtype)
-        ref.load_state_dict(self.state_dict(), strict=True)
+        try:
+            ref.load_state_dict(self.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"the dense twin of {name!r} built with {kwargs} does not match this model's encoder; "
+                             f"pass the create_backbone arguments it was built with to dense_reference(): {e}") from e
         return ref.train(self.training)
 
     def extra_repr(self) -> str:

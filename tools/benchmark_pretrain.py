@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import statistics
 import sys
 import time
@@ -166,7 +167,7 @@ def timed_step(model, optimizer, scaler, images, visible, device, amp):
         mem["peak_cuda"] = torch.cuda.max_memory_allocated(device)
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss.item()}")
-    return times, mem, float(loss)
+    return times, mem, loss.item()
 
 
 def count_macs(model, size, device):
@@ -179,14 +180,13 @@ def count_macs(model, size, device):
         model(images, visible)
     counts = counter.get_flop_counts()
 
-    def total(suffixes):
-        return sum(sum(ops.values()) for name, ops in counts.items()
-                   if any(name.endswith(s) for s in suffixes)) / 2 / 1e9
+    def total(pattern):
+        return sum(sum(ops.values()) for name, ops in counts.items() if re.fullmatch(pattern, name)) / 2 / 1e9
     return {
-        "encoder": total([".sparse_encoder"]),
-        "densify": total([".densify_projs", ".densify_norms"]),
-        "decoder": total([".dense_decoder"]),
-        "total": sum(sum(ops.values()) for name, ops in counts.items() if name == "Global") / 2 / 1e9,
+        "encoder": total(r"SparK\.sparse_encoder\.sp_cnn"),
+        "densify": total(r"SparK\.densify_(projs|norms)\.\d+"),
+        "decoder": total(r"SparK\.dense_decoder"),
+        "total": total(r"Global"),
     }
 
 
