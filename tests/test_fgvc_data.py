@@ -278,3 +278,42 @@ def test_text_meta_caption_choice(tmp_path):
     np.random.seed(0)
     seen = {tuple(tr[0][1][:3].tolist()) for _ in range(20)}
     assert len(seen) > 1                                               # training: a random caption each time
+
+
+def test_prepare_text_meta_layout_and_errors(tmp_path):
+    sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    import sys
+    sys.path.insert(0, sys_path)
+    import prepare_text_meta as ptm
+    root = str(tmp_path / "cub")
+    _make_cub(root, n_classes=2, per_class=2)
+    rels = [line.split()[1] for line in open(os.path.join(root, "images.txt"))]
+    for rel in rels[:-1]:  # the last image has no captions
+        _write(os.path.join(root, "text_c10", os.path.splitext(rel)[0] + ".txt"), "a red bird\n\nsmall wings\n")
+
+    def fake_embed(captions, max_len):  # deterministic stand-in for BERT: caption length in every slot
+        return np.stack([np.full((max_len, 5), len(c), np.float32) for c in captions])
+
+    counts = ptm.prepare(root, fake_embed, num_captions=3, max_len=4, progress=False)
+    assert counts == {"written": 3, "kept": 0, "missing_captions": 1}
+    arr = np.load(os.path.join(root, "text_emb", os.path.splitext(rels[0])[0] + ".npy"))
+    assert arr.shape == (3, 4, 5) and arr.dtype == np.float16
+    assert arr[:, 0, 0].tolist() == [10, 11, 10]                      # 2 captions, the first repeated to 3
+    assert ptm.prepare(root, fake_embed, num_captions=3, max_len=4, progress=False)["kept"] == 3
+    rec = read_cub(root, "test", text_dir="text_emb", num_classes=2)
+    assert rec.meta_present[:, 0].tolist() == [True, False] and rec.issues.total("missing text") == 1
+    with pytest.raises(SystemExit, match="pip install transformers"):
+        ptm.load_bert(str(tmp_path / "no_bert_here"))
+
+
+def test_text_meta_feeds_the_model(tmp_path):
+    """The flat [B, tokens*dim] text vector from the dataset is what MetaFormer takes for meta_tokens=[T]."""
+    from fgvc.models import create_model
+    m = create_model("metaformer_0", num_classes=3, img_size=32, meta_dims=[6], meta_tokens=[4],
+                     conv_embed_dims=[16, 16, 32], attn_embed_dims=[32, 64], conv_depths=[1, 1, 1],
+                     attn_depths=[1, 1], num_heads=4).eval()
+    meta = torch.randn(2, 24)
+    out = m(torch.randn(2, 3, 32, 32), meta, torch.ones(2, 1, dtype=torch.bool))
+    assert out.shape == (2, 3)
+    out2 = m(torch.randn(2, 3, 32, 32), meta.reshape(2, 4, 6), None)
+    assert out2.shape == (2, 3)
