@@ -182,3 +182,13 @@ def test_kill_and_resume_equals_uninterrupted(demo_root, tmp_path):
     sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     assert ca["best"] == cb["best"]
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(REPO, "configs", "fgvc")) if p.endswith(".yaml")))
+def test_recipes_load(path):
+    """Every shipped recipe parses against the defaults (keys and types checked)."""
+    cfg = load_config(train_fgvc.DEFAULTS, os.path.join(REPO, "configs", "fgvc", path), ["data.root=/data"])
+    assert cfg.data.dataset in ("cub", "nabirds", "inat2017", "inat2018", "inat2021", "custom")
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr > 0
+    if path != "demo.yaml":
+        assert cfg.model.name in ("metaformer_0", "metaformer_1", "metaformer_2") and cfg.train.epochs == 300
