@@ -5,6 +5,7 @@ All on CPU with resnet18 at 64 px and a handful of steps. Each run is a real
 torchrun in a subprocess).
 """
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from PIL import Image
 
 from sparse_mim.data import DataError, ResumableBatchSampler, build_pretrain_dataset, generate_image
 from sparse_mim.utils.checkpoint import load_checkpoint
+from sparse_mim.utils.config import load_config
+from sparse_mim.utils.distributed import seed_everything
 from sparse_mim.utils.misc import NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +192,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     root = _image_folder(tmp_path / "imgs", 11, corrupt=1)
     common = TINY + [f"data.root={root}", "optim.batch_size=2", "optim.epochs=1", "checkpoint.export_backbone=false",
-                     "optim.warmup_epochs=0.5"]
+                     "optim.warmup_epochs=0.5", "log.every=1"]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
@@ -202,10 +205,24 @@ def test_two_process_ddp_equals_single_process(tmp_path, monkeypatch):
     ddp_ck = load_checkpoint(str(tmp_path / "ddp" / "last.pth"))
     assert ddp_ck["world_size"] == 2 and ddp_ck["global_batch"] == 4 and ddp_ck["train_state"]["step"] == 3
     assert ddp_ck["train_state"]["failed_images"] == single["failed_images"]
+    # same losses and gradient norms at every step (log.every=1), to float noise
+    def metrics(run):
+        rows = [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl")]
+        return np.array([[r["train/loss"], r["train/grad_norm"]] for r in rows])
+    m_ddp, m_one = metrics("ddp"), metrics("one")
+    assert m_ddp.shape == m_one.shape == (3, 2)
+    np.testing.assert_allclose(m_ddp[:, 0], m_one[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(m_ddp[:, 1], m_one[:, 1], rtol=2e-3)
+    # and the same parameter update: LAMB/Adam normalise each element by its gradient's magnitude, which
+    # amplifies float noise on near-zero gradients, so compare updates as a whole (a different batch
+    # composition or grouping gives a relative difference of order 1)
+    cfg = load_config(pretrain.DEFAULTS, None, common)
+    seed_everything(cfg.seed, rank=0)
+    init = pretrain.build_model(cfg).state_dict()
     a, b = ddp_ck["model"], _params(str(tmp_path / "one" / "last.pth"))
-    changed = 0
+    num = den = 0.0
     for k in a:
         if a[k].is_floating_point() and "running" not in k:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-            changed += 1
-    assert changed > 50
+            num += float((a[k] - b[k]).norm() ** 2)
+            den += float((b[k] - init[k]).norm() ** 2)
+    assert den > 0 and (num / den) ** 0.5 < 1e-2, (num / den) ** 0.5
