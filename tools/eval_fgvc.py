@@ -80,10 +80,18 @@ def parse_args(argv: List[str]):
         i += 1
     if ckpt_path is None:
         raise SystemExit(f"{USAGE}\nerror: no checkpoint given (e.g. outputs/fgvc_demo/best.pth)")
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except RuntimeError as e:
+        raise SystemExit(
+            f"{e}\nAn official MetaFormer file that pickles its yacs config cannot be read safely; extract the "
+            f"weights once (trusted file only):\n  python -c \"import torch; c = torch.load('{ckpt_path}', "
+            f"weights_only=False); torch.save({{'model': c['model']}}, 'weights.pth')\"")
     defaults = Config(copy.deepcopy(train_fgvc.DEFAULTS))
     defaults["eval"] = copy.deepcopy(EVAL_DEFAULTS)
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    # ours: the training config + class list + meta layout; anything else is a foreign weights file
+    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and "classes" in ckpt
+    stored = ckpt["config"] if ours else None
     if stored:
         merge_config(defaults, {k: v for k, v in stored.items() if k != "eval"}, source=f"{ckpt_path} (stored config)")
     elif not config_file:
