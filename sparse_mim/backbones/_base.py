@@ -28,8 +28,15 @@ from torch import Tensor, nn
 
 from ..sparse.tensor import SparseMap, check_visible_mask, upsample_mask
 
-__all__ = ["HierarchicalBackbone", "DropPath", "GlobalResponseNorm", "LayerNorm2d", "to_channels_last",
+__all__ = ["HierarchicalBackbone", "drop_path_rates", "DropPath", "GlobalResponseNorm", "LayerNorm2d", "to_channels_last",
            "to_channels_first", "scale_channels", "global_avg_pool"]
+
+
+def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
+    """Stochastic-depth rate of each block: linear from 0 to ``rate`` (timm / SparK; device-independent)."""
+    if num_blocks <= 1:
+        return [0.0] * num_blocks
+    return [rate * i / (num_blocks - 1) for i in range(num_blocks)]
 
 
 # ---------------------------------------------------------------------------- format-agnostic helpers
@@ -125,7 +132,8 @@ class HierarchicalBackbone(nn.Module):
         return self
 
     @property
-    def is_sparse(self) -> bool:
+    def sparse(self) -> bool:
+        """True once converted to sparse layers (SparK reads this to pick the encoder path)."""
         return self.mode == "sparse"
 
     # ------------------------------------------------------------------ forward
@@ -169,27 +177,31 @@ class HierarchicalBackbone(nn.Module):
             return features if return_sparse else [f.dense() for f in features]
         if return_sparse:
             raise ValueError("return_sparse=True needs a sparse backbone (create_backbone(name, sparse=True))")
-        if all_visible:  # plain dense network (fine-tuning, the all-visible reference)
-            features = self.forward_features(images)
-        else:
-            from . import _engine
+        from . import _engine
 
-            factor = images.shape[-1] // visible.shape[-1]
-            with _engine.active_mask(visible):
-                features = self.forward_features(images * upsample_mask(visible, factor).unsqueeze(1).to(images.dtype))
+        # The dense-masked layers need a mask even when all patches are visible (then it is the
+        # plain dense network, e.g. the all-visible reference).
+        factor = images.shape[-1] // visible.shape[-1]
+        with _engine.active_mask(visible):
+            if not all_visible:
+                images = images * upsample_mask(visible, factor).unsqueeze(1).to(images.dtype)
+            features = self.forward_features(images)
+            if not all_visible:
                 features = [f * upsample_mask(visible, f.shape[-1] // visible.shape[-1]).unsqueeze(1).to(f.dtype)
                             for f in features]
         self._check_outputs(features, images)
         return features
 
     def _check_outputs(self, features: list, images: Tensor) -> None:
-        if len(features) != len(self.channels):
+        n = len(self.channels)
+        if len(features) != n:
             raise RuntimeError(f"{type(self).__name__}.forward_features returned {len(features)} maps, "
-                               f"its .channels lists {len(self.channels)}")
+                               f"its .channels lists {n}")
         H = images.shape[-2]
         for i, (f, c) in enumerate(zip(features, self.channels)):
+            stride = self.downsample_ratio // 2 ** (n - 1 - i)
             h, ch = (f.spatial_shape[0], f.num_channels) if isinstance(f, SparseMap) else (f.shape[-2], f.shape[1])
-            if ch != c or h * self.downsample_ratio // 2 ** (3 - i) != H:
+            if ch != c or h * stride != H:
                 raise RuntimeError(f"{type(self).__name__}: map {i} has {ch} channels and height {h}; expected "
-                                   f"{c} channels at stride {self.downsample_ratio // 2 ** (3 - i)} (height "
-                                   f"{H * 2 ** (3 - i) // self.downsample_ratio}) for a {H}-pixel-high input")
+                                   f"{c} channels at stride {stride} (height {H // stride}) for a {H}-pixel-high "
+                                   "input (maps must come small stride first, each stride twice the previous)")

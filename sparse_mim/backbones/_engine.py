@@ -5,7 +5,6 @@ Kept separate so that the engine's API can change in one file: `sparsify`,
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 from torch import Tensor, nn
@@ -33,4 +32,10 @@ def active_mask(visible: Tensor):
 
 
 def current_mask(hw: tuple[int, int]) -> Optional[Tensor]:
-    return _engine().current_mask(hw)
+    """The active visible mask upsampled to ``hw`` = (h, w), or None outside `active_mask`."""
+    visible = _engine().current_mask()
+    if visible is None:
+        return None
+    from ..sparse.tensor import check_visible_mask, upsample_mask
+
+    return upsample_mask(visible, check_visible_mask(visible, hw[0], hw[1]))

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._base import (DropPath, GlobalResponseNorm, HierarchicalBackbone, LayerNorm2d, scale_channels,
+from ._base import (DropPath, GlobalResponseNorm, HierarchicalBackbone, LayerNorm2d, drop_path_rates, scale_channels,
                     to_channels_first, to_channels_last)
 from ._registry import register_backbone
 
@@ -126,9 +126,10 @@ class ConvNeXt(HierarchicalBackbone):
                  in_chans: int = 3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
-        drop_rates = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        rates = drop_path_rates(drop_path_rate, sum(depths))
+        starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.Sequential(*[
-            ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], drop_rates[i].tolist(), downsample=i > 0,
+            ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], rates[starts[i]:starts[i] + depths[i]], downsample=i > 0,
                           ls_init_value=ls_init_value, conv_mlp=conv_mlp, use_grn=use_grn)
             for i in range(4)])
         self.head = _Head(dims[-1])
@@ -155,8 +156,11 @@ class ConvNeXt(HierarchicalBackbone):
         return features
 
 
-def _convnext(size: str, version: int, drop_path_rate: Optional[float] = None, **kwargs) -> ConvNeXt:
-    depths, dims, conv_mlp, default_rate = CONVNEXT_SIZES[size]
+def _convnext(size: str, version: int, drop_path_rate: Optional[float] = None,
+              depths: Optional[tuple[int, int, int, int]] = None, **kwargs) -> ConvNeXt:
+    """``depths`` overrides the blocks per stage (tests / experiments: the weights then differ from the name's)."""
+    size_depths, dims, conv_mlp, default_rate = CONVNEXT_SIZES[size]
+    depths = tuple(depths or size_depths)
     rate = default_rate if drop_path_rate is None else drop_path_rate
     if version == 2:  # GRN, no layer scale (as in timm's convnextv2_*)
         kwargs.setdefault("use_grn", True)

@@ -19,10 +19,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Optional
 
-import torch
 from torch import nn
 
-from ._base import DropPath, HierarchicalBackbone
+from ._base import DropPath, HierarchicalBackbone, drop_path_rates
 from ._registry import register_backbone
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet"]
@@ -103,7 +102,7 @@ class ResNet(HierarchicalBackbone):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         # Linear drop-path decay over all blocks, as timm / SparK build it.
-        drop_rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        drop_rates = drop_path_rates(drop_path_rate, sum(layers))
         in_chs, first = 64, 0
         for stage, (planes, depth) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if stage == 0 else 2
@@ -140,9 +139,11 @@ class ResNet(HierarchicalBackbone):
         return features
 
 
-def _resnet(block, layers, default_drop_path: float, drop_path_rate: Optional[float] = None, **kwargs) -> ResNet:
+def _resnet(block, layers, default_drop_path: float, drop_path_rate: Optional[float] = None,
+            depths: Optional[tuple[int, int, int, int]] = None, **kwargs) -> ResNet:
+    """``depths`` overrides the blocks per stage (tests / experiments: the weights then differ from the name's)."""
     rate = default_drop_path if drop_path_rate is None else drop_path_rate
-    return ResNet(block, layers, drop_path_rate=rate, **kwargs)
+    return ResNet(block, tuple(depths or layers), drop_path_rate=rate, **kwargs)
 
 
 # Default drop-path rates: SparK's pre-training values for R50/101/152/200; the small

@@ -1,0 +1,183 @@
+"""Sparse backbones == SparK's dense-masked simulation of the same weights (outputs, gradients, BN buffers).
+
+Every registered backbone is checked in eval and train mode on a random patch mask,
+with weights that make every layer matter (`randomize_weights_`: layer scale ~1, GRN
+on, non-trivial BN statistics). Small models run at their real depth; the big ones
+(whose blocks are those of a smaller sibling at another width) at reduced depth, while
+their full-depth layouts are checked key by key against torchvision / timm in
+test_backbone_weights.py. float64 keeps rounding far below the 1e-4 tolerance, so a
+failure means a real difference; the 224-pixel tests (slow) run in float32.
+"""
+import pytest
+import torch
+
+import sparse_mim
+from sparse_mim.backbones import list_backbones
+from sparse_mim.backbones._testing import random_visible_mask, randomize_weights_
+from sparse_mim.sparse import SparseMap
+
+TOL = 1e-4
+# name -> (batch, H, W, depth override); big models run with fewer blocks per stage
+SMALL = ["resnet18", "resnet34", "resnet50"] + [f"convnext{v}_{s}" for v in ("", "v2")
+                                                for s in ("atto", "femto", "pico", "nano", "tiny")]
+BIG = {"resnet101": (1, 1, 2, 1), "resnet152": (1, 2, 2, 1), "resnet200": (1, 2, 2, 1)}
+BIG.update({f"convnext{v}_{s}": (1, 1, 2, 1) for v in ("", "v2") for s in ("small", "base", "large")})
+
+
+def test_every_backbone_is_covered():
+    assert sorted(SMALL + list(BIG)) == list_backbones()
+
+
+def _twins(name, dtype=torch.float64, **kwargs):
+    """A sparse backbone and its dense-masked twin sharing randomised weights."""
+    sparse = sparse_mim.create_backbone(name, sparse=True, **kwargs)
+    randomize_weights_(sparse, torch.Generator().manual_seed(1))
+    sparse.to(dtype)
+    dense = sparse_mim.create_backbone(name, sparse=False, **kwargs).to(dtype)
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_equivalent(sparse, dense, images, visible, train: bool, tol: float = TOL):
+    """Outputs, hidden-site zeros, parameter gradients and BN running statistics agree."""
+    sparse.train(train)
+    dense.train(train)
+    sparse.zero_grad(set_to_none=True)
+    dense.zero_grad(set_to_none=True)
+    out_s, out_d = sparse(images, visible), dense(images, visible)
+    assert len(out_s) == len(out_d) == 4
+    for i, (a, b) in enumerate(zip(out_s, out_d)):
+        stride = 4 * 2 ** i
+        assert a.shape == b.shape == (images.shape[0], sparse.channels[i], images.shape[2] // stride,
+                                      images.shape[3] // stride)
+        hidden = ~visible.repeat_interleave(32 // stride, 1).repeat_interleave(32 // stride, 2)
+        assert a.permute(0, 2, 3, 1)[hidden].abs().max() == 0 if hidden.any() else True
+        assert b.permute(0, 2, 3, 1)[hidden].abs().max() == 0 if hidden.any() else True
+        assert _rel(a, b) < tol, f"map {i} (stride {stride}): relative error {_rel(a, b):.2e}"
+    # a scalar loss that weighs every site and channel differently
+    weights = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(7 + i))
+               for i, o in enumerate(out_d)]
+    sum((o * w).sum() for o, w in zip(out_s, weights)).backward()
+    sum((o * w).sum() for o, w in zip(out_d, weights)).backward()
+    grads_d = {n: p.grad for n, p in dense.named_parameters() if p.requires_grad}
+    total = torch.stack([g.norm() for g in grads_d.values()]).norm()
+    for n, p in sparse.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad is not None, f"{n} got no gradient in the sparse backbone"
+        err = (p.grad - grads_d[n]).norm()
+        # relative per parameter, with a floor for gradients that are ~0 analytically
+        assert err <= tol * grads_d[n].norm() + 1e-3 * tol * total, \
+            f"gradient of {n}: error {err:.2e}, norm {grads_d[n].norm():.2e}"
+    if train:
+        buffers_d = dict(dense.named_buffers())
+        for n, b in sparse.named_buffers():
+            if b.is_floating_point():
+                assert _rel(b, buffers_d[n]) < tol, f"buffer {n} differs after a training step"
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_sparse_equals_dense_masked(name):
+    sparse, dense = _twins(name, drop_path_rate=0.0)
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    visible = random_visible_mask(2, 2, 3, 0.6, torch.Generator().manual_seed(3))
+    visible[1] = torch.tensor([[True, False, True], [False, True, False]])  # non-adjacent patches too
+    assert_equivalent(sparse, dense, images, visible, train=False)
+    assert_equivalent(sparse, dense, images, visible, train=True)
+
+
+@pytest.mark.parametrize("name", sorted(BIG))
+def test_big_backbones_at_reduced_depth(name):
+    sparse, dense = _twins(name, drop_path_rate=0.0, depths=BIG[name])
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    visible = torch.tensor([[[True, False], [False, True]], [[False, False], [True, False]]])
+    assert_equivalent(sparse, dense, images, visible, train=False)
+    assert_equivalent(sparse, dense, images, visible, train=True)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnextv2_atto"])
+def test_drop_path_draws_the_same_samples(name):
+    """Per-sample stochastic depth: same seed -> same dropped samples in both twins."""
+    sparse, dense = _twins(name, drop_path_rate=0.5, depths=(1, 1, 2, 1))
+    sparse.train()
+    dense.train()
+    images = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    visible = random_visible_mask(4, 2, 2, 0.5, torch.Generator().manual_seed(0))
+    torch.manual_seed(11)
+    out_s = sparse(images, visible)
+    torch.manual_seed(11)
+    out_d = dense(images, visible)
+    torch.manual_seed(12)
+    out_other = dense(images, visible)
+    for a, b in zip(out_s, out_d):
+        assert _rel(a, b) < TOL
+    assert _rel(out_other[-1], out_d[-1]) > 1e-3  # drop path is really active
+
+
+def test_return_sparse_and_rectangular_input():
+    sparse, dense = _twins("convnext_atto", dtype=torch.float32, depths=(1, 1, 1, 1))
+    sparse.eval()
+    images = torch.randn(2, 3, 96, 64)
+    visible = random_visible_mask(2, 3, 2, 0.6, torch.Generator().manual_seed(5))
+    maps = sparse(images, visible, return_sparse=True)
+    assert all(isinstance(m, SparseMap) for m in maps)
+    for i, m in enumerate(maps):
+        assert m.spatial_shape == (96 // (4 * 2 ** i), 64 // (4 * 2 ** i))
+        assert m.num_channels == sparse.channels[i]
+        assert m.num_sites == int(visible.sum()) * (8 // 2 ** i) ** 2
+    dense_maps = sparse(images, visible)
+    for m, d in zip(maps, dense_maps):
+        assert torch.equal(m.dense(), d)
+
+
+def test_interface_and_input_errors():
+    net = sparse_mim.create_backbone("resnet18")
+    assert net.downsample_ratio == 32 and net.get_downsample_ratio() == 32
+    assert net.channels == [64, 128, 256, 512] and net.sparse
+    assert sparse_mim.create_backbone("convnext_tiny", sparse=False).channels == [96, 192, 384, 768]
+    assert sparse_mim.create_backbone("resnet50", depths=(1, 1, 1, 1)).channels == [256, 512, 1024, 2048]
+    images = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="not divisible by the backbone's downsample ratio 32"):
+        net(torch.randn(1, 3, 60, 64), torch.ones(1, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"expected \(B, H/32, W/32\)"):
+        net(images, torch.ones(1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        net(images, torch.ones(1, 2, 2))
+    with pytest.raises(ValueError, match="no visible patch"):
+        net(images, torch.zeros(1, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unknown backbone 'resnet51'"):
+        sparse_mim.create_backbone("resnet51")
+    with pytest.raises(ValueError, match="return_sparse=True needs a sparse backbone"):
+        sparse_mim.create_backbone("resnet18", sparse=False)(images, return_sparse=True)
+    # the official SparK mask layout [B, 1, h, w] is accepted
+    net.eval()
+    visible = torch.tensor([[[True, False], [False, True]]])
+    for a, b in zip(net(images, visible[:, None]), net(images, visible)):
+        assert torch.equal(a, b)
+
+
+def test_default_drop_path_rates():
+    rates = {"resnet50": 0.05, "resnet101": 0.08, "resnet152": 0.10, "resnet200": 0.15,
+             "convnext_small": 0.2, "convnext_base": 0.3, "convnext_large": 0.4, "convnextv2_large": 0.4}
+    with torch.device("meta"):
+        for name, rate in rates.items():
+            net = sparse_mim.create_backbone(name, sparse=False)
+            assert net.drop_path_rate == pytest.approx(rate)
+            last = [m for m in net.modules() if type(m).__name__.endswith("DropPath")][-1]
+            assert last.drop_prob == pytest.approx(rate)
+        assert sparse_mim.create_backbone("resnet50", sparse=False, drop_path_rate=0.3).drop_path_rate == 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "convnext_small"])
+def test_sparse_equals_dense_masked_at_224(name):
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    sparse, dense = _twins(name, dtype=torch.float32, drop_path_rate=0.0)
+    images = torch.randn(2, 3, 224, 224)
+    visible = random_visible_mask(2, 7, 7, 0.6, torch.Generator().manual_seed(0))
+    assert_equivalent(sparse, dense, images, visible, train=False)
+    assert_equivalent(sparse, dense, images, visible, train=True)
