@@ -257,10 +257,13 @@ def _check_some_readable(paths: Sequence[str], where: str, n_check: int = 16) ->
         "or a list file, or leave it empty to use the built-in images.")
 
 
-def build_pretrain_dataset(root: str, input_size, scale=(0.67, 1.0), hflip: bool = True, mean=IMAGENET_MEAN,
+def build_pretrain_dataset(root: str | None, input_size, scale=(0.67, 1.0), hflip: bool = True, mean=IMAGENET_MEAN,
                            std=IMAGENET_STD, builtin_images: int = 512, builtin_size: int = 96,
                            check: bool = True) -> ImageFileDataset:
     """The pre-training dataset for ``data.root`` (folder, list file, or ''/'builtin' for generated images)."""
+    if root is None:
+        raise DataError("this recipe needs data: pass data.root=/path/to/images (a folder, an ImageFolder tree or a "
+                        "list file), or data.root=builtin for the generated demo images")
     transform = PretrainTransform(input_size, scale=scale, hflip=hflip, mean=mean, std=std)
     if not root or root == "builtin":
         if builtin_images < 1:

@@ -113,6 +113,18 @@ def test_bad_input_clear_errors(tmp_path, case):
             pretrain.main(TINY + [out, "model.input_size=[70,100]"])
 
 
+@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "configs", "pretrain"))))
+def test_recipes_parse(recipe):
+    from sparse_mim.backbones import list_backbones
+    cfg, _ = pretrain.parse_config(pretrain.DEFAULTS, ["-c", os.path.join(ROOT, "configs", "pretrain", recipe)])
+    assert cfg.model.backbone in list_backbones()
+    size = cfg.model.input_size
+    assert all(s % 32 == 0 for s in ([size] if isinstance(size, int) else size))
+    if not recipe.startswith("cpu_"):  # official recipes: LAMB betas per family, 1600 epochs, data required
+        assert cfg.optim.betas[1] == (0.95 if "resnet" in recipe else 0.999) and cfg.optim.epochs == 1600
+        assert cfg.data.root is None and cfg.model.decoder_width == 768
+
+
 def test_unknown_config_key(capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["optim.learning_rate=1"])

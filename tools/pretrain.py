@@ -92,6 +92,10 @@ DEFAULTS = {
 }
 
 
+class UsageError(ValueError):
+    """A config value that cannot work (the message names the fix)."""
+
+
 def build_model(cfg: Config) -> torch.nn.Module:
     """SparK around the configured backbone; clear errors for an unknown name or a bad input size."""
     from sparse_mim.backbones import create_backbone, list_backbones
@@ -100,7 +104,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     if name not in list_backbones():
         import difflib
         close = difflib.get_close_matches(name, list_backbones(), n=3)
-        raise ValueError(f"unknown backbone model.backbone={name!r}"
+        raise UsageError(f"unknown backbone model.backbone={name!r}"
                          + (f" (did you mean {' or '.join(close)}?)" if close else "")
                          + f"; choose one of: {', '.join(list_backbones())}")
     size = cfg.model.input_size
@@ -109,7 +113,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
         size = (size[0], size[0])
     if any(s % 32 or s <= 0 for s in size):
         fix = [max(32, round(s / 32) * 32) for s in size]
-        raise ValueError(f"model.input_size={list(size)} is not divisible by 32: SparK masks the backbone's "
+        raise UsageError(f"model.input_size={list(size)} is not divisible by 32: SparK masks the backbone's "
                          f"stride-32 grid in 32x32 patches. Use a multiple of 32, e.g. "
                          f"model.input_size={fix[0] if fix[0] == fix[1] else fix}")
     backbone = create_backbone(name, sparse=cfg.model.sparse, drop_path_rate=cfg.model.drop_path_rate,
@@ -351,8 +355,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from sparse_mim.data import DataError
     try:
         main()
-    except NonFiniteLossError as e:
+    except (UsageError, DataError, NonFiniteLossError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
