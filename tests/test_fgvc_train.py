@@ -162,7 +162,7 @@ def test_eval_tool_outputs_and_determinism(demo_run, tmp_path):
 # ------------------------------------------------------------------------------------------- resume
 def test_kill_and_resume_equals_uninterrupted(demo_root, tmp_path):
     """2 epochs in one go == 1 epoch, 'killed', resumed with resume=auto (weights, optimizer, best)."""
-    common = ["train.epochs=2", "data.batch_size=8", "optim.lr_base_batch=8", "aug.mixup=0.8", "aug.cutmix=1.0",
+    common = ["train.epochs=2", "data.batch_size=8", "optim.accum_steps=2", "optim.lr_base_batch=16", "aug.mixup=0.8", "aug.cutmix=1.0",
               "aug.reprob=0.25", "aug.rand_augment=rand-m9-mstd0.5", "train.ema=true", "train.ema_decay=0.9",
               "data.val_split=0.25", "train.eval_meta_zeroed=false"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -174,7 +174,8 @@ def test_kill_and_resume_equals_uninterrupted(demo_root, tmp_path):
     train_fgvc.train(_cfg(demo_root, b, *common, "resume=auto"), log=lambda *x: None)
     ca = torch.load(os.path.join(a, "last.pth"), weights_only=True)
     cb = torch.load(os.path.join(b, "last.pth"), weights_only=True)
-    assert ca["epoch"] == cb["epoch"] == 2 and ca["step"] == cb["step"]
+    n_train = 4 * 32 - 4 * 8                                          # 25 % of each class held out for val
+    assert ca["epoch"] == cb["epoch"] == 2 and ca["step"] == cb["step"] == 2 * (n_train // 8 // 2)
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
     for k in ca["model_ema"]:
@@ -192,3 +193,24 @@ def test_recipes_load(path):
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr > 0
     if path != "demo.yaml":
         assert cfg.model.name in ("metaformer_0", "metaformer_1", "metaformer_2") and cfg.train.epochs == 300
+
+
+def test_build_model_inits_hybrid_backbone(tmp_path):
+    """model.init_backbone puts a (SparK-exported / ImageNet) backbone under the meta-token head."""
+    from fgvc.data.meta import MetaGroup
+    groups = [MetaGroup("temporal", 4), MetaGroup("spatial", 3)]
+    cfg = load_config(train_fgvc.DEFAULTS, None, ["model.name=metaformer_resnet18", "model.img_size=32"])
+    donor = train_fgvc.build_model(cfg, 5, groups)
+    for p in donor.backbone.parameters():
+        torch.nn.init.normal_(p)
+    path = str(tmp_path / "backbone.pth")
+    torch.save(donor.backbone.state_dict(), path)
+    cfg.model.init_backbone = path
+    model = train_fgvc.build_model(cfg, 5, groups)
+    for (k, a), b in zip(donor.backbone.state_dict().items(), model.backbone.state_dict().values()):
+        assert torch.equal(a, b), k
+    out = model(torch.randn(2, 3, 32, 32), torch.randn(2, 7))
+    assert out.shape == (2, 5)
+    cfg.model.name = "metaformer_0"
+    with pytest.raises(ValueError, match="hybrids"):
+        train_fgvc.build_model(cfg, 5, groups)

@@ -193,6 +193,10 @@ def build_model(cfg: Config, num_classes: int, meta_groups) -> torch.nn.Module:
     if any(g.tokens > 1 for g in meta_groups):
         kwargs["meta_tokens"] = [g.tokens for g in meta_groups]
     if cfg.model.init_backbone:
+        if not cfg.model.name.startswith(("metaformer_resnet", "metaformer_convnext")):
+            raise ValueError(f"model.init_backbone is for the convnet hybrids (metaformer_resnet50, "
+                             f"metaformer_convnextv2_tiny, ...), not {cfg.model.name!r}; for MetaFormer files "
+                             f"use model.pretrained")
         kwargs["init_backbone"] = cfg.model.init_backbone
     model = create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                          meta_dims=[g.dim for g in meta_groups], drop_path_rate=cfg.model.drop_path, **kwargs)
