@@ -254,8 +254,9 @@ def test_sdpa_attention_equals_explicit_reference(grid, num_extra):
     x = torch.randn(2, grid[0] * grid[1] + num_extra, 64, requires_grad=True)
     ref = _reference_attention(attn, x, num_extra)
     grads_ref = torch.autograd.grad(ref.square().sum(), [x, attn.relative_position_bias_table])
-    for impl in ("sdpa", "explicit"):
+    for impl, force_sdpa in (("sdpa", True), ("sdpa", False), ("explicit", False)):
         attn.attn_impl = impl
+        attn.sdpa_grad_on_cpu = force_sdpa  # True: SDPA also with a table gradient on CPU (as on CUDA)
         out = attn(x)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         grads = torch.autograd.grad(out.square().sum(), [x, attn.relative_position_bias_table])

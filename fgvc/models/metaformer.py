@@ -202,7 +202,14 @@ class RelativeAttention(nn.Module):
     ``attn_impl="sdpa"`` passes the bias as the additive float mask of
     ``F.scaled_dot_product_attention`` (fused kernels on CPU and CUDA);
     ``"explicit"`` is the official softmax(q k^T * scale + bias) v.
+
+    On CPU the fused kernel gives no gradient for a float mask: SDPA then falls
+    back to its math path, which measured slower than the explicit computation,
+    so "sdpa" computes explicitly when the table needs a gradient on CPU
+    (``sdpa_grad_on_cpu = True`` forces SDPA there; tests use it).
     """
+
+    sdpa_grad_on_cpu = False
 
     def __init__(self, dim: int, grid_size, num_heads: int = 8, qkv_bias: bool = False,
                  attn_drop: float = 0., proj_drop: float = 0., attn_impl: str = "sdpa"):
@@ -274,7 +281,8 @@ class RelativeAttention(nn.Module):
             raise ValueError(f"attention over a {self.grid_size} grid got only {N} tokens")
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if self._attn_impl == "sdpa":
+        if self._attn_impl == "sdpa" and (q.is_cuda or self.sdpa_grad_on_cpu or not (
+                torch.is_grad_enabled() and self.relative_position_bias_table.requires_grad)):
             bias = self._sdpa_mask(N - num_grid, q)
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias,
