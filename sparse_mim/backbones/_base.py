@@ -76,7 +76,9 @@ def global_avg_pool(x) -> Tensor:
     mask = _current_mask_at(x.shape[-2:])
     if mask is None:
         return x.mean((2, 3))
-    return x.sum((2, 3)) / mask.flatten(1).sum(1).clamp_min(1).to(x.dtype)[:, None]
+    # per-site layers (LayerNorm, Linear biases) may leave junk at hidden sites: mask before summing
+    mask = mask.to(x.dtype)
+    return (x * mask[:, None]).sum((2, 3)) / mask.flatten(1).sum(1).clamp_min(1)[:, None]
 
 
 def _current_mask_at(hw) -> Optional[Tensor]:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["randomize_weights_", "random_visible_mask"]
+__all__ = ["randomize_weights_", "random_visible_mask", "assert_equivalent", "relative_error"]
 
 
 @torch.no_grad()
@@ -51,3 +51,58 @@ def random_visible_mask(batch: int, height: int, width: int, mask_ratio: float =
     visible = torch.zeros(batch, n, dtype=torch.bool)
     visible.scatter_(1, order, True)
     return visible.view(batch, height, width)
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_equivalent(sparse: nn.Module, dense: nn.Module, images: Tensor, visible: Tensor, train: bool,
+                      tol: float = 1e-4) -> None:
+    """Assert that a sparse backbone equals its dense-masked twin (same weights) on one batch.
+
+    Checks the four maps (shapes, zeros at hidden sites, relative error < ``tol``), the
+    gradient of a scalar loss that weighs every site differently w.r.t. every trainable
+    parameter (relative per parameter, with a floor of 1e-3 * tol of the total gradient
+    norm for gradients that are ~0 analytically), and, in train mode, the BN running
+    statistics after the step.
+    """
+    sparse.train(train)
+    dense.train(train)
+    sparse.zero_grad(set_to_none=True)
+    dense.zero_grad(set_to_none=True)
+    out_s, out_d = sparse(images, visible), dense(images, visible)
+    num_maps = len(sparse.channels)
+    assert len(out_s) == len(out_d) == num_maps
+    for i, (a, b) in enumerate(zip(out_s, out_d)):
+        stride = sparse.downsample_ratio // 2 ** (num_maps - 1 - i)
+        assert a.shape == b.shape == (images.shape[0], sparse.channels[i], images.shape[2] // stride,
+                                      images.shape[3] // stride)
+        factor = a.shape[-1] // visible.shape[-1]
+        hidden = ~visible.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+        if hidden.any():
+            assert a.permute(0, 2, 3, 1)[hidden].abs().max() == 0, f"map {i}: non-zero hidden sites (sparse)"
+            assert b.permute(0, 2, 3, 1)[hidden].abs().max() == 0, f"map {i}: non-zero hidden sites (dense)"
+        err = relative_error(a, b)
+        assert err < tol, f"map {i} (stride {stride}): relative error {err:.2e}"
+    # a scalar loss that weighs every site and channel differently
+    weights = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(7 + i))
+               for i, o in enumerate(out_d)]
+    sum((o * w).sum() for o, w in zip(out_s, weights)).backward()
+    sum((o * w).sum() for o, w in zip(out_d, weights)).backward()
+    grads_d = {n: p.grad for n, p in dense.named_parameters() if p.requires_grad}
+    total = torch.stack([g.norm() for g in grads_d.values()]).norm()
+    for n, p in sparse.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad is not None, f"{n} got no gradient in the sparse backbone"
+        err = (p.grad - grads_d[n]).norm()
+        # relative per parameter, with a floor for gradients that are ~0 analytically
+        assert err <= tol * grads_d[n].norm() + 1e-3 * tol * total, \
+            f"gradient of {n}: error {err:.2e}, norm {grads_d[n].norm():.2e}"
+    if train:
+        buffers_d = dict(dense.named_buffers())
+        for n, b in sparse.named_buffers():
+            if b.is_floating_point():
+                assert relative_error(b, buffers_d[n]) < tol, f"buffer {n} differs after a training step"

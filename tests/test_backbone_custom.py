@@ -1,0 +1,68 @@
+"""The custom-backbone interface: a user-written net (SE blocks) becomes a SparK encoder."""
+import pytest
+import torch
+from torch import nn
+
+import sparse_mim
+from sparse_mim.backbones import HierarchicalBackbone, register_backbone
+from sparse_mim.backbones._testing import assert_equivalent, random_visible_mask, randomize_weights_
+from sparse_mim.backbones.custom_example import TinySENet
+
+
+def test_worked_example_sparse_equals_dense_masked():
+    sparse = sparse_mim.create_backbone("example_tiny_senet", depth=2, drop_path_rate=0.0)
+    randomize_weights_(sparse, torch.Generator().manual_seed(0)).double()
+    dense = sparse_mim.create_backbone("example_tiny_senet", sparse=False, depth=2).double()
+    dense.load_state_dict(sparse.state_dict())
+    images = torch.randn(3, 3, 64, 96, dtype=torch.float64)
+    visible = random_visible_mask(3, 2, 3, 0.6, torch.Generator().manual_seed(1))
+    assert_equivalent(sparse, dense, images, visible, train=False)
+    assert_equivalent(sparse, dense, images, visible, train=True)
+    # SE gates see only visible sites: changing hidden pixels changes nothing
+    sparse.eval()
+    hidden = ~visible.repeat_interleave(32, 1).repeat_interleave(32, 2)
+    noisy = images + hidden[:, None] * torch.randn_like(images) * 10
+    for a, b in zip(sparse(images, visible), sparse(noisy, visible)):
+        assert torch.equal(a, b)
+
+
+def test_custom_backbone_without_registry():
+    net = TinySENet().to_sparse()
+    maps = net(torch.randn(1, 3, 64, 64), torch.tensor([[[True, False], [False, True]]]))
+    assert [tuple(m.shape[1:]) for m in maps] == [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
+    assert net.get_feature_map_channels() == [32, 64, 128, 256] and net.get_downsample_ratio() == 32
+
+
+class _GroupNormNet(HierarchicalBackbone):
+    def __init__(self, **_):
+        super().__init__()
+        self.channels, self.downsample_ratio = [8, 8, 8, 8], 32
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.GroupNorm(2, 8))
+
+    def forward_features(self, x):
+        return [self.stem(x)] * 4
+
+
+class _WrongStrides(HierarchicalBackbone):
+    def __init__(self, **_):
+        super().__init__()
+        self.channels, self.downsample_ratio = [8, 8, 8, 8], 32
+        self.stem = nn.Conv2d(3, 8, 4, 4)
+
+    def forward_features(self, x):
+        return [self.stem(x)] * 4
+
+
+def test_unsupported_layers_and_wrong_outputs_are_clear_errors():
+    register_backbone("test_groupnorm_net", _GroupNormNet)
+    with pytest.raises(TypeError, match=r"stem\.1 \(torch\.nn\.modules\.normalization\.GroupNorm\)"):
+        sparse_mim.create_backbone("test_groupnorm_net")
+    register_backbone("test_wrong_strides", _WrongStrides)
+    net = sparse_mim.create_backbone("test_wrong_strides")
+    with pytest.raises(RuntimeError, match="map 1 has 8 channels and height 16; expected 8 channels at stride 8"):
+        net(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("resnet50", _WrongStrides)
+    with pytest.raises(TypeError, match="not a sparse_mim.backbones.HierarchicalBackbone"):
+        register_backbone("test_plain_module", lambda **_: nn.Conv2d(3, 8, 1))
+        sparse_mim.create_backbone("test_plain_module")
