@@ -214,3 +214,34 @@ def test_build_model_inits_hybrid_backbone(tmp_path):
     cfg.model.name = "metaformer_0"
     with pytest.raises(ValueError, match="hybrids"):
         train_fgvc.build_model(cfg, 5, groups)
+
+
+def test_eval_official_weights_file_and_prediction_rows(demo_run, demo_root, tmp_path):
+    """A bare {'model': state_dict} file (the official layout) + -c recipe gives the same numbers
+    as our checkpoint; the predictions table shows decoded meta."""
+    out, summary = demo_run
+    ours = torch.load(os.path.join(out, "best.pth"), weights_only=True)
+    official = str(tmp_path / "official.pth")
+    torch.save({"model": ours["model"]}, official)
+    with pytest.raises(SystemExit, match="-c"):
+        eval_fgvc.main([official])
+    s = eval_fgvc.main([official, "-c", DEMO_YAML, f"data.root={demo_root}", f"eval.out_dir={tmp_path / 'e'}",
+                        "wandb.enabled=false", "data.val_split=0"])
+    assert s["results"]["with_meta"]["top1"] == pytest.approx(summary["test/top1"])
+    assert s["results"]["meta_zeroed"]["top1"] == pytest.approx(summary["test/top1_meta_zeroed"])
+
+    from fgvc.data import build_records
+    cfg = _cfg(demo_root, str(tmp_path))
+    rec = build_records(train_fgvc.prepare_data_config(cfg), "test")
+    n = 3
+    cols, rows = eval_fgvc.prediction_rows(rec, rec.classes, rec.meta_groups, np.arange(n), rec.labels[:n],
+                                           rec.labels[:n], np.full(n, 0.9), (rec.labels[:n] + 1) % 4, max_rows=2)
+    assert cols == ["image", "label", "prediction", "confidence", "correct", "meta/temporal", "meta/spatial",
+                    "prediction_meta_zeroed"]
+    assert len(rows) == 2 and rows[0][0].size[0] <= 128 and rows[0][4] is True
+    assert rows[0][5].startswith("month ") and rows[0][6].startswith("lat ")
+    import csv as _csv
+    with open(os.path.join(demo_root, "test.csv")) as f:
+        first = next(iter(_csv.DictReader(f)))
+    assert rows[0][6] == f"lat {float(first['lat']):.2f}, lon {float(first['lon']):.2f}"
+    assert rows[0][5].split(",")[0] == f"month {int(first['date'][5:7])}"

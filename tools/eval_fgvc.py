@@ -175,6 +175,31 @@ def top_confusions(cm: np.ndarray, classes: List[str], n: int):
     return out
 
 
+def prediction_rows(rec, classes, groups, index, labels, pred, conf, pred0, max_rows: int):
+    """Columns and rows of the predictions table: thumbnail (PIL or None), label, prediction,
+    confidence, correct, readable meta per group (and the prediction with meta zeroed)."""
+    from fgvc.data.dataset import load_image
+    from fgvc.data.meta import describe_meta
+    columns = ["image", "label", "prediction", "confidence", "correct"] + [f"meta/{g.name}" for g in groups]
+    if pred0 is not None:
+        columns.append("prediction_meta_zeroed")
+    rows = []
+    for j in range(min(max_rows, len(index))):
+        r = int(index[j])
+        try:
+            image = load_image(rec.paths[r])
+            image.thumbnail((128, 128))
+        except Exception:
+            image = None
+        meta_text = describe_meta(groups, rec.meta[r], rec.meta_present[r]) if groups else {}
+        row = [image, classes[labels[j]], classes[pred[j]], float(conf[j]), bool(pred[j] == labels[j])]
+        row += [meta_text.get(g.name, "") for g in groups]
+        if pred0 is not None:
+            row.append(classes[pred0[j]])
+        rows.append(row)
+    return columns, rows
+
+
 def _write_csv(path: str, rows: List[Dict], fieldnames: List[str]):
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
@@ -187,7 +212,6 @@ def _write_csv(path: str, rows: List[Dict], fieldnames: List[str]):
 def run_eval(ckpt_path: str, ckpt: Dict, cfg: Config, ours: bool, log=print) -> Dict:
     from torch.utils.data import DataLoader
     from fgvc.data import FGVCDataset, build_transform, collate_skip_bad
-    from fgvc.data.meta import describe_meta
     from fgvc.engine import predict, topk_accuracy
 
     torch.manual_seed(0)
@@ -274,25 +298,11 @@ def run_eval(ckpt_path: str, ckpt: Dict, cfg: Config, ours: bool, log=print) -> 
     logger.summary(flat)
     if logger.run is not None and e.table_rows > 0:
         import wandb
-        from fgvc.data.dataset import load_image
-        idx = main["index"].numpy()
-        cols = ["image", "label", "prediction", "confidence", "correct"] + [f"meta/{g.name}" for g in groups]
-        if pred0 is not None:
-            cols.append("prediction_meta_zeroed")
-        table = wandb.Table(columns=cols)
-        for j in range(min(e.table_rows, len(idx))):
-            r = int(idx[j])
-            try:
-                img = load_image(rec.paths[r])
-                img.thumbnail((128, 128))
-                image = wandb.Image(img)
-            except Exception:
-                image = None
-            meta_text = describe_meta(groups, rec.meta[r], rec.meta_present[r]) if groups else {}
-            row = [image, classes[labels[j]], classes[pred[j]], float(conf[j]), bool(pred[j] == labels[j])]
-            row += [meta_text.get(g.name, "") for g in groups]
-            if pred0 is not None:
-                row.append(classes[pred0[j]])
+        columns, rows = prediction_rows(rec, classes, groups, main["index"].numpy(), labels, pred, conf.numpy(),
+                                        pred0, e.table_rows)
+        table = wandb.Table(columns=columns)
+        for row in rows:
+            row[0] = wandb.Image(row[0]) if row[0] is not None else None
             table.add_data(*row)
         logger.run.log({"eval/predictions": table})
     logger.finish()
