@@ -81,8 +81,11 @@ def _choose_path(x: SparseMap, kernel: tuple[int, int], dilation: tuple[int, int
             return "gather"
         return _conv_backend
     if x.features.is_cuda:
+        # spconv's implicit GEMM for groups=1 up to 32 taps (spconv.md item 9); cuDNN on the zero-filled map
+        # for depthwise (spconv has no groups, item 7) and larger kernels. Not measured on a GPU here.
         from .spconv_backend import spconv_available
-        return "dense" if depthwise or not spconv_available() else "spconv"
+        taps = kernel[0] * kernel[1]
+        return "spconv" if not depthwise and taps <= 32 and spconv_available() else "dense"
     if depthwise:
         # torch's channels-last depthwise kernel beats any gather of k*k rows per site, even on the full map
         return "dense"
@@ -100,12 +103,14 @@ def _pair(v) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------------- index tables
 def _row_lookup(x: SparseMap) -> Tensor:
-    """[B*h*w] int64: the feature row of each site, ``N`` at hidden sites (cached per scale)."""
+    """[B*h*w] int32: the feature row of each site, ``N`` at hidden sites (cached per scale)."""
     lut = x.cache.get("row_lookup")
     if lut is None:
         n = x.num_sites
-        lut = torch.full((x.mask.numel(),), n, dtype=torch.long, device=x.mask.device)
-        lut[x.mask.flatten()] = torch.arange(n, device=x.mask.device)
+        # int32 rows (index_select / index_put_ take them) halve the memory of every table built from it
+        dtype = torch.int32 if n + 2 < 2 ** 31 else torch.long
+        lut = torch.full((x.mask.numel(),), n, dtype=dtype, device=x.mask.device)
+        lut[x.mask.flatten()] = torch.arange(n, device=x.mask.device, dtype=dtype)
         x.cache["row_lookup"] = lut
     return lut
 
@@ -142,7 +147,7 @@ def coarse_map(x: SparseMap, stride: tuple[int, int], features: Tensor | None = 
 
 def neighbour_table(x: SparseMap, out: SparseMap, kernel: tuple[int, int], stride: tuple[int, int],
                     padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    """[M, kh*kw] int64 rows of ``x`` read by each output site of ``out`` (N = hidden, N + 1 = outside).
+    """[M, kh*kw] int32 rows of ``x`` read by each output site of ``out`` (N = hidden, N + 1 = outside).
 
     Taps are in (dy, dx) row-major order, the order of a torch weight's
     [kh, kw] dims. Cached in the input's cache, keyed by the geometry.
@@ -172,6 +177,36 @@ def _padded(features: Tensor, outside: float = 0.0) -> Tensor:
     if outside != 0.0:
         extra[1] = outside
     return torch.cat([features, extra], 0)
+
+
+class _GatherRows(Function):
+    """``source[index]`` along dim 0; backward scatters with ``index_put_(accumulate=True)``.
+
+    (Autograd's own backward of ``index_select`` is ``index_add_``, which on CPU
+    loops over rows one by one: several times slower here.)
+    """
+
+    @staticmethod
+    def forward(ctx, source: Tensor, index: Tensor):
+        ctx.save_for_backward(index)
+        ctx.num_rows = source.shape[0]
+        return torch.index_select(source, 0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
+        return out.index_put_((index,), grad, accumulate=True), None
+
+
+def gather_rows(source: Tensor, index: Tensor) -> Tensor:
+    """Differentiable ``torch.index_select(source, 0, index)`` with a fast scatter-add backward."""
+    return _GatherRows.apply(source, index)
+
+
+def _segment_sum(x: SparseMap, values: Tensor) -> Tensor:
+    """[B, C] per-sample sums of [N, C] rows (rows are sorted by batch: a segment reduction, no scatter)."""
+    return torch.segment_reduce(values, "sum", lengths=x.sites_per_sample, axis=0)
 
 
 def _compute_dtype(features: Tensor, weight: Tensor) -> torch.dtype:
@@ -221,7 +256,7 @@ class _GatherGemmConv(Function):
                 grad_in = gcols @ w_t
             else:
                 gcols = (grad_out @ weight2d.t()).view(m * k, c)
-                grad_in = features.new_zeros((n + 2, c)).index_add_(0, table.view(-1), gcols)[:n]
+                grad_in = features.new_zeros((n + 2, c)).index_put_((table.view(-1),), gcols, accumulate=True)[:n]
         if ctx.needs_input_grad[1]:
             cols = torch.index_select(_padded(features), 0, table.view(-1)).view(m, k * c)
             grad_w = cols.t() @ grad_out
@@ -250,7 +285,7 @@ class _DepthwiseConv(Function):
             else:
                 grad_pad = features.new_zeros((n + 2, c))
                 for t in range(k):
-                    grad_pad.index_add_(0, table_t[t], grad_out * weight[t])
+                    grad_pad.index_put_((table_t[t],), grad_out * weight[t], accumulate=True)
                 grad_in = grad_pad[:n]
         if ctx.needs_input_grad[1]:
             xpad = _padded(features)
@@ -295,13 +330,13 @@ def _output_map(x: SparseMap, kernel, stride, padding, dilation) -> SparseMap | 
     return coarse_map(x, stride)
 
 
-def _patch_windows(x: SparseMap, halo: tuple[int, int]) -> tuple[Tensor, Tensor, tuple[int, int]]:
+def _patch_windows(x: SparseMap, halo: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
     """Tables for the per-patch dense path (cached per scale and halo).
 
     Returns ``window_rows`` [P * wh * ww] (feature rows of each visible patch's
     window incl. a halo of ``halo`` sites per side; N = hidden, N + 1 = outside),
-    ``to_canonical`` [N] (position in the patch-major output of each canonical
-    row) and the window size.
+    ``centre`` [N] (canonical row of each patch-major output site),
+    ``to_canonical`` [N] (its inverse permutation) and the window size.
     """
     key = ("windows", halo)
     entry = x.cache.get(key)
@@ -322,10 +357,58 @@ def _patch_windows(x: SparseMap, halo: tuple[int, int]) -> tuple[Tensor, Tensor,
     if centre.numel() != x.num_sites or bool((centre >= x.num_sites).any()):
         raise RuntimeError("the mask is not constant on its patch_factor blocks; cannot use the windows path")
     to_canonical = torch.empty_like(centre)
-    to_canonical[centre] = torch.arange(centre.numel(), device=dev)
-    entry = (window_rows.view(-1), to_canonical, (wh, ww))
+    to_canonical[centre.long()] = torch.arange(centre.numel(), device=dev, dtype=centre.dtype)
+    entry = (window_rows.view(-1), centre, to_canonical, (wh, ww))
     x.cache[key] = entry
     return entry
+
+
+class _WindowsConv(Function):
+    """Stride-1 conv per visible patch window; backward without any scatter.
+
+    Input gradient: the same windows conv applied to the output gradient with
+    the spatially flipped, in/out-transposed weight (the neighbour relation of
+    an odd 'same' kernel is symmetric). Weight gradient: torch's conv weight
+    gradient over the batch of windows.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, window_rows, centre, to_canonical, window, dilation, groups):
+        ctx.save_for_backward(features, weight, window_rows, centre, to_canonical)
+        ctx.window, ctx.dilation, ctx.groups = window, dilation, groups
+        ctx.num_windows = window_rows.numel() // (window[0] * window[1])
+        ctx.patch = int(round((features.shape[0] / ctx.num_windows) ** 0.5))
+        return _windows_apply(features, weight, window_rows, to_canonical, window, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        features, weight, window_rows, centre, to_canonical = ctx.saved_tensors
+        window, dilation, groups = ctx.window, ctx.dilation, ctx.groups
+        grad_out = grad_out.contiguous()
+        grad_in = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_t = weight.flip(2, 3)
+            if groups == 1:
+                w_t = w_t.transpose(0, 1)
+            grad_in = _windows_apply(grad_out, w_t, window_rows, to_canonical, window, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            p, f, o = ctx.num_windows, ctx.patch, grad_out.shape[1]
+            g = torch.index_select(grad_out, 0, centre).view(p, f, f, o).permute(0, 3, 1, 2)
+            xw = _windows_gather(features, window_rows, window)
+            grad_w = torch.ops.aten.convolution_backward(
+                g, xw, weight, None, [1, 1], [0, 0], list(dilation), False, [0, 0], groups, [False, True, False])[1]
+        return grad_in, grad_w, None, None, None, None, None, None
+
+
+def _windows_gather(features: Tensor, window_rows: Tensor, window: tuple[int, int]) -> Tensor:
+    c = features.shape[1]
+    return torch.index_select(_padded(features), 0, window_rows).view(-1, window[0], window[1], c).permute(0, 3, 1, 2)
+
+
+def _windows_apply(features, weight, window_rows, to_canonical, window, dilation, groups) -> Tensor:
+    out = F.conv2d(_windows_gather(features, window_rows, window), weight, None, 1, 0, dilation, groups)
+    out = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])  # patch-major rows (channels-last memory: a view)
+    return torch.index_select(out, 0, to_canonical)
 
 
 def _windows_conv(x: SparseMap, weight: Tensor, dilation: tuple[int, int], groups: int) -> Tensor:
@@ -334,17 +417,13 @@ def _windows_conv(x: SparseMap, weight: Tensor, dilation: tuple[int, int], group
     Every output site lies in a visible patch; its window is the patch grown by
     the kernel's reach, filled from the features (0 at hidden / outside sites),
     so the dense conv (padding 0) over the batch of windows gives exactly the
-    dense-masked outputs of the patch. Plain autograd (index_select -> conv ->
-    index_select), with the conv in channels-last memory for the fast CPU kernel.
+    dense-masked outputs of the patch. The windows are channels-last in memory,
+    which selects torch's fast CPU conv kernels.
     """
     kh, kw = weight.shape[2:]
     halo = (dilation[0] * (kh - 1) // 2, dilation[1] * (kw - 1) // 2)
-    window_rows, to_canonical, (wh, ww) = _patch_windows(x, halo)
-    f, c = x.patch_factor, x.num_channels
-    windows = torch.index_select(_padded(x.features), 0, window_rows).view(-1, wh, ww, c).permute(0, 3, 1, 2)
-    out = F.conv2d(windows, weight, None, 1, 0, dilation, groups)  # [P, O, f, f], channels-last memory
-    out = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-    return torch.index_select(out, 0, to_canonical)
+    window_rows, centre, to_canonical, window = _patch_windows(x, halo)
+    return _WindowsConv.apply(x.features, weight, window_rows, centre, to_canonical, window, dilation, groups)
 
 
 def conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
@@ -427,13 +506,13 @@ def max_pool2d(x: SparseMap, kernel_size, stride=None, padding=0, dilation=1) ->
     target = x if out_map is None else out_map
     table = neighbour_table(x, target, kernel, stride, padding, dilation)
     m, k = table.shape
-    cols = torch.index_select(_padded(x.features, float("-inf")), 0, table.view(-1)).view(m, k, -1)
+    cols = gather_rows(_padded(x.features, float("-inf")), table.view(-1)).view(m, k, -1)
     return target.replace_features(cols.max(1).values)
 
 
 def global_avg_pool(x: SparseMap) -> Tensor:
     """Per-sample mean over the visible sites: [B, C]."""
-    sums = x.features.new_zeros((x.batch_size, x.num_channels)).index_add_(0, x.batch_index, x.features)
+    sums = _segment_sum(x, x.features)
     return sums / x.sites_per_sample.to(sums.dtype)[:, None]
 
 
@@ -457,7 +536,7 @@ def global_response_norm(x: SparseMap, weight: Tensor, bias: Tensor, eps: float 
     out = x + bias + weight * x * n.
     """
     feats = x.features
-    sq = feats.new_zeros((x.batch_size, x.num_channels)).index_add_(0, x.batch_index, feats * feats)
+    sq = _segment_sum(x, feats * feats)
     positive = sq > 0
     g = torch.where(positive, sq, torch.ones_like(sq)).sqrt() * positive  # norm with a zero (not NaN) grad at 0
     n = g / (g.mean(1, keepdim=True) + eps)
