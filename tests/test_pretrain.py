@@ -35,7 +35,7 @@ def _load_tool(name):
 pretrain = _load_tool("pretrain")
 export_tool = _load_tool("export_backbone")
 
-TINY = ["model.backbone=resnet18", "model.backbone_kwargs={depths: [1, 1, 1, 1]}", "model.input_size=64", "model.decoder_width=64", "data.num_workers=0",
+TINY = ["cpu_threads=1", "model.backbone=resnet18", "model.backbone_kwargs={depths: [1, 1, 1, 1]}", "model.input_size=64", "model.decoder_width=64", "data.num_workers=0",
         "log.progress=false", "log.vis_every=0", "log.vis_images=2", "optim.base_lr=0.05", "optim.warmup_epochs=0"]
 
 
