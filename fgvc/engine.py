@@ -162,7 +162,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, meta_mode: str = "full",
             drop_groups: Sequence[int] = (), meta_sizes: Sequence[int] = (), amp: bool = False,
-            progress: bool = False, desc: str = "eval") -> Dict[str, torch.Tensor]:
+            progress: bool = False, desc: str = "eval", allow_empty: bool = False) -> Dict[str, torch.Tensor]:
     """Logits of every sample in ``loader`` (in loader order) under one meta condition.
 
     ``meta_mode``: "full" (meta as given), "zero" (whole meta vector zeroed and marked
@@ -195,7 +195,10 @@ def predict(model: torch.nn.Module, loader, device: torch.device, meta_mode: str
         labels_all.append(batch["labels"])
         index_all.append(batch["index"])
     if not logits_all:
-        raise RuntimeError("evaluation saw no readable image; check the dataset paths")
+        if not allow_empty:
+            raise RuntimeError("evaluation saw no readable image; check the dataset paths")
+        return {"logits": torch.zeros(0, 0), "labels": torch.zeros(0, dtype=torch.long),
+                "index": torch.zeros(0, dtype=torch.long), "skipped": skipped}
     return {"logits": torch.cat(logits_all), "labels": torch.cat(labels_all), "index": torch.cat(index_all),
             "skipped": skipped}
 
@@ -213,10 +216,27 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> Dict
 def evaluate(model: torch.nn.Module, loader, device: torch.device, meta_mode: str = "full",
              drop_groups: Sequence[int] = (), meta_sizes: Sequence[int] = (), amp: bool = False,
              progress: bool = False) -> Dict[str, float]:
-    """top-1 / top-5 (percent) and mean cross-entropy under one meta condition."""
-    out = predict(model, loader, device, meta_mode, drop_groups, meta_sizes, amp, progress)
-    stats = topk_accuracy(out["logits"], out["labels"])
-    stats["loss"] = F.cross_entropy(out["logits"], out["labels"]).item()
-    stats["n"] = int(out["labels"].numel())
-    stats["skipped"] = int(out["skipped"])
-    return stats
+    """top-1 / top-5 (percent) and mean cross-entropy under one meta condition.
+
+    Under torch.distributed each process evaluates its own shard of ``loader`` (see
+    ``fgvc.data.ShardSampler``) and the counts are summed over processes, so every rank
+    gets the same numbers; with one process this is a plain evaluation.
+    """
+    from sparse_mim.utils.distributed import all_reduce_sum, is_distributed
+    out = predict(model, loader, device, meta_mode, drop_groups, meta_sizes, amp, progress,
+                  allow_empty=is_distributed())
+    logits, labels = out["logits"], out["labels"]
+    sums = torch.zeros(5, dtype=torch.float64)
+    if labels.numel():
+        k5 = min(5, logits.shape[1])
+        top = logits.topk(k5, dim=1).indices
+        sums[0] = float((top[:, 0] == labels).sum())
+        sums[1] = float((top == labels[:, None]).any(1).sum())
+        sums[2] = float(F.cross_entropy(logits, labels, reduction="sum"))
+        sums[3] = labels.numel()
+    sums[4] = out["skipped"]
+    comm_device = device if device.type == "cuda" else torch.device("cpu")
+    sums = all_reduce_sum(sums.to(comm_device)).cpu()
+    n = max(sums[3].item(), 1.0)
+    return {"top1": 100.0 * sums[0].item() / n, "top5": 100.0 * sums[1].item() / n, "loss": sums[2].item() / n,
+            "n": int(sums[3].item()), "skipped": int(sums[4].item())}

@@ -245,3 +245,29 @@ def test_eval_official_weights_file_and_prediction_rows(demo_run, demo_root, tmp
         first = next(iter(_csv.DictReader(f)))
     assert rows[0][6] == f"lat {float(first['lat']):.2f}, lon {float(first['lon']):.2f}"
     assert rows[0][5].split(",")[0] == f"month {int(first['date'][5:7])}"
+
+
+def test_torchrun_two_processes_sharded_eval(demo_root, tmp_path):
+    """DDP on 2 CPU processes (gloo): training runs, and the sharded, all-reduced validation
+    accuracy equals a single-process evaluation of the saved best weights."""
+    import subprocess
+    out = str(tmp_path / "ddp")
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(REPO, "tools", "train_fgvc.py"), f"data.root={demo_root}", f"output_dir={out}",
+           "train.epochs=2", "data.batch_size=8", "optim.lr_base_batch=16", "train.progress=false",
+           "wandb.enabled=false", "data.val_split=0.2", "train.cpu_threads=1"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"epoch"' in line]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    best = max(rows, key=lambda row: row["val/top1"])
+    assert best["val/images"] == 24                                    # each image once over both shards
+    s = eval_fgvc.main([os.path.join(out, "best.pth"), "eval.split=val", f"eval.out_dir={tmp_path / 'e'}",
+                        "wandb.enabled=false", "eval.per_group=false"])
+    assert s["results"]["with_meta"]["n"] == 24
+    assert s["results"]["with_meta"]["top1"] == pytest.approx(best["val/top1"])

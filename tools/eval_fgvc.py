@@ -106,10 +106,7 @@ def parse_args(argv: List[str]):
 
 def build_eval_model(cfg: Config, ckpt: Dict, ours: bool, num_classes: int, groups):
     from fgvc.models import load_pretrained
-    model_cfg = copy.deepcopy(cfg)
-    model_cfg.model.pretrained = ""
-    model_cfg.model.init_backbone = ""
-    model = train_fgvc.build_model(model_cfg, num_classes, groups)
+    model = train_fgvc.build_model(cfg, num_classes, groups, init_weights=False)
     if ours:
         model.load_state_dict(ckpt["model"])
     else:
@@ -292,8 +289,10 @@ def run_eval(ckpt_path: str, ckpt: Dict, cfg: Config, ours: bool, log=print) -> 
 
     # wandb: metrics + a Table of predictions (images, meta, label, prediction, confidence)
     from sparse_mim.utils.logger import RunLogger
+    if not cfg.wandb.enabled:
+        os.environ["WANDB_MODE"] = "disabled"
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project, name=(cfg.wandb.name or "") + "-eval" if cfg.wandb.name
-                       else None, entity=cfg.wandb.entity or None, enabled=cfg.wandb.enabled, job_type="fgvc-eval")
+                       else None, entity=cfg.wandb.entity or None, enabled=True, job_type="fgvc-eval")
     flat = {f"eval/{c}/{k}": v for c, r in results.items() for k, v in r.items() if k != "n"}
     logger.summary(flat)
     if logger.run is not None and e.table_rows > 0:

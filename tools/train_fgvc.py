@@ -162,7 +162,7 @@ def build_splits(data_cfg: Dict, log=print):
 
 def build_loaders(cfg: Config, data_cfg: Dict, train_rec, eval_recs: List, dist_info):
     from torch.utils.data import DataLoader, DistributedSampler
-    from fgvc.data import FGVCDataset, build_transform, collate_skip_bad
+    from fgvc.data import FGVCDataset, ShardSampler, build_transform, collate_skip_bad
     a = cfg.aug
     train_tf = build_transform(True, cfg.model.img_size, rand_augment=a.rand_augment, reprob=a.reprob,
                                scale=a.scale, hflip=a.hflip)
@@ -179,20 +179,22 @@ def build_loaders(cfg: Config, data_cfg: Dict, train_rec, eval_recs: List, dist_
                   persistent_workers=False)
     train_loader = DataLoader(train_ds, batch_size=data_cfg["batch_size"], sampler=sampler, drop_last=True,
                               generator=torch.Generator(), **common)
-    eval_loaders = [None if r is None else DataLoader(FGVCDataset(r, eval_tf, train=False),
-                                                      batch_size=data_cfg["eval_batch_size"], shuffle=False,
-                                                      **common)
-                    for r in eval_recs]
+    # evaluation: every process takes its own shard, counts are summed (fgvc.engine.evaluate)
+    eval_loaders = [None if r is None else DataLoader(
+        FGVCDataset(r, eval_tf, train=False), batch_size=data_cfg["eval_batch_size"],
+        sampler=ShardSampler(len(r), dist_info.rank, dist_info.world_size), **common) for r in eval_recs]
     return train_loader, sampler, eval_loaders
 
 
 # --------------------------------------------------------------------------------------- model
-def build_model(cfg: Config, num_classes: int, meta_groups) -> torch.nn.Module:
+def build_model(cfg: Config, num_classes: int, meta_groups, init_weights: bool = True) -> torch.nn.Module:
+    """``fgvc.create_model`` from the config; ``init_weights=False`` skips model.pretrained /
+    model.init_backbone (when a full checkpoint is loaded next anyway)."""
     from fgvc.models import create_model, load_pretrained
     kwargs = dict(cfg.model.kwargs or {})
     if any(g.tokens > 1 for g in meta_groups):
         kwargs["meta_tokens"] = [g.tokens for g in meta_groups]
-    if cfg.model.init_backbone:
+    if cfg.model.init_backbone and init_weights:
         if not cfg.model.name.startswith(("metaformer_resnet", "metaformer_convnext")):
             raise ValueError(f"model.init_backbone is for the convnet hybrids (metaformer_resnet50, "
                              f"metaformer_convnextv2_tiny, ...), not {cfg.model.name!r}; for MetaFormer files "
@@ -200,7 +202,7 @@ def build_model(cfg: Config, num_classes: int, meta_groups) -> torch.nn.Module:
         kwargs["init_backbone"] = cfg.model.init_backbone
     model = create_model(cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size,
                          meta_dims=[g.dim for g in meta_groups], drop_path_rate=cfg.model.drop_path, **kwargs)
-    if cfg.model.pretrained:
+    if cfg.model.pretrained and init_weights:
         load_pretrained(model, cfg.model.pretrained)
     return model
 
@@ -308,8 +310,10 @@ def train(cfg: Config, log=print) -> Dict:
 
     if is_main:
         save_config(cfg, out_dir)
+    if not cfg.wandb.enabled:
+        os.environ["WANDB_MODE"] = "disabled"  # the local metrics.jsonl is still written
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project, name=cfg.wandb.name or None,
-                       entity=cfg.wandb.entity or None, run_id=wandb_id, enabled=is_main and cfg.wandb.enabled,
+                       entity=cfg.wandb.entity or None, run_id=wandb_id, enabled=is_main,
                        job_type="fgvc-train")
 
     meta_info = {"classes": list(train_rec.classes), "meta_groups": model_meta_spec(groups)}
@@ -338,17 +342,18 @@ def train(cfg: Config, log=print) -> Dict:
                "train/images_per_s": stats["images_per_s"], "train/meta_drop_p": stats["meta_drop_p"],
                "train/skipped_images": stats["skipped"], "time/epoch_s": time.time() - t0}
         is_eval_epoch = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs
-        if is_eval_epoch and is_main:
+        if is_eval_epoch:  # all ranks: sharded evaluation, identical all-reduced numbers everywhere
             ev = evaluate(eval_model(), select_loader, device, amp=amp)
             row.update({f"{select_name}/top1": ev["top1"], f"{select_name}/top5": ev["top5"],
-                        f"{select_name}/loss": ev["loss"]})
+                        f"{select_name}/loss": ev["loss"], f"{select_name}/images": ev["n"]})
             if cfg.train.eval_meta_zeroed and groups:
                 ev0 = evaluate(eval_model(), select_loader, device, meta_mode="zero", amp=amp)
                 row[f"{select_name}/top1_meta_zeroed"] = ev0["top1"]
             if ev["top1"] > best["top1"]:
                 best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch + 1}
-                save_checkpoint(checkpoint_state(epoch + 1, unwrap_model(eval_model()).state_dict()),
-                                os.path.join(out_dir, "best.pth"))
+                if is_main:
+                    save_checkpoint(checkpoint_state(epoch + 1, unwrap_model(eval_model()).state_dict()),
+                                    os.path.join(out_dir, "best.pth"))
             row[f"{select_name}/best_top1"] = best["top1"]
         if is_main:
             logger.log(row, step)
@@ -371,19 +376,19 @@ def train(cfg: Config, log=print) -> Dict:
             return {"stopped_at_epoch": epoch + 1}
 
     summary = {"best_epoch": best["epoch"], f"best_{select_name}_top1": best["top1"], "selected_on": select_name}
+    # The honest number: the test split evaluated once, with the weights picked on the held-out split.
+    best_path = os.path.join(out_dir, "best.pth")
+    if os.path.isfile(best_path):
+        final_model = build_model(cfg, train_rec.num_classes, groups, init_weights=False).to(device)
+        final_model.load_state_dict(load_checkpoint(best_path)["model"])
+    else:
+        final_model = eval_model()
+    ev = evaluate(final_model, test_loader, device, amp=amp)
+    summary.update({"test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"]})
+    if groups:
+        ev0 = evaluate(final_model, test_loader, device, meta_mode="zero", amp=amp)
+        summary["test/top1_meta_zeroed"] = ev0["top1"]
     if is_main:
-        # The honest number: the test split evaluated once, with the weights picked on the held-out split.
-        best_path = os.path.join(out_dir, "best.pth")
-        if os.path.isfile(best_path):
-            final_model = build_model(cfg, train_rec.num_classes, groups).to(device)
-            final_model.load_state_dict(load_checkpoint(best_path)["model"])
-        else:
-            final_model = eval_model()
-        ev = evaluate(final_model, test_loader, device, amp=amp)
-        summary.update({"test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"]})
-        if groups:
-            ev0 = evaluate(final_model, test_loader, device, meta_mode="zero", amp=amp)
-            summary["test/top1_meta_zeroed"] = ev0["top1"]
         log(f"[final] best epoch {best['epoch']} ({select_name} top1 {best['top1']:.2f}); test top1 "
             f"{summary['test/top1']:.2f}" + (f", meta zeroed {summary['test/top1_meta_zeroed']:.2f}" if groups else ""))
         with open(os.path.join(out_dir, "final.json.tmp"), "w") as f:

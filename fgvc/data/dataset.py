@@ -17,11 +17,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .readers import FGVCRecords
 
-__all__ = ["FGVCDataset", "collate_skip_bad", "load_image"]
+__all__ = ["FGVCDataset", "collate_skip_bad", "load_image", "ShardSampler"]
 
 
 def load_image(path: str):
@@ -101,3 +101,17 @@ def collate_skip_bad(batch):
         "index": torch.tensor(index, dtype=torch.long),
         "skipped": skipped,
     }
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + world, ...`` in order: each sample evaluated exactly once over
+    all processes (DistributedSampler pads with repeats, which would bias the accuracy)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
