@@ -57,7 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--flops", action="store_true", help="count the dense model's MACs per image")
     p.add_argument("--modes", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                   help="wall time, or process CPU time (all threads; robust to other processes on a shared "
+                        "machine); auto: cpu on the CPU, wall on CUDA")
     return p.parse_args(argv)
+
+
+clock = time.perf_counter  # set in main(): wall clock, or process CPU time (--clock cpu)
 
 
 def sync(device):
@@ -122,46 +128,46 @@ def timed_step(model, optimizer, scaler, images, visible, device, amp):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
-    t = time.perf_counter()
+    t = clock()
     with autocast:
         with saved.track():
             features = model.forward_encoder(images, visible)
         mem["encoder"] = saved.total
         sync(device)
-        times["fwd_encoder"] = time.perf_counter() - t
-        t = time.perf_counter()
+        times["fwd_encoder"] = clock() - t
+        t = clock()
         features_in = _detach_maps(features)
         with saved.track():
             to_decoder = model.densify(features_in, visible)
         mem["densify"] = saved.total
         sync(device)
-        times["fwd_densify"] = time.perf_counter() - t
-        t = time.perf_counter()
+        times["fwd_densify"] = clock() - t
+        t = clock()
         to_decoder_in = [x.detach().requires_grad_() for x in to_decoder]
         with saved.track():
             reconstruction = model.forward_decoder(to_decoder_in)
             loss = model.forward_loss(images, reconstruction.float(), visible)
         mem["decoder"] = saved.total
         sync(device)
-        times["fwd_decoder"] = time.perf_counter() - t
-    t = time.perf_counter()
+        times["fwd_decoder"] = clock() - t
+    t = clock()
     scaler.scale(loss).backward()
     sync(device)
-    times["bwd_decoder"] = time.perf_counter() - t
-    t = time.perf_counter()
+    times["bwd_decoder"] = clock() - t
+    t = clock()
     torch.autograd.backward(to_decoder, [x.grad for x in to_decoder_in])
     sync(device)
-    times["bwd_densify"] = time.perf_counter() - t
-    t = time.perf_counter()
+    times["bwd_densify"] = clock() - t
+    t = clock()
     outs, ins = _tensors(features), _tensors(features_in)
     torch.autograd.backward(outs, [x.grad for x in ins])
     sync(device)
-    times["bwd_encoder"] = time.perf_counter() - t
-    t = time.perf_counter()
+    times["bwd_encoder"] = clock() - t
+    t = clock()
     scaler.step(optimizer)
     scaler.update()
     sync(device)
-    times["optimizer"] = time.perf_counter() - t
+    times["optimizer"] = clock() - t
     times["step"] = sum(times.values())
     if device.type == "cuda":
         mem["peak_cuda"] = torch.cuda.max_memory_allocated(device)
@@ -204,6 +210,9 @@ def main(argv=None):
     from sparse_mim.spark import SparK, param_groups
 
     device = torch.device(args.device)
+    global clock
+    use_cpu_clock = args.clock == "cpu" or (args.clock == "auto" and device.type == "cpu")
+    clock = time.process_time if use_cpu_clock else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     size = tuple(args.input_size) * (2 if len(args.input_size) == 1 else 1)
@@ -211,7 +220,8 @@ def main(argv=None):
           f"decoder width {args.decoder_width}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, amp {args.amp}, "
-          f"channels_last {args.channels_last}; median of {args.steps} steps after {args.warmup} warm-up")
+          f"channels_last {args.channels_last}; {'process CPU' if use_cpu_clock else 'wall'} seconds, median of "
+          f"{args.steps} steps after {args.warmup} warm-up")
     header = ("| backbone | mode | fwd enc | fwd densify | fwd dec+loss | bwd dec+loss | bwd densify | bwd enc | "
               "optim | step (s) | step ratio | act. MB enc / densify / dec | enc act. ratio |"
               + (" peak MB |" if device.type == "cuda" else ""))
