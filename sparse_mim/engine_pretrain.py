@@ -17,10 +17,8 @@ about how they were made. What happens per micro-batch:
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn

@@ -221,6 +221,8 @@ def test_meters_and_nan_guard():
         with pytest.raises(NonFiniteLossError, match="step 3.*resume=auto"):
             check_finite(torch.tensor(bad), step=3)
     assert isinstance(NonFiniteLossError("x"), FloatingPointError) and math.isfinite(1.0)
+    from sparse_mim.utils.misc import peak_memory_mb
+    assert 10 < peak_memory_mb("cpu") < 1e6  # the process's peak RSS in MiB
 
 
 def test_config_types_follow_code_defaults_not_earlier_overrides(tmp_path):

@@ -277,6 +277,7 @@ def run(cfg: Config) -> dict:
               f"lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), output {out_dir}")
 
     stopped = False
+    epoch_means = []
     t0 = time.time()
     try:
         first_epoch = state.step // steps_per_epoch
@@ -287,7 +288,7 @@ def run(cfg: Config) -> dict:
                 continue
             sampler.set_epoch(epoch, start)
             state.epoch = epoch
-            train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, wd_schedule, state, cfg,
+            epoch_stats = train_one_epoch(model, train_model, loader, optimizer, scaler, lr_schedule, wd_schedule, state, cfg,
                             device, logger=logger, save_checkpoint=save, visualize=visualize,
                             steps_this_epoch=remaining, progress=cfg.log.progress)
             if cfg.optim.stop_at_step and state.step >= cfg.optim.stop_at_step:
@@ -296,8 +297,9 @@ def run(cfg: Config) -> dict:
             epoch_done = state.step - epoch * steps_per_epoch >= steps_per_epoch
             if epoch_done or state.step >= total_steps:
                 save("last")
+                epoch_means.append((epoch, epoch_stats["loss"]))
                 if is_main:
-                    print(f"epoch {epoch} done: step {state.step}/{total_steps}, loss {state.last_loss:.4f}, "
+                    print(f"epoch {epoch} done: step {state.step}/{total_steps}, mean loss {epoch_stats['loss']:.4f}, "
                           f"unreadable images skipped so far: {state.failed_images}")
             if state.step >= total_steps:
                 break
@@ -309,7 +311,7 @@ def run(cfg: Config) -> dict:
 
     summary = {"output_dir": out_dir, "step": state.step, "total_steps": total_steps,
                "first_loss": state.first_loss, "last_loss": state.last_loss, "history": list(state.history),
-               "failed_images": state.failed_images, "wandb_run_id": logger.run_id,
+               "failed_images": state.failed_images, "wandb_run_id": logger.run_id, "epoch_means": epoch_means,
                "checkpoint": os.path.join(out_dir, "last.pth"), "backbone": None, "reconstruction_png": None,
                "stopped_early": stopped}
     if not stopped:
@@ -329,9 +331,8 @@ def run(cfg: Config) -> dict:
     logger.finish()
     if is_main:
         mins = (time.time() - t0) / 60
-        if state.history:
-            trail = "  ".join(f"{s}:{l:.3f}" for s, l in state.history[-8:])
-            print(f"loss by step: {trail}")
+        if epoch_means:
+            print("mean loss per epoch: " + "  ".join(f"{e}: {l:.4f}" for e, l in epoch_means))
         print(f"loss {state.first_loss:.4f} (first step) -> {state.last_loss:.4f} (step {state.step}), "
               f"{mins:.1f} min; unreadable images skipped: {state.failed_images}")
         print(f"  config:          {os.path.join(out_dir, 'config.yaml')}")

@@ -19,8 +19,6 @@ import dataclasses
 import os
 import random
 import re
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -69,9 +67,8 @@ def parse_slurm_nodelist(nodelist: str) -> list[str]:
     Handles the usual forms: ``node01``, ``node[01-04]``, ``gpu[1,3-5],cpu7``,
     ``rack1-node[08-09]``. (Several bracket groups in one name are not expanded.)
     """
-    hosts, i, token, depth = [], 0, "", 0
+    hosts, token, depth, parts = [], "", 0, []
     # split on commas that are outside brackets
-    parts = []
     for ch in nodelist.strip():
         if ch == "[":
             depth += 1

@@ -76,11 +76,17 @@ def check_finite(value, name: str = "loss", step: int | None = None, hint: str =
 
 
 def peak_memory_mb(device: torch.device | str | None = None) -> float:
-    """Peak allocated CUDA memory in MiB on ``device`` (0 on CPU, where torch does not track it)."""
+    """Peak memory in MiB: allocated CUDA memory on a CUDA ``device``, else the process's peak RSS."""
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return 0.0
+    try:
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return 0.0
 
 
 def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:

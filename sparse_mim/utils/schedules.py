@@ -8,8 +8,6 @@ per epoch.
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import torch
 
 __all__ = ["WarmupCosine", "cosine_weight_decay", "set_optimizer_values"]
