@@ -25,11 +25,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from typing import Dict, List, Optional  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparse_mim.utils.checkpoint import (get_rng_state, load_checkpoint, resolve_resume, save_checkpoint,  # noqa: E402
@@ -239,7 +237,6 @@ def train(cfg: Config, log=print) -> Dict:
         log("[note] data.val_split=0: the best epoch is picked on the TEST split (official protocol); "
             "the reported test accuracy is then optimistic.")
     groups = train_rec.meta_groups
-    meta_sizes = [g.dim * g.tokens for g in groups]
     train_loader, sampler, (select_loader, test_loader) = build_loaders(
         cfg, data_cfg, train_rec, [select_rec, test_rec], dist_info)
 
@@ -260,6 +257,8 @@ def train(cfg: Config, log=print) -> Dict:
     optimizer = torch.optim.AdamW(param_groups_for_weight_decay(model, cfg.optim.weight_decay), lr=lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     amp = bool(cfg.train.amp) and device.type == "cuda"
+    if cfg.train.amp_dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"train.amp_dtype must be float16 or bfloat16, got {cfg.train.amp_dtype!r}")
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.train.amp_dtype]
     scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
 

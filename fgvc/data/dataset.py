@@ -13,7 +13,6 @@ A batch is a dict: ``images`` [B,3,H,W], ``meta`` [B, D] (groups concatenated in
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import numpy as np
 import torch
