@@ -97,7 +97,8 @@ class RunLogger:
         self._wandb = wandb
         cfg = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config else None)
         self.run = wandb.init(project=project, name=name, entity=entity, id=self.run_id, resume="allow",
-                              dir=out_dir, config=cfg, tags=tags, job_type=job_type, reinit=True)
+                              dir=out_dir, config=cfg, tags=tags, job_type=job_type,
+                              reinit="finish_previous")
 
     @property
     def wandb_dir(self) -> str | None:
