@@ -271,3 +271,65 @@ def test_torchrun_two_processes_sharded_eval(demo_root, tmp_path):
                         "wandb.enabled=false", "eval.per_group=false"])
     assert s["results"]["with_meta"]["n"] == 24
     assert s["results"]["with_meta"]["top1"] == pytest.approx(best["val/top1"])
+
+
+class _LinearMeta(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 + 3, 4)
+        self.seen_meta = []
+
+    def forward(self, images, meta=None, meta_present=None):
+        self.seen_meta.append(meta.detach().clone())
+        return self.fc(torch.cat([images.mean((2, 3)), meta], 1))
+
+
+def _batches(n, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"images": torch.randn(b, 3, 4, 4, generator=g), "meta": torch.randn(b, 3, generator=g) + 5,
+             "meta_present": torch.ones(b, 1, dtype=torch.bool), "labels": torch.randint(0, 4, (b,), generator=g),
+             "index": torch.arange(b), "skipped": 0} for _ in range(n)]
+
+
+def test_gradient_accumulation_equals_big_batch():
+    """accum_steps=2 over batches of 4 == one batch of 8 (mean loss, one optimizer step)."""
+    small = _batches(4, 4)
+    big = [{k: torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) else 0 for k in a} for a, b in zip(small[::2], small[1::2])]
+    models = []
+    for batches, accum in ((small, 2), (big, 1)):
+        torch.manual_seed(0)
+        m = _LinearMeta()
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        stats = train_one_epoch(m, batches, opt, torch.nn.CrossEntropyLoss(), torch.device("cpu"), 0, 1,
+                                lambda s: 0.5, 0, accum_steps=accum, use_meta_dropout=False, progress=False)
+        assert stats["step"] == 2
+        models.append(m)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_meta_dropout_inside_training_epoch():
+    """Epoch 1 of 4: p = 0.75, so floor(8 * 0.75) = 6 samples per batch see an all-zero meta vector."""
+    m = _LinearMeta()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    train_one_epoch(m, _batches(3, 8), opt, torch.nn.CrossEntropyLoss(), torch.device("cpu"), 1, 4,
+                    lambda s: 0.1, 0, progress=False)
+    for meta in m.seen_meta:
+        assert int((meta == 0).all(1).sum()) == 6 and int((meta != 0).all(1).sum()) == 2
+
+
+def test_transforms_recipe():
+    from PIL import Image
+    from fgvc.data import build_transform
+    img = Image.new("RGB", (80, 60), (120, 30, 200))
+    ev = build_transform(False, 64)
+    names = [type(t).__name__ for t in ev.transforms]
+    assert names == ["Resize", "CenterCrop", "ToTensor", "Normalize"] and ev.transforms[0].size == 73  # 64 * 256 / 224
+    assert torch.equal(ev(img), ev(img)) and ev(img).shape == (3, 64, 64)
+    tr = build_transform(True, 64)
+    names = [type(t).__name__ for t in tr.transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize", "RandomErasing"]
+    assert tr.transforms[0].interpolation.value == "bicubic" and tr.transforms[-1].probability == 0.25
+    assert tr(img).shape == (3, 64, 64)
+    assert [type(t).__name__ for t in build_transform(True, 32, rand_augment="", reprob=0).transforms] == \
+        ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
