@@ -237,3 +237,40 @@ def test_config_types_follow_code_defaults_not_earlier_overrides(tmp_path):
 def test_config_free_form_section():
     cfg = load_config({"kw": {}, "n": 1}, None, ["kw={depths: [1, 1], width: 8}"])
     assert cfg.kw == {"depths": [1, 1], "width": 8}
+
+
+_SLURM_CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from sparse_mim.utils.distributed import init_distributed, all_reduce_sum, get_world_size, cleanup
+info = init_distributed(device="cpu")
+total = all_reduce_sum(torch.tensor([float(info.rank + 1)]))
+print(info.launcher, info.rank, info.world_size, info.local_rank, info.backend, int(total.item()), get_world_size())
+cleanup()
+"""
+
+
+def test_slurm_variables_start_a_real_process_group(tmp_path):
+    """Two processes started the way srun starts them (SLURM_* only) form a gloo group and all-reduce."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "child.py"
+    script.write_text(_SLURM_CHILD.format(root=root))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_"))}
+    procs = []
+    for rank in range(2):
+        env = dict(base, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   SLURM_NODELIST="localhost", SLURM_JOB_ID="7", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    lines = sorted(out.strip().splitlines()[-1] for out, _ in outs)
+    assert lines == ["slurm 0 2 0 gloo 3 2", "slurm 1 2 1 gloo 3 2"]
