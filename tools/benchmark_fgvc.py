@@ -98,8 +98,8 @@ def bench_model(name, size, args, device):
             model.set_attn_impl(impl)
             for _ in range(args.warmup):
                 fn()
-        for _ in range(args.repeats):  # interleaved: explicit, sdpa, explicit, sdpa, ...
-            for impl in impls:
+        for rep in range(args.repeats):  # interleaved, order alternating: explicit, sdpa, sdpa, explicit, ...
+            for impl in (impls if rep % 2 == 0 else impls[::-1]):
                 model.set_attn_impl(impl)
                 results[impl][phase].append(timed(fn))
     rows = []
@@ -122,8 +122,8 @@ def bench_model(name, size, args, device):
         for impl in impls:
             attn.attn_impl = impl
             fn()
-        for _ in range(max(args.repeats, 5)):
-            for impl in impls:
+        for rep in range(max(args.repeats, 6)):
+            for impl in (impls if rep % 2 == 0 else impls[::-1]):
                 attn.attn_impl = impl
                 attn_results[impl][phase].append(timed(fn))
     for impl in impls:
