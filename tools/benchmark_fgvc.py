@@ -166,8 +166,10 @@ def main(argv=None):
     for name in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             for r in bench_model(name, size, args, device):
+                train = (f"{r['train_s']:.3f} | {r['train_speedup']:.2f}x" if r["train_s"] == r["train_s"]
+                         else "- | -")  # NaN: --no-train
                 print(f"| {r['model']} | {r['size']} | {r['impl']} | {r['infer_ips']:.1f} | {r['infer_speedup']:.2f}x "
-                      f"| {r['train_s']:.3f} | {r['train_speedup']:.2f}x | {r['max_diff']:.1e} |", flush=True)
+                      f"| {train} | {r['max_diff']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
