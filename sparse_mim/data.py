@@ -84,13 +84,11 @@ class PretrainTransform:
         self.size = _pair(input_size)
         h, w = self.size
         aspect = w / h  # keep the usual (3/4, 4/3) spread around the target's own aspect ratio
-        self.transform = T.Compose([
-            T.RandomResizedCrop(self.size, scale=tuple(scale), ratio=(aspect * 3 / 4, aspect * 4 / 3),
-                                interpolation=InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip() if hflip else T.Lambda(lambda x: x),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ])
+        steps = [T.RandomResizedCrop(self.size, scale=tuple(scale), ratio=(aspect * 3 / 4, aspect * 4 / 3),
+                                     interpolation=InterpolationMode.BICUBIC)]
+        if hflip:
+            steps.append(T.RandomHorizontalFlip())
+        self.transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])  # picklable for spawn workers
 
     def __call__(self, img, seed: int | None = None) -> torch.Tensor:
         if seed is None:
