@@ -6,7 +6,7 @@ on, non-trivial BN statistics). Small models run at their real depth; the big on
 (whose blocks are those of a smaller sibling at another width) at reduced depth, while
 their full-depth layouts are checked key by key against torchvision / timm in
 test_backbone_weights.py. float64 keeps rounding far below the 1e-4 tolerance, so a
-failure means a real difference; the 224-pixel tests (slow) run in float32.
+failure means a real difference (one float32 eval check is included).
 """
 import pytest
 import torch
@@ -134,9 +134,22 @@ def test_default_drop_path_rates():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "convnext_small"])
 def test_sparse_equals_dense_masked_at_224(name):
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    sparse, dense = _twins(name, dtype=torch.float32, drop_path_rate=0.0)
-    images = torch.randn(2, 3, 224, 224)
+    """Full models at the pre-training size. float64: in float32, train-mode BN over the few
+    visible sites at stride 32 amplifies summation-order rounding to ~1e-3 in single gradients."""
+    sparse, dense = _twins(name, drop_path_rate=0.0)
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
     visible = random_visible_mask(2, 7, 7, 0.6, torch.Generator().manual_seed(0))
     assert_equivalent(sparse, dense, images, visible, train=False)
     assert_equivalent(sparse, dense, images, visible, train=True)
+
+
+def test_float32_agrees_in_eval_mode():
+    """The dtype used in practice: eval-mode maps agree to 1e-4 in float32 too."""
+    sparse, dense = _twins("resnet50", dtype=torch.float32, drop_path_rate=0.0, depths=(1, 1, 2, 1))
+    sparse.eval()
+    dense.eval()
+    images = torch.randn(2, 3, 96, 128)
+    visible = random_visible_mask(2, 3, 4, 0.6, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for a, b in zip(sparse(images, visible), dense(images, visible)):
+            assert _rel(a, b) < TOL

@@ -4,6 +4,7 @@ A backbone is written ONCE, as a dense network of standard layers whose
 ``forward_features(x)`` returns the four hierarchical maps (strides 4, 8, 16, 32).
 `HierarchicalBackbone` turns that into a SparK encoder with three modes:
 
+* ``"dense"``: as built (plain layers); only an all-visible forward is allowed.
 * ``"sparse"``: every layer replaced by its sparse twin (`sparse_mim.sparse.sparsify`,
   same Parameter objects, same ``state_dict``); ``forward_features`` then receives a
   `SparseMap` of the visible pixels and only visible sites are ever computed.
@@ -100,7 +101,7 @@ class HierarchicalBackbone(nn.Module):
 
     downsample_ratio: int = 32
     channels: list[int]
-    mode: str = "dense_masked"
+    mode: str = "dense"  # "dense" (as built, unconverted), "sparse" or "dense_masked"
 
     def forward_features(self, x) -> list:
         raise NotImplementedError(f"{type(self).__name__} must implement forward_features(x) -> list of 4 maps")
@@ -179,6 +180,13 @@ class HierarchicalBackbone(nn.Module):
             return features if return_sparse else [f.dense() for f in features]
         if return_sparse:
             raise ValueError("return_sparse=True needs a sparse backbone (create_backbone(name, sparse=True))")
+        if self.mode == "dense":
+            if not all_visible:
+                raise RuntimeError(f"{type(self).__name__} has plain dense layers, which cannot apply a patch mask: "
+                                   "convert it first with .to_sparse() or .to_dense_masked() (create_backbone does)")
+            features = self.forward_features(images)
+            self._check_outputs(features, images)
+            return features
         from . import _engine
 
         # The dense-masked layers need a mask even when all patches are visible (then it is the
