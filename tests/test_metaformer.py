@@ -1,5 +1,6 @@
 """MetaFormer structure, forward and attention equivalence (CPU, small where it can be)."""
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -346,3 +347,17 @@ def test_meta_dropout_mask():
 
 def test_is_a_metaformer():
     assert isinstance(_meta_model("metaformer_1"), MetaFormer)
+
+
+def test_benchmark_tool_runs(capsys):
+    """tools/benchmark_fgvc.py end to end on a tiny input: table rows for both paths, equal logits."""
+    spec = importlib.util.spec_from_file_location("benchmark_fgvc", Path(__file__).parents[1] / "tools" /
+                                                  "benchmark_fgvc.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--models", "metaformer_0", "--sizes", "64", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                "--attn-repeats", "1", "--no-train", "--device", "cpu",
+                "--model-kwargs", json.dumps(TINY)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| metaformer_0")]
+    assert len(rows) == 4  # model + attention layer, explicit + sdpa
+    assert all(float(r.split("|")[-2]) < 1e-4 for r in rows)  # max abs difference between the paths

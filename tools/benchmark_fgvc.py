@@ -10,6 +10,7 @@ largest logit difference between the paths.
     python tools/benchmark_fgvc.py --models metaformer_2 --sizes 384 --batch 16 --device cuda
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -29,10 +30,12 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--meta-dims", default="4,3", help="meta groups ('' for image only)")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--model-kwargs", default="{}", help='extra create_model kwargs as JSON, e.g. \'{"attn_depths": [2, 2]}\'')
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per path (median reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--attn-repeats", type=int, default=6, help="timed repeats of the attention layer alone")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     return p.parse_args(argv)
@@ -53,7 +56,7 @@ def bench_model(name, size, args, device):
     meta_dims = [int(d) for d in args.meta_dims.split(",") if d]
     torch.manual_seed(0)
     model = fgvc.create_model(name, num_classes=args.num_classes, img_size=size, meta_dims=meta_dims,
-                              drop_path_rate=0.).to(device)
+                              drop_path_rate=0., **json.loads(args.model_kwargs)).to(device)
     images = torch.randn(args.batch, 3, size, size, device=device)
     meta = torch.randn(args.batch, sum(meta_dims), device=device) if meta_dims else None
     targets = torch.randint(0, args.num_classes, (args.batch,), device=device)
@@ -71,7 +74,7 @@ def bench_model(name, size, args, device):
         with torch.inference_mode(), _autocast(device, args.amp):
             model(images, meta)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = None if args.no_train else torch.optim.AdamW(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     def train_step():
@@ -122,7 +125,7 @@ def bench_model(name, size, args, device):
         for impl in impls:
             attn.attn_impl = impl
             fn()
-        for rep in range(max(args.repeats, 6)):
+        for rep in range(args.attn_repeats):
             for impl in (impls if rep % 2 == 0 else impls[::-1]):
                 attn.attn_impl = impl
                 attn_results[impl][phase].append(timed(fn))
