@@ -81,7 +81,7 @@ def check_env(name, device):
             return
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    for module in ("timm", "spconv", "cumm", "yaml", "PIL", "tqdm"):
+    for module in ("torchvision", "timm", "spconv", "cumm", "yaml", "PIL", "tqdm"):
         try:
             info[module] = getattr(__import__(module), "__version__", "ok")
         except Exception as e:  # noqa: BLE001

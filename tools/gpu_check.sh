@@ -53,10 +53,11 @@ $PY -c "import sys, torch; print(sys.version); print('torch', torch.__version__,
 { set +x; } 2>/dev/null
 
 # Fill in missing pure-Python packages from the carried wheels (never shadows what the machine has).
+# timm also needs torchvision at import time: the env check reports it if the machine lacks it.
 declare -A WHEEL_OF=([timm]=timm [yaml]=PyYAML [tqdm]=tqdm [einops]=einops)
 for module in "${!WHEEL_OF[@]}"; do
   if ! $PY -c "import $module" 2>/dev/null; then
-    whl=$(ls .gpu_wheels/extra/"${WHEEL_OF[$module]}"-*.whl 2>/dev/null | head -1)
+    whl=$(ls .gpu_wheels/extra/*.whl 2>/dev/null | grep -i "/${WHEEL_OF[$module]}-" | head -1)
     if [[ -n "$whl" ]]; then
       echo "installing $(basename "$whl") into /tmp/site_extra ($module is missing)"
       $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_extra "$whl" || true
