@@ -11,21 +11,28 @@ dense-masked simulation) and row ``N + 1`` for padding outside the map (0 for
 convs, -inf for max-pool). A table is built once per (scale, kernel geometry)
 and kept in ``SparseMap.cache``, so every layer at that scale reuses it.
 
-* k x k stride-1 conv (submanifold): gather the table into an im2col matrix
-  [N, k*k*C] and run ONE GEMM with the weight reshaped to [k*k*C, out]. The
-  neighbour relation of an odd 'same'-padded kernel is symmetric (site j is
-  tap o of site i iff i is tap k*k-1-o of j), so the input gradient is again a
-  gather + GEMM with the spatially flipped weight, no scatter.
+* k x k stride-1 conv (submanifold), one of four exact paths chosen per op,
+  shape and device (`_choose_path`, `set_conv_backend`):
+  - "gather": gather the table into an im2col matrix [N, k*k*C] and run ONE
+    GEMM with the weight reshaped to [k*k*C, out]. The neighbour relation of
+    an odd 'same'-padded kernel is symmetric (site j is tap o of site i iff i
+    is tap k*k-1-o of j), so the input gradient is again a gather + GEMM with
+    the spatially flipped weight, no scatter;
+  - "windows": one dense conv over the batch of visible patches, each grown by
+    the kernel's halo (cheap when patches are large: 8x8 sites at stride 4);
+  - "dense": the dense channels-last conv on the zero-filled map (torch's
+    depthwise kernel beats any per-site gather on CPU);
+  - "spconv": spconv's SubMConv2d (implicit GEMM on CUDA).
 * strided conv: output sites are the coarser mask (the input mask subsampled
-  by the stride), in canonical order; the input gradient is a scatter-add.
+  by the stride), in canonical order; gather-GEMM, the input gradient is a
+  scatter-add.
 * 1x1 stride-1 conv: a linear map of the features.
-* depthwise k x k: per tap, a row gather and a per-channel multiply-add.
+* depthwise k x k on the gather path: per tap, a row gather and a per-channel
+  multiply-add.
 
 Weights stay in torch layout [out, in, kh, kw]; all layout changes happen here.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +44,7 @@ from .tensor import SparseMap
 __all__ = [
     "conv2d", "depthwise_conv2d", "max_pool2d", "batch_norm", "layer_norm", "global_response_norm",
     "global_avg_pool", "drop_path", "coarse_map", "neighbour_table", "set_conv_backend", "get_conv_backend",
+    "gather_rows",
 ]
 
 _CONV_BACKENDS = ("auto", "gather", "windows", "dense", "spconv")
@@ -86,10 +94,11 @@ def _choose_path(x: SparseMap, kernel: tuple[int, int], dilation: tuple[int, int
         from .spconv_backend import spconv_available
         taps = kernel[0] * kernel[1]
         return "spconv" if not depthwise and taps <= 32 and spconv_available() else "dense"
-    if depthwise:
-        # torch's channels-last depthwise kernel beats any gather of k*k rows per site, even on the full map
-        return "dense"
     window_cost = (f + halo[0]) * (f + halo[1]) / (f * f)  # dense MACs per visible site, relative
+    if depthwise:
+        # torch's channels-last depthwise kernel beats any gather of k*k rows per site; run it on the patch
+        # windows where they are large (7x7 on 8x8 patches), else on the whole zero-filled map
+        return "windows" if f > 1 and window_cost <= 3.1 else "dense"
     return "windows" if f > 1 and window_cost <= 1.6 else "gather"
 
 
