@@ -75,12 +75,18 @@ def _assert_same_outputs(a: nn.Module, b: nn.Module, size=(64, 64), visible=None
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
-def test_resnet_round_trip_and_torchvision_outputs(name):
-    sparse = randomize_weights_(sparse_mim.create_backbone(name), torch.Generator().manual_seed(0)).eval()
-    tv = _reference(name).eval()
+@pytest.mark.parametrize("name,depths", [("resnet18", None), ("resnet50", (1, 2, 2, 1))])
+def test_resnet_round_trip_and_torchvision_outputs(name, depths):
+    kw = {"depths": depths} if depths else {}
+    sparse = randomize_weights_(sparse_mim.create_backbone(name, **kw), torch.Generator().manual_seed(0)).eval()
+    if depths:  # torchvision's own ResNet class at the same reduced depth
+        tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, list(depths))
+        del tv.fc
+    else:
+        tv = _reference(name)
+    tv.eval()
     tv.load_state_dict(sparse.state_dict(), strict=True)  # sparse -> torchvision
-    back = sparse_mim.create_backbone(name)
+    back = sparse_mim.create_backbone(name, **kw)
     back.load_state_dict(tv.state_dict(), strict=True)  # torchvision -> sparse
     _assert_same_outputs(sparse, back, visible=random_visible_mask(2, 2, 2, 0.5))
     # torchvision's own stage outputs == ours on an all-visible mask (sparse and dense twin)
@@ -91,7 +97,7 @@ def test_resnet_round_trip_and_torchvision_outputs(name):
         for layer in (tv.layer1, tv.layer2, tv.layer3, tv.layer4):
             x = layer(x)
             expected.append(x)
-        twin = sparse_mim.create_backbone(name, sparse=False).eval()
+        twin = sparse_mim.create_backbone(name, sparse=False, **kw).eval()
         twin.load_state_dict(sparse.state_dict())
         for ours in (sparse(images, torch.ones(2, 2, 3, dtype=torch.bool)), twin(images)):
             for a, b in zip(ours, expected):
