@@ -22,7 +22,6 @@ def _single_thread(request):
     torch.set_num_threads(threads)
 
 
-
 def test_worked_example_sparse_equals_dense_masked():
     sparse = sparse_mim.create_backbone("example_tiny_senet", depth=2, widths=(16, 32, 64, 128), drop_path_rate=0.0)
     randomize_weights_(sparse, torch.Generator().manual_seed(0)).double()

@@ -25,7 +25,6 @@ def _single_thread(request):
     torch.set_num_threads(threads)
 
 
-
 def _reference(name: str) -> nn.Module:
     """The dense torchvision / timm model of the same name, without classifier."""
     if name.startswith("resnet") and name != "resnet200":
