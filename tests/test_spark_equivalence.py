@@ -16,6 +16,15 @@ import torch
 from sparse_mim.spark import SparK
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test: on a shared 2-core box two spinning threads cost far more CPU than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def _pair(name, size, dtype, train):
     torch.manual_seed(0)
     sparse = SparK(name, input_size=size, decoder_width=64, drop_path_rate=0.0).to(dtype).train(train)
