@@ -24,7 +24,7 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 mkdir -p logs
 
-# wandb: offline by default (sync later with `wandb sync output/pretrain/resnet50/wandb/offline-run-*`);
+# wandb: offline by default (sync later with `wandb sync outputs/pretrain/resnet50/wandb/offline-run-*`);
 # export WANDB_MODE=online here to stream, or WANDB_MODE=disabled to turn it off.
 export WANDB_MODE="${WANDB_MODE:-offline}"
 export OMP_NUM_THREADS=8
@@ -37,6 +37,6 @@ trap 'echo "caught USR1, requeueing"; scontrol requeue "$SLURM_JOB_ID"' USR1
 srun --kill-on-bad-exit=1 .venv/bin/python tools/pretrain.py \
     -c configs/pretrain/resnet50.yaml \
     data.root=/datasets/imagenet/train \
-    output_dir=output/pretrain/resnet50 \
+    output_dir=outputs/pretrain/resnet50 \
     resume=auto &
 wait

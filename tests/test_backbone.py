@@ -18,17 +18,7 @@ from sparse_mim.backbones._testing import relative_error as _rel
 from sparse_mim.sparse import SparseMap
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(request):
-    """One torch thread: at these tiny sizes OpenMP barriers dominate, and on a shared CPU two spinning
-    threads cost ~4x the CPU time (measured). The float32 test keeps the default thread count."""
-    if "float32" in request.node.name:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TOL = 1e-4  # relative; float64 rounding is ~1e-12
@@ -152,6 +142,7 @@ def test_sparse_equals_dense_masked_at_224(name):
     assert_equivalent(sparse, dense, images, visible, train=True)
 
 
+@pytest.mark.keep_threads
 def test_float32_agrees_in_eval_mode():
     """The dtype used in practice: eval-mode maps agree to 1e-4 in float32 too."""
     sparse, dense = _twins("resnet50", dtype=torch.float32, drop_path_rate=0.0, depths=(1, 1, 2, 1))

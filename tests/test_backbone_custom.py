@@ -9,17 +9,7 @@ from sparse_mim.backbones._testing import assert_equivalent, random_visible_mask
 from sparse_mim.backbones.custom_example import TinySENet
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(request):
-    """One torch thread: at these tiny sizes OpenMP barriers dominate, and on a shared CPU two spinning
-    threads cost ~4x the CPU time (measured). The float32 test keeps the default thread count."""
-    if "float32" in request.node.name:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_worked_example_sparse_equals_dense_masked():

@@ -12,17 +12,7 @@ from sparse_mim.backbones import (list_backbones, load_backbone_weights, read_ch
 from sparse_mim.backbones._testing import random_visible_mask, randomize_weights_
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(request):
-    """One torch thread: at these tiny sizes OpenMP barriers dominate, and on a shared CPU two spinning
-    threads cost ~4x the CPU time (measured). The float32 test keeps the default thread count."""
-    if "float32" in request.node.name:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference(name: str) -> nn.Module:

@@ -23,13 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread per test: on a shared 2-core box two spinning threads cost far more CPU than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 class TinyBackbone(nn.Module):
     """A 4-scale custom convnet with SparK's dense-masked semantics (conv -> mask, BN over visible sites).

@@ -17,13 +17,7 @@ from sparse_mim.spark import SparK
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread per test: on a shared 2-core box two spinning threads cost far more CPU than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _pair(name, size, dtype, train):
     torch.manual_seed(0)

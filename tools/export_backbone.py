@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export the pre-trained backbone from a SparK pre-training checkpoint.
 
-    python tools/export_backbone.py output/pretrain_demo/last.pth resnet18_spark.pth
+    python tools/export_backbone.py outputs/pretrain_demo/last.pth resnet18_spark.pth
 
 Writes the encoder alone as a plain state_dict in the dense model's names and
 torch layout (the official SparK "timm style" file): it loads with

@@ -35,7 +35,7 @@ from sparse_mim.utils.schedules import WarmupCosine, cosine_weight_decay  # noqa
 
 DEFAULTS = {
     "name": "spark_demo",            # run name (wandb run name, artifact prefix)
-    "output_dir": "output/pretrain_demo",
+    "output_dir": "outputs/pretrain_demo",
     "seed": 0,
     "device": "auto",                # auto | cuda | cpu
     "cpu_threads": 1,                # torch threads per process; 0 = torch's default. 1 is 5-10x faster on a
