@@ -11,7 +11,7 @@ high-water mark (``/proc/self/clear_refs`` <- 5), runs one step, and reports
 ``VmHWM - VmRSS(before)`` from ``/proc/self/status``. On CUDA (``--device cuda``) it is
 ``torch.cuda.max_memory_allocated`` growth, measured in this process.
 
-    python tools/benchmark_backbone.py                       # the table in docs/readme/backbones.md
+    python tools/benchmark_backbone.py                       # the table in README.md, "Backbones"
     python tools/benchmark_backbone.py --models resnet18 --batch-size 4 --repeats 2
 """
 from __future__ import annotations

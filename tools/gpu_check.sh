@@ -5,7 +5,7 @@
 # (torchrun), and the benchmarks on the GPU. Every step runs even if an earlier one failed;
 # the end prints PASS / FAIL per step. Logs and tables go to $OUT/gpu_check/.
 #
-# Procedure (see docs/readme/spark_model.md, "GPU check"):
+# Procedure (see README.md, "GPU check"):
 #   here, once:   bash tools/gpu_check.sh prepare        # spconv cp312 wheels in two parts + pure-Python extras
 #   device call 1 (starts the machine): carry [".gpu_wheels/part1"]
 #                 command: bash .gpu_wheels/part1/install_on_device.sh 1

@@ -83,7 +83,7 @@ def _require(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{what}: expected file {path!r} does not exist. Check data.root (and the dataset layout "
-            f"described in docs/readme/fgvc_training.md).")
+            f"described in README.md, 'Fine-grained training').")
     return path
 
 

@@ -5,7 +5,7 @@
     >>> maps = net(images, visible)                           # 4 maps, strides 4 / 8 / 16 / 32
     >>> twin = sparse_mim.create_backbone("resnet50", sparse=False)   # dense-masked reference
 
-Custom backbones subclass `HierarchicalBackbone` (see docs/readme/backbones.md).
+Custom backbones subclass `HierarchicalBackbone` (see README.md, "Backbones").
 """
 from ._base import (HierarchicalBackbone, global_avg_pool, scale_channels, to_channels_first,
                     to_channels_last)

@@ -75,7 +75,7 @@ def create_backbone(name: str, sparse: bool = True, drop_path_rate: Optional[flo
             it is the plain dense network, e.g. for fine-tuning).
         drop_path_rate: stochastic-depth rate of the last block (linear decay from 0);
             None = the architecture's default (SparK: R50 .05, R101 .08, R152 .10,
-            R200 .15, ConvNeXt-S/B/L .2/.3/.4; see docs/readme/backbones.md).
+            R200 .15, ConvNeXt-S/B/L .2/.3/.4; see README.md, "Backbones").
         weights: optional checkpoint (torchvision / timm / official SparK / ours) loaded
             with `load_backbone_weights` before conversion.
         **kwargs: passed to the architecture's factory.
@@ -91,7 +91,7 @@ def create_backbone(name: str, sparse: bool = True, drop_path_rate: Optional[flo
 
     if not isinstance(model, HierarchicalBackbone):
         raise TypeError(f"factory of backbone {name!r} returned {type(model).__name__}, which is not a "
-                        "sparse_mim.backbones.HierarchicalBackbone; subclass it (see docs/readme/backbones.md)")
+                        "sparse_mim.backbones.HierarchicalBackbone; subclass it (see README.md, 'Backbones')")
     model.backbone_name = name
     if weights is not None:
         from .weights import load_backbone_weights

@@ -55,7 +55,7 @@ def set_conv_backend(name: str) -> str:
     """Force one implementation of the stride-1 k x k convs (for tests and benchmarks); returns the previous one.
 
     * ``"auto"`` (default): per op and shape, the one measured fastest (see
-      `_choose_path` and docs/readme/sparse_engine.md);
+      `_choose_path` and README.md, "Sparse engine");
     * ``"gather"``: neighbour-table gather into im2col + one GEMM (any scale);
     * ``"windows"``: dense conv on each visible patch plus its halo (needs a
       map built from a patch mask, ``patch_factor > 1``);
