@@ -13,7 +13,6 @@ configs, files or wandb beyond a ``log_fn`` callback.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 
 from sparse_mim.utils.misc import AverageMeter, Throughput, check_finite
 from sparse_mim.utils.schedules import set_optimizer_values
+
+from .models import meta_dropout_mask
 
 __all__ = ["meta_dropout", "meta_dropout_prob", "drop_meta_groups", "train_one_epoch", "evaluate", "predict",
            "group_slices", "forward_model"]
@@ -36,14 +37,14 @@ def meta_dropout(meta: torch.Tensor, meta_present: torch.Tensor, p: float, gener
 
     Returns new tensors; the chosen rows are a uniform random subset of the batch.
     """
-    b = meta.shape[0]
-    n = int(math.floor(b * p))
-    if n <= 0 or meta.numel() == 0:
+    if meta.numel() == 0:
         return meta, meta_present
-    rows = torch.randperm(b, generator=generator)[:n].to(meta.device)
+    dropped = ~meta_dropout_mask(meta.shape[0], 1, p, generator)[:, 0].to(meta.device)
+    if not dropped.any():
+        return meta, meta_present
     meta, meta_present = meta.clone(), meta_present.clone()
-    meta[rows] = 0
-    meta_present[rows] = False
+    meta[dropped] = 0
+    meta_present[dropped] = False
     return meta, meta_present
 
 

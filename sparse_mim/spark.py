@@ -452,8 +452,8 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
     encoder's unused head).
     """
     if isinstance(path_or_state, (str, os.PathLike)):
-        checkpoint = torch.load(path_or_state, map_location="cpu", weights_only=True)
-        source = str(path_or_state)
+        from .backbones.weights import read_checkpoint
+        checkpoint, source = read_checkpoint(path_or_state), str(path_or_state)
     else:
         checkpoint, source = path_or_state, "the given state dict"
     state, kind, config = _unwrap_checkpoint(checkpoint)
@@ -483,19 +483,18 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
     mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                         for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or mis_shaped:
-        def _fmt(keys):
-            return ", ".join(keys[:12]) + (f" ... (+{len(keys) - 12} more)" if len(keys) > 12 else "")
+        from .backbones.weights import format_keys
         lines = [f"{source} ({kind}) does not fit this SparK model "
                  f"(backbone {model.backbone_name or type(model.backbone).__name__}, decoder width "
                  f"{model.dense_decoder.width}, densify norm {model.densify_norm_type})."]
         if config:
             lines.append(f"Checkpoint config: {config}.")
         if missing:
-            lines.append(f"Missing keys ({len(missing)}): {_fmt(missing)}")
+            lines.append(f"Missing keys ({len(missing)}): {format_keys(missing)}")
         if unexpected:
-            lines.append(f"Unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+            lines.append(f"Unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
         if mis_shaped:
-            lines.append(f"Shape mismatches ({len(mis_shaped)}): {_fmt(mis_shaped)}")
+            lines.append(f"Shape mismatches ({len(mis_shaped)}): {format_keys(mis_shaped)}")
         lines.append("Build the model with the checkpoint's backbone, decoder width and densify norm.")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)

@@ -64,6 +64,22 @@ def _assert_same_outputs(a: nn.Module, b: nn.Module, size=(64, 64), visible=None
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def _assert_library_stages_match(name, kw, sparse, stem, stages):
+    """The library model's own stage outputs equal ours on an all-visible mask (sparse and dense twin)."""
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        x = stem(images)
+        expected = []
+        for stage in stages:
+            x = stage(x)
+            expected.append(x)
+        twin = sparse_mim.create_backbone(name, sparse=False, **kw).eval()
+        twin.load_state_dict(sparse.state_dict())
+        for ours in (sparse(images, torch.ones(2, 2, 3, dtype=torch.bool)), twin(images)):
+            for a, b in zip(ours, expected):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("name,depths", [("resnet18", None), ("resnet50", (1, 2, 2, 1))])
 def test_resnet_round_trip_and_torchvision_outputs(name, depths):
     kw = {"depths": depths} if depths else {}
@@ -79,18 +95,8 @@ def test_resnet_round_trip_and_torchvision_outputs(name, depths):
     back.load_state_dict(tv.state_dict(), strict=True)  # torchvision -> sparse
     _assert_same_outputs(sparse, back, visible=random_visible_mask(2, 2, 2, 0.5))
     # torchvision's own stage outputs == ours on an all-visible mask (sparse and dense twin)
-    images = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(images))))
-        expected = []
-        for layer in (tv.layer1, tv.layer2, tv.layer3, tv.layer4):
-            x = layer(x)
-            expected.append(x)
-        twin = sparse_mim.create_backbone(name, sparse=False, **kw).eval()
-        twin.load_state_dict(sparse.state_dict())
-        for ours in (sparse(images, torch.ones(2, 2, 3, dtype=torch.bool)), twin(images)):
-            for a, b in zip(ours, expected):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    _assert_library_stages_match(name, kw, sparse, lambda x: tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))),
+                                 (tv.layer1, tv.layer2, tv.layer3, tv.layer4))
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "convnextv2_atto", "convnext_tiny", "convnextv2_tiny"])
@@ -103,18 +109,7 @@ def test_convnext_round_trip_and_timm_outputs(name):
     back = sparse_mim.create_backbone(name, **kw)
     back.load_state_dict(ref.state_dict(), strict=True)
     _assert_same_outputs(sparse, back, visible=random_visible_mask(2, 2, 2, 0.5))
-    images = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        x = ref.stem(images)
-        expected = []
-        for stage in ref.stages:
-            x = stage(x)
-            expected.append(x)
-        twin = sparse_mim.create_backbone(name, sparse=False, **kw).eval()
-        twin.load_state_dict(sparse.state_dict())
-        for ours in (sparse(images, torch.ones(2, 2, 3, dtype=torch.bool)), twin(images)):
-            for a, b in zip(ours, expected):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    _assert_library_stages_match(name, kw, sparse, ref.stem, ref.stages)
 
 
 def test_supervised_checkpoints_with_classifier_load(tmp_path):

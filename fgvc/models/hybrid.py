@@ -104,10 +104,10 @@ def _read_backbone_state(trunk: nn.Module, checkpoint) -> Dict[str, torch.Tensor
     if not isinstance(checkpoint, dict):
         raise TypeError(f"backbone weights must be a state dict or a checkpoint dict, got {type(checkpoint).__name__}")
     try:
-        from sparse_mim.backbones.weights import _unwrap, convert_state_dict
+        from sparse_mim.backbones.weights import convert_state_dict, unwrap_state_dict
     except ImportError:
         return _unwrap_state_dict(checkpoint)
-    return convert_state_dict(_unwrap(checkpoint), trunk)
+    return convert_state_dict(unwrap_state_dict(checkpoint), trunk)
 
 
 def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:

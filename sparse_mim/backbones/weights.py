@@ -45,7 +45,7 @@ _CLASSIFIER_KEYS = re.compile(r"^(fc|head\.fc|head|classifier)\.(weight|bias)$")
 def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with a readable error."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError & co.: say what to do
@@ -79,7 +79,7 @@ def split_spark_checkpoint(checkpoint: Mapping[str, Any],
     return encoder, rest
 
 
-def _unwrap(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     """Find the state dict inside a checkpoint and strip wrapper prefixes."""
     for _ in range(3):  # nested wrappers, e.g. {"model": {"module": ...}}
         nested = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
@@ -143,7 +143,8 @@ def convert_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> dict[st
     return out
 
 
-def _fmt(keys: list[str], limit: int = 12) -> str:
+def format_keys(keys: list[str], limit: int = 12) -> str:
+    """The first ``limit`` keys, comma-separated, and how many more there are (for mismatch errors)."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -165,7 +166,7 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, 
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(obj, Mapping):
         raise ValueError(f"a backbone checkpoint must be a dict (state dict or wrapper), got {type(obj).__name__}")
-    state = convert_state_dict(_unwrap(obj), model)
+    state = convert_state_dict(unwrap_state_dict(obj), model)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -176,11 +177,11 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, 
         name = getattr(model, "backbone_name", type(model).__name__)
         lines = [f"checkpoint does not match backbone {name!r} (is it another architecture or size?)"]
         if required_missing:
-            lines.append(f"  missing keys ({len(required_missing)}): {_fmt(required_missing)}")
+            lines.append(f"  missing keys ({len(required_missing)}): {format_keys(required_missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+            lines.append(f"  unexpected keys ({len(unexpected)}): {format_keys(unexpected)}")
         if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {_fmt(mismatched, 6)}")
+            lines.append(f"  shape mismatches ({len(mismatched)}): {format_keys(mismatched, 6)}")
         raise ValueError("\n".join(lines))
     loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(loadable, strict=False)
