@@ -19,7 +19,7 @@ from sparse_mim.spark import SparK, load_spark_checkpoint, param_groups, patchif
 from sparse_mim.sparse.tensor import SparseMap, upsample_mask
 from sparse_mim.visualize import make_grid_rows, save_grid
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 

@@ -22,7 +22,7 @@ from sparse_mim.utils.config import load_config
 from sparse_mim.utils.distributed import seed_everything
 from sparse_mim.utils.misc import NonFiniteLossError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_tool(name):

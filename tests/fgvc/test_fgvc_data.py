@@ -281,7 +281,7 @@ def test_text_meta_caption_choice(tmp_path):
 
 
 def test_prepare_text_meta_layout_and_errors(tmp_path):
-    sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools")
     import sys
     sys.path.insert(0, sys_path)
     import prepare_text_meta as ptm

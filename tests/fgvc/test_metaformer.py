@@ -351,7 +351,7 @@ def test_is_a_metaformer():
 
 def test_benchmark_tool_runs(capsys):
     """tools/benchmark_fgvc.py end to end on a tiny input: table rows for both paths, equal logits."""
-    spec = importlib.util.spec_from_file_location("benchmark_fgvc", Path(__file__).parents[1] / "tools" /
+    spec = importlib.util.spec_from_file_location("benchmark_fgvc", Path(__file__).parents[2] / "tools" /
                                                   "benchmark_fgvc.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
