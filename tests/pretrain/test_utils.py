@@ -1,4 +1,4 @@
-"""Tests for sparse_mim.utils: config, checkpoint, distributed env mapping, logger, schedules, misc."""
+"""Tests for sparse_mim.utils: checkpoint, distributed env mapping, logger, schedules, misc."""
 import json
 import math
 import os
@@ -9,60 +9,10 @@ import pytest
 import torch
 
 from sparse_mim.utils import checkpoint as ckpt
-from sparse_mim.utils.config import Config, ConfigError, load_config, parse_config, save_config
 from sparse_mim.utils.distributed import launcher_env, parse_slurm_nodelist, init_distributed, seed_everything
 from sparse_mim.utils.logger import RunLogger
 from sparse_mim.utils.misc import AverageMeter, NonFiniteLossError, Throughput, check_finite
 from sparse_mim.utils.schedules import WarmupCosine, cosine_weight_decay, set_optimizer_values
-
-DEFAULTS = {
-    "seed": 0,
-    "amp": True,
-    "resume": "",
-    "optim": {"lr": 1e-4, "betas": [0.9, 0.95], "clip": None},
-    "data": {"root": "", "input_size": 224},
-}
-
-
-# ----------------------------------------------------------------------------- config
-def test_config_yaml_and_overrides(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text("optim:\n  lr: 2e-4\ndata:\n  input_size: 96\n")
-    cfg = load_config(DEFAULTS, str(f), ["optim.lr=1e-3", "data.root=/x", "amp=false", "optim.betas=[0.9,0.999]",
-                                         "optim.clip=5"])
-    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
-    assert cfg.data.input_size == 96 and cfg.data.root == "/x" and cfg.amp is False
-    assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.clip == 5
-    # "2e-4" in YAML 1.1 is a string: coerced to float against the default
-    cfg2 = load_config(DEFAULTS, str(f))
-    assert cfg2.optim.lr == 2e-4
-    assert DEFAULTS["optim"]["lr"] == 1e-4  # defaults untouched
-
-
-def test_config_unknown_key_suggests(tmp_path):
-    with pytest.raises(ConfigError, match=r"optim\.lr"):
-        load_config(DEFAULTS, None, ["optim.lrr=1"])
-    f = tmp_path / "c.yaml"
-    f.write_text("dta:\n  root: /x\n")
-    with pytest.raises(ConfigError, match="Valid keys"):
-        load_config(DEFAULTS, str(f))
-
-
-@pytest.mark.parametrize("item", ["seed=abc", "amp=maybe", "optim.lr=fast", "data.input_size=1.5", "optim=3"])
-def test_config_type_errors(item):
-    with pytest.raises(ConfigError):
-        load_config(DEFAULTS, None, [item])
-
-
-def test_parse_config_cli_forms(tmp_path, capsys):
-    cfg, args = parse_config(DEFAULTS, ["--resume", "auto", "--optim.lr=3e-3", "seed=4"])
-    assert cfg.resume == "auto" and cfg.optim.lr == 3e-3 and cfg.seed == 4
-    with pytest.raises(SystemExit):
-        parse_config(DEFAULTS, ["sed=4"])
-    assert "seed" in capsys.readouterr().err
-    path = save_config(cfg, str(tmp_path))
-    again = load_config(DEFAULTS, path)
-    assert again == cfg and isinstance(again, Config)
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -72,7 +22,7 @@ def test_checkpoint_atomic_roundtrip_and_find_last(tmp_path):
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7,
-             "config": Config(DEFAULTS).to_dict(), "rng": ckpt.get_rng_state(), "wandb_run_id": "abc"}
+             "config": {"seed": 0, "optim": {"lr": 1e-4}}, "rng": ckpt.get_rng_state(), "wandb_run_id": "abc"}
     assert ckpt.find_last(str(tmp_path)) is None
     ckpt.save_checkpoint(state, str(tmp_path / ckpt.checkpoint_name(5)))
     ckpt.save_checkpoint(state, str(tmp_path / ckpt.checkpoint_name(12)))
@@ -95,7 +45,7 @@ class _Thing:  # a pickled object that weights_only loading must refuse
 def test_checkpoint_rejects_pickled_objects(tmp_path):
     p = tmp_path / "bad.pth"
     torch.save({"x": _Thing()}, p)
-    with pytest.raises(RuntimeError, match="weights_only"):
+    with pytest.raises(ckpt.CheckpointError, match="pickles Python objects"):
         ckpt.load_checkpoint(str(p))
 
 
@@ -225,18 +175,6 @@ def test_meters_and_nan_guard():
     assert 10 < peak_memory_mb("cpu") < 1e6  # the process's peak RSS in MiB
 
 
-def test_config_types_follow_code_defaults_not_earlier_overrides(tmp_path):
-    defaults = {"size": [224, 224], "x": 1.0}
-    f = tmp_path / "c.yaml"
-    f.write_text("size: 192\nx: 2\n")
-    cfg = load_config(defaults, str(f), ["size=[224,160]", "x=3"])
-    assert cfg.size == [224, 160] and cfg.x == 3.0 and isinstance(cfg.x, float)
-    assert load_config(defaults, None, ["size=96", "size=[64,96]"]).size == [64, 96]
-
-
-def test_config_free_form_section():
-    cfg = load_config({"kw": {}, "n": 1}, None, ["kw={depths: [1, 1], width: 8}"])
-    assert cfg.kw == {"depths": [1, 1], "width": 8}
 
 
 _SLURM_CHILD = """
