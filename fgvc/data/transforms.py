@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms as T
 
 __all__ = ["build_transform", "IMAGENET_MEAN", "IMAGENET_STD"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _size(img_size):

@@ -1,19 +1,52 @@
-"""Model registry: ``register_model`` decorates a factory, ``create_model`` builds by name.
+"""Model registry: one API for fgvc and timm.
 
-Kept separate from the model files (timm's ``_registry.py`` pattern) so tools
-never special-case a model: they ask the registry.
+``register_model`` decorates a factory: the model is then built by name with
+:func:`create_model` (``fgvc.create_model``) *and* with ``timm.create_model``, which
+finds it in timm's own registry after ``import fgvc``::
+
+    import fgvc, timm
+    m1 = fgvc.create_model("metaformer_0", num_classes=200, meta_dims=[4, 3])
+    m2 = timm.create_model("metaformer_0", num_classes=200, meta_dims=[4, 3])   # the same model
+
+Both calls run the same factory with the same defaults. timm's ``pretrained=True``
+(downloads) is refused: these names have no hosted weights; pass a file with
+``pretrained="path.pth"`` here or ``checkpoint_path=...`` in timm.
 """
+import functools
 from typing import Callable, Dict, List
 
 _model_entrypoints: Dict[str, Callable] = {}
 
 
+def _timm_entrypoint(name: str, fn: Callable) -> Callable:
+    """The factory as timm calls it: ``fn(pretrained=..., pretrained_cfg=..., ...)`` -> our create_model."""
+
+    @functools.wraps(fn)
+    def entry(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+              device=None, dtype=None, **kwargs):
+        if pretrained is True:
+            raise ValueError(f"{name} has no downloadable weights; pass a local file: "
+                             f"timm.create_model({name!r}, checkpoint_path='weights.pth') or "
+                             f"fgvc.create_model({name!r}, pretrained='weights.pth')")
+        model = create_model(name, pretrained=pretrained or None, **kwargs)
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        return model
+
+    return entry
+
+
 def register_model(fn: Callable) -> Callable:
-    """Register ``fn`` under its function name (``metaformer_1``, ...)."""
+    """Register ``fn`` under its function name (``metaformer_1``, ...), here and in timm's registry."""
     name = fn.__name__
     if name in _model_entrypoints:
         raise ValueError(f"model {name!r} is registered twice")
     _model_entrypoints[name] = fn
+    try:
+        from timm.models import register_model as timm_register
+    except ImportError:  # timm is a dependency; without it only fgvc.create_model knows the names
+        return fn
+    timm_register(_timm_entrypoint(name, fn))
     return fn
 
 
@@ -42,10 +75,11 @@ def create_model(
         pretrained: str = None,
         **kwargs,
 ):
-    """Build a registered model.
+    """Build a registered model (``timm.create_model(name, ...)`` is the same call).
 
     Args:
-        name: a name from :func:`list_models` (``metaformer_0/1/2``, ``metaformer_resnet50``, ...).
+        name: a name from :func:`list_models` (``metaformer_0/1/2``, ``metaformer_tiny``,
+            ``metaformer_resnet50``, ...).
         num_classes: classifier outputs (0 = no classifier, features only).
         img_size: input size, an int or (H, W); each side a multiple of 32.
         meta_dims: one int per meta-information group (e.g. ``[4, 3]`` for
@@ -60,6 +94,8 @@ def create_model(
     """
     if name not in _model_entrypoints:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    if pretrained is True:
+        raise ValueError(f"{name} has no downloadable weights; pass the path of a file: pretrained='weights.pth'")
     model = _model_entrypoints[name](
         num_classes=num_classes, img_size=img_size, meta_dims=meta_dims,
         drop_path_rate=drop_path_rate, **kwargs)

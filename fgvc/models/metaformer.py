@@ -40,6 +40,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, drop_path  # noqa: F401  (re-exported)
 from torch.utils.checkpoint import checkpoint
 
 from ._registry import register_model
@@ -64,30 +66,8 @@ def _pair(x) -> Tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small blocks
+# Small blocks (DropPath / Mlp are timm's: the same computation and the official key names)
 # ---------------------------------------------------------------------------------------------
-
-def drop_path(x: torch.Tensor, drop_prob: float = 0., training: bool = False) -> torch.Tensor:
-    """Per-sample stochastic depth (the official MBConv ``drop_connect`` and timm ``DropPath``)."""
-    if drop_prob == 0. or not training:
-        return x
-    keep_prob = 1. - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = x.new_empty(shape).bernoulli_(keep_prob)
-    return x * keep / keep_prob
-
-
-class DropPath(nn.Module):
-    def __init__(self, drop_prob: float = 0.):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x):
-        return drop_path(x, self.drop_prob, self.training)
-
-    def extra_repr(self):
-        return f"drop_prob={self.drop_prob:.3f}"
-
 
 class MBConvBlock(nn.Module):
     """Mobile inverted bottleneck with squeeze-excite (official ``MBConv.MBConvBlock``).
@@ -129,23 +109,6 @@ class MBConvBlock(nn.Module):
         if self.has_skip:
             x = self.drop_path(x) + shortcut
         return x
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (official ``MHSA.Mlp``)."""
-
-    def __init__(self, in_features: int, hidden_features: int = None, out_features: int = None,
-                 act_layer=nn.GELU, drop: float = 0.):
-        super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class ResNormLayer(nn.Module):
@@ -435,8 +398,8 @@ class MetaFormer(nn.Module):
 
         self.feature_info = self._feature_info(conv_embed_dims, conv_out_chs, conv_stride)
         # Data settings the official recipe uses with this model (timm's pretrained_cfg keys).
-        self.pretrained_cfg = dict(input_size=(in_chans, *self.img_size), mean=(0.485, 0.456, 0.406),
-                                   std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=224 / 256,
+        self.pretrained_cfg = dict(input_size=(in_chans, *self.img_size), mean=IMAGENET_DEFAULT_MEAN,
+                                   std=IMAGENET_DEFAULT_STD, interpolation="bicubic", crop_pct=224 / 256,
                                    num_classes=num_classes, classifier="head")
         self.grad_checkpointing = False
         self._init_token_weights()
@@ -890,6 +853,9 @@ _CFGS = {
                          conv_depths=(2, 2, 6), attn_depths=(14, 2)),
     "metaformer_2": dict(conv_embed_dims=(128, 128, 256), attn_embed_dims=(512, 1024),
                          conv_depths=(2, 2, 6), attn_depths=(14, 2)),
+    # Not an official size: the same architecture reduced for CPU runs, tests and demos.
+    "metaformer_tiny": dict(conv_embed_dims=(16, 24, 48), attn_embed_dims=(64, 96),
+                            conv_depths=(1, 1, 1), attn_depths=(1, 1), num_heads=4),
 }
 
 
@@ -913,3 +879,10 @@ def metaformer_1(**kwargs) -> MetaFormer:
 def metaformer_2(**kwargs) -> MetaFormer:
     """MetaFormer-2: 128/256/512/1024, 2/6/14/2 blocks (81.3M params)."""
     return _create("metaformer_2", **kwargs)
+
+
+@register_model
+def metaformer_tiny(**kwargs) -> MetaFormer:
+    """MetaFormer-tiny (not an official size): 24/48/64/96 wide, 1/1/1/1 blocks, 4 heads
+    (about 0.3M params): the full architecture small enough to train on a CPU in minutes."""
+    return _create("metaformer_tiny", **kwargs)

@@ -361,3 +361,35 @@ def test_benchmark_tool_runs(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| metaformer_0")]
     assert len(rows) == 4  # model + attention layer, explicit + sdpa
     assert all(float(r.split("|")[-2]) < 1e-4 for r in rows)  # max abs difference between the paths
+
+
+# ---------------------------------------------------------------------------------------------
+# One registry API: timm.create_model builds the same models after `import fgvc`
+# ---------------------------------------------------------------------------------------------
+
+def test_timm_create_model_is_fgvc_create_model():
+    import timm
+    assert set(fgvc.list_models()) <= set(timm.list_models("metaformer*"))
+    kw = dict(num_classes=5, img_size=64, meta_dims=[4, 3])
+    torch.manual_seed(0)
+    a = timm.create_model("metaformer_tiny", **kw).eval()
+    torch.manual_seed(0)
+    b = fgvc.create_model("metaformer_tiny", **kw).eval()
+    assert type(a) is type(b) is MetaFormer
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.device("meta"):
+        big = timm.create_model("metaformer_0", num_classes=1000)
+    assert abs(sum(p.numel() for p in big.parameters()) / 1e6 - official.OFFICIAL_PARAM_COUNTS_M[("metaformer_0", 224)]) < 0.05
+    with pytest.raises(ValueError, match="no downloadable weights"):
+        timm.create_model("metaformer_tiny", pretrained=True)
+
+
+def test_tiny_variant_and_timm_layers():
+    from timm.layers import DropPath, Mlp
+    m = fgvc.create_model("metaformer_tiny", num_classes=3, img_size=32, meta_dims=[4], drop_path_rate=0.1)
+    assert 0.2e6 < sum(p.numel() for p in m.parameters()) < 0.5e6
+    assert any(isinstance(x, DropPath) for x in m.modules()) and any(isinstance(x, Mlp) for x in m.modules())
+    assert m.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+    out = m.eval()(torch.randn(2, 3, 32, 32), torch.randn(2, 4))
+    assert out.shape == (2, 3)
