@@ -1,35 +1,70 @@
-"""Atomic, resumable checkpoints that load with ``torch.load(weights_only=True)``.
+"""The one checkpoint module of the toolkit (pre-training and fgvc): write, read, unwrap, resume.
 
-A training checkpoint is a dict of tensors and plain containers only (no pickled
-objects), so it loads with ``weights_only=True``: RNG states are stored as tensors
-and lists, the config as a plain dict. Files are written to a temporary file in the
-same folder, fsync'ed, then moved into place with ``os.replace``: a run killed while
-saving leaves the previous ``last.pth`` intact, never a truncated file.
+Writing (``atomic_write`` / ``save_checkpoint``): the bytes go to a temporary file in
+the destination folder (``.<name>.<random>.tmp``), are flushed and fsync'ed, the
+file gets mode 0644 (like every other output) and is moved into place with
+``os.replace``: a run killed while saving leaves the previous file intact, never a
+truncated one. Orphan temporary files of a killed writer are removed by
+``remove_orphan_temps`` (trainers call it at start-up) and after every write. A full
+disk is reported as "no space left on device while writing PATH; the previous
+checkpoint is intact" (``DiskFullError``). ``save_checkpoint`` first checks that
+every floating-point tensor in the state (parameters, buffers such as BatchNorm
+running statistics, optimizer moments) is finite and refuses to write otherwise
+(``NonFiniteStateError``): a "last good checkpoint" is always good.
 
-Layout in the output folder: ``last.pth`` (rewritten every N steps and at epoch
-end) and ``checkpoint-<step>.pth`` (periodic keeps). ``find_last`` picks ``last.pth``
-or else the newest keep; ``resolve_resume("auto", out_dir)`` is what ``--resume auto``
-calls.
+Reading (``load_checkpoint``): ``torch.load(weights_only=True)`` only (no code in
+a file ever runs), with distinct messages for a missing path, a folder, an empty
+or truncated file, a file that pickles Python objects, and ``check_finite=True``
+to refuse NaN / inf weights. ``unwrap_state_dict`` finds the weights inside the
+usual wrappers (``model`` / ``state_dict`` / ``state_dict_ema`` / ``module`` and
+``module.`` prefixes).
+
+A training checkpoint is a dict of tensors and plain containers (``FORMAT_VERSION``
+under ``format_version``): RNG states as tensors / lists, the config as a plain
+dict. Layout in an output folder: ``last.pth`` (rewritten every N steps, at epoch
+ends and on pre-emption) and ``checkpoint-<step>.pth`` (periodic keeps);
+``find_resumable`` picks the newest *loadable* one.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import random
 import re
 import tempfile
-from typing import Any, Mapping
+import zipfile
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
+from .misc import NonFiniteLossError
+
 __all__ = [
-    "save_checkpoint", "load_checkpoint", "find_last", "resolve_resume", "checkpoint_name",
-    "get_rng_state", "set_rng_state", "unwrap_model",
+    "FORMAT_VERSION", "CheckpointError", "DiskFullError", "NonFiniteStateError",
+    "atomic_write", "atomic_write_text", "save_checkpoint", "load_checkpoint", "find_last", "find_resumable",
+    "resolve_resume", "checkpoint_name", "remove_orphan_temps", "non_finite_tensors", "check_state_finite",
+    "get_rng_state", "set_rng_state", "unwrap_model", "unwrap_state_dict",
 ]
 
+FORMAT_VERSION = 1
 LAST_NAME = "last.pth"
+FILE_MODE = 0o644
 _KEEP_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated, foreign, pickled objects); the message says which."""
+
+
+class DiskFullError(OSError):
+    """No space left while writing; the previous file at the path is intact."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """A state (model, buffers, optimizer) with NaN / inf values: refused on write and on read."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -37,6 +72,7 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pth"
 
 
+# ---------------------------------------------------------------------------- writing
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -50,49 +86,209 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: Mapping[str, Any], path: str) -> str:
-    """Write ``state`` to ``path`` atomically: temp file in the same dir + fsync + os.replace."""
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        return True
+    text = str(e).lower()  # torch's C++ writer: "PytorchStreamWriter failed writing file ...: file write failed"
+    return isinstance(e, RuntimeError) and ("file write failed" in text or "no space left" in text)
+
+
+def _temp_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + "."
+
+
+def remove_orphan_temps(folder: str, name: str | None = None) -> list[str]:
+    """Delete temporary files left by killed writers (``.<name>.*.tmp``; any name if None); returns them."""
+    pattern = os.path.join(glob.escape(folder), (glob.escape(_temp_prefix(name)) if name else ".*.") + "*.tmp")
+    removed = []
+    for p in glob.glob(pattern):
+        try:
+            os.remove(p)
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True,
+                 mode: int = FILE_MODE) -> str:
+    """Write a file atomically: ``write(f)`` into a temp file in the same folder, fsync, chmod, os.replace.
+
+    On any failure the temp file is removed and the previous file at ``path`` is left
+    as it was; a full disk raises ``DiskFullError`` with a one-line message.
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        if _is_disk_full(e):
+            what = "the previous file is intact" if os.path.exists(path) else "nothing was written"
+            if os.path.exists(path) and path.endswith(".pth"):
+                what = "the previous checkpoint is intact"
+            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; {what}. "
+                                "Free space (or point output_dir elsewhere) and resume with resume=auto") from e
         raise
     _fsync_dir(folder)
+    remove_orphan_temps(folder, os.path.basename(path))
     return path
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs on load)."""
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = FILE_MODE) -> str:
+    """``atomic_write`` for a text file (JSON, YAML, CSV)."""
+    return atomic_write(path, lambda f: f.write(text), binary=False, mode=mode)
+
+
+def non_finite_tensors(state: Any, prefix: str = "", limit: int = 1000) -> list[str]:
+    """Dotted names of the floating-point tensors in a nested dict / list that hold NaN or inf."""
+    bad: list[str] = []
+
+    def walk(obj, name):
+        if len(bad) >= limit:
+            return
+        if isinstance(obj, torch.Tensor):
+            if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
+                bad.append(name or "<tensor>")
+        elif isinstance(obj, Mapping):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}" if name else str(i))
+
+    walk(state, prefix)
+    return bad
+
+
+def check_state_finite(state: Any, what: str, skip: Iterable[str] = ()) -> None:
+    """Raise ``NonFiniteStateError`` naming the first offending tensors if any is NaN / inf."""
+    skip = tuple(skip)
+    bad = [n for n in non_finite_tensors(state) if not n.startswith(skip)] if skip else non_finite_tensors(state)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteStateError(f"{what}: {len(bad)} tensor(s) hold NaN or inf values ({shown})")
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, check_finite: bool = True) -> str:
+    """Write ``state`` (plus ``format_version``) to ``path`` atomically, after checking every tensor is finite.
+
+    The RNG states (``rng``) are not checked (they are integer / byte tensors anyway).
+    Raises ``NonFiniteStateError`` (nothing written, the previous file kept) or ``DiskFullError``.
+    """
+    path = os.fspath(path)
+    state = dict(state)
+    state.setdefault("format_version", FORMAT_VERSION)
+    if check_finite:
+        intact = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
+        check_state_finite({k: v for k, v in state.items() if k != "rng"},
+                           f"refusing to write {path}; {intact}")
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+# ---------------------------------------------------------------------------- reading
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", check_finite: bool = False) -> Any:
+    """Load with ``torch.load(weights_only=True)`` (no code runs); clear errors for every kind of bad file.
+
+    ``check_finite``: refuse a file whose weights hold NaN / inf (``NonFiniteStateError``).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder; give a .pth file in it (e.g. {path}/last.pth)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path or use resume=auto")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path (or use resume=auto)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): the writer was killed or the disk was full")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a pickled object, a truncated file, ...
-        raise RuntimeError(
-            f"could not load checkpoint {path!r} with torch.load(weights_only=True): {e}\n"
-            "Checkpoints must hold tensors and plain containers only; a truncated file means the "
-            "writer was killed (ours are written atomically, so use last.pth or a checkpoint-*.pth keep).") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e):
+            why = ("it pickles Python objects besides tensors, which could run code when loaded; this toolkit "
+                   "reads tensors and plain containers only. Re-save the weights alone "
+                   "(torch.save(model.state_dict(), path)) from a trusted environment")
+        elif zipfile.is_zipfile(path) or _looks_truncated(path):
+            why = "it is truncated or damaged (a writer killed mid-way, a partial copy or download)"
+        else:
+            why = "it is not a PyTorch file"
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {why} ({first})") from e
+    if check_finite:
+        check_state_finite(obj, f"checkpoint {path!r} is not usable")
+    return obj
 
 
-def find_last(out_dir: str) -> str | None:
-    """Newest checkpoint in ``out_dir``: ``last.pth`` if present, else the highest-step keep."""
-    last = os.path.join(out_dir, LAST_NAME)
-    if os.path.isfile(last):
-        return last
+def _looks_truncated(path: str) -> bool:
+    """A zip-format torch file cut short still starts with the zip magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _keeps(out_dir: str) -> list[tuple[int, str]]:
     keeps = []
-    for p in glob.glob(os.path.join(out_dir, "checkpoint-*.pth")):
+    for p in glob.glob(os.path.join(glob.escape(out_dir), "checkpoint-*.pth")):
         m = _KEEP_RE.search(os.path.basename(p))
         if m:
             keeps.append((int(m.group(1)), p))
-    return max(keeps)[1] if keeps else None
+    return sorted(keeps, reverse=True)
+
+
+def find_last(out_dir: str) -> str | None:
+    """Newest checkpoint file in ``out_dir``: ``last.pth`` if present, else the highest-step keep."""
+    last = os.path.join(out_dir, LAST_NAME)
+    if os.path.isfile(last):
+        return last
+    keeps = _keeps(out_dir)
+    return keeps[0][1] if keeps else None
+
+
+def _step_of(ck: Mapping) -> int:
+    ts = ck.get("train_state") if isinstance(ck, Mapping) else None
+    if isinstance(ts, Mapping):
+        return int(ts.get("step", ts.get("epoch", -1)))
+    return -1
+
+
+def find_resumable(out_dir: str, log: Callable[[str], None] | None = print,
+                   validate: Callable[[Any], None] | None = None) -> tuple[str | None, Any]:
+    """The newest checkpoint in ``out_dir`` that loads (and is finite): ``(path, loaded)`` or ``(None, None)``.
+
+    Candidates: ``last.pth`` and every ``checkpoint-<step>.pth``, newest step first.
+    An unreadable or non-finite file is skipped with a message (``log``), so a
+    truncated ``last.pth`` next to a good keep resumes from the keep and says so.
+    ``validate(loaded)`` may raise to reject a candidate as well.
+    """
+    candidates = [(None, os.path.join(out_dir, LAST_NAME))] if os.path.isfile(os.path.join(out_dir, LAST_NAME)) else []
+    candidates += _keeps(out_dir)
+    loaded = []
+    for _, p in candidates:
+        try:
+            ck = load_checkpoint(p, check_finite=True)
+            if validate is not None:
+                validate(ck)
+        except (CheckpointError, NonFiniteStateError, ValueError, OSError) as e:
+            if log:
+                log(f"resume=auto: skipping {p}: {e}")
+            continue
+        loaded.append((_step_of(ck), p, ck))
+    if not loaded:
+        return None, None
+    step, path, ck = max(loaded, key=lambda t: t[0])  # last.pth vs a newer keep: the higher step wins
+    if log and (candidates[0][1] != path):
+        log(f"resume=auto: resuming from {path} (step {step}), the newest loadable checkpoint")
+    return path, ck
 
 
 def resolve_resume(resume: str | None, out_dir: str) -> str | None:
@@ -106,6 +302,7 @@ def resolve_resume(resume: str | None, out_dir: str) -> str | None:
     return resume
 
 
+# ---------------------------------------------------------------------------- unwrapping
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP / torch.compile wrappers (whose state_dict names are the plain ones)."""
     while True:
@@ -117,8 +314,39 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+_WRAPPERS = ("model", "state_dict", "module", "model_state")
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any], prefer_ema: bool = False,
+                      prefixes: Iterable[str] = ("module.",)) -> dict[str, torch.Tensor]:
+    """The weights inside a checkpoint: ``model`` / ``state_dict`` / ``state_dict_ema`` / ``module`` wrappers
+    (nested up to three deep) and DDP's ``module.`` prefix (or other ``prefixes``) stripped.
+
+    ``prefer_ema``: take ``state_dict_ema`` / ``model_ema`` when present. Non-tensor entries are dropped.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
+    obj = checkpoint
+    order = (("state_dict_ema", "model_ema") if prefer_ema else ()) + _WRAPPERS + ("state_dict_ema", "model_ema")
+    for _ in range(3):
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        nested = [k for k in order if isinstance(obj.get(k), Mapping)]
+        if not nested:
+            break
+        obj = obj[nested[0]]
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for p in prefixes:
+        if state and all(k.startswith(p) for k in state):
+            state = {k[len(p):]: v for k, v in state.items()}
+    if not state:
+        raise ValueError(f"the checkpoint holds no weights; top-level keys: {list(checkpoint)[:10]}")
+    return state
+
+
+# ---------------------------------------------------------------------------- RNG
 def get_rng_state() -> dict:
-    """All RNG states as tensors / plain lists (loadable with weights_only=True)."""
+    """All global RNG states as tensors / plain lists (loadable with weights_only=True)."""
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     state = {
