@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = [
-    "MetaGroup", "MetaIssues", "TEMPORAL_DIM", "SPATIAL_DIM", "CUB_NUM_ATTRIBUTES",
+    "MetaGroup", "MetaIssues", "META_KINDS", "guess_kind", "TEMPORAL_DIM", "SPATIAL_DIM", "CUB_NUM_ATTRIBUTES",
     "parse_date", "encode_month_hour", "encode_lat_lon", "parse_float", "encode_numeric", "describe_meta",
 ]
 
@@ -41,11 +41,34 @@ class MetaGroup:
     """One meta group = one (or ``tokens``) MetaFormer meta token(s).
 
     ``dim`` is the width of the group's input vector (the ``meta_dims`` entry);
-    ``tokens`` > 1 only for text embeddings (one token per word position).
+    ``tokens`` > 1 only for text embeddings (one token per word position). ``kind`` is
+    the encoder that made the vector: ``temporal`` (month / hour, 4-d), ``spatial``
+    (latitude / longitude, 3-d), ``numeric`` (plain values, e.g. CUB attributes) or
+    ``text`` (caption embeddings); "" = unknown (then guessed from name and width).
     """
     name: str
     dim: int
     tokens: int = 1
+    kind: str = ""
+
+    @property
+    def encoder(self) -> str:
+        """``kind``, or a guess from the name / width for groups made without one."""
+        return self.kind or guess_kind(self.name, self.dim, self.tokens)
+
+
+META_KINDS = ("temporal", "spatial", "numeric", "text")
+
+
+def guess_kind(name: str, dim: int, tokens: int = 1) -> str:
+    """The encoder of a group known only by name and width (older checkpoints)."""
+    if tokens > 1 or name == "text":
+        return "text"
+    if dim == TEMPORAL_DIM and name in ("temporal", "date", "month_hour", "time", "when"):
+        return "temporal"
+    if dim == SPATIAL_DIM and name in ("spatial", "latlon", "location", "where", "place"):
+        return "spatial"
+    return "numeric"
 
 
 @dataclass
@@ -112,12 +135,14 @@ def parse_date(text) -> Tuple[int, int, int, Optional[int]]:
 
 
 def is_missing(value) -> bool:
-    """True for None, NaN and empty / 'nan' / 'none' / 'null' strings."""
+    """True for None and empty / 'none' / 'null' / 'na' strings: a value that was never recorded.
+
+    NaN (a float NaN or the text 'nan') is NOT missing: it is a broken value, reported and
+    counted like inf by the encoders (and then treated as missing).
+    """
     if value is None:
         return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null", "na"):
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "null", "na"):
         return True
     return False
 
@@ -141,7 +166,7 @@ def encode_lat_lon(lat: float, lon: float) -> np.ndarray:
 
 
 def parse_float(value) -> Optional[float]:
-    """float(value), None when missing; ValueError when present but not a finite number."""
+    """float(value), None when missing; ValueError when present but not a finite number (NaN, inf)."""
     if is_missing(value):
         return None
     v = float(value)
@@ -153,6 +178,9 @@ def parse_float(value) -> Optional[float]:
 def temporal_from_date(date, issues: MetaIssues, file: str, line, use_hour: bool = True):
     """Encode a date string -> (4-d vector, present). Bad dates are reported, not used."""
     if is_missing(date):
+        return np.zeros(TEMPORAL_DIM, np.float32), False
+    if isinstance(date, float):  # NaN / inf where a date string belongs (e.g. a pandas-written file)
+        issues.add(file, line, "bad date", f"not a date: {date!r}")
         return np.zeros(TEMPORAL_DIM, np.float32), False
     try:
         _, month, _, hour = parse_date(date)
@@ -223,26 +251,44 @@ def concat_groups(vectors: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(vectors).astype(np.float32) if vectors else np.zeros(0, np.float32)
 
 
+def decode_temporal(v) -> str:
+    """'month M[, hour H]' of a 4-d month / hour encoding."""
+    v = np.asarray(v, dtype=np.float64)
+    text = ""
+    if abs(v[0]) + abs(v[1]) > 0:
+        month = round(math.degrees(math.atan2(v[0], v[1])) / 30.0) % 12 or 12
+        text = f"month {month:.0f}"
+    if abs(v[2]) + abs(v[3]) > 0:
+        text += (", " if text else "") + f"hour {round(math.degrees(math.atan2(v[2], v[3])) / 15.0) % 24:.0f}"
+    return text or "missing"
+
+
+def decode_spatial(v) -> str:
+    """'lat A, lon B' of a 3-d location encoding."""
+    v = np.asarray(v, dtype=np.float64)
+    lat = math.degrees(math.asin(max(-1.0, min(1.0, v[2]))))
+    lon = math.degrees(math.atan2(v[1], v[0]))
+    return f"lat {lat:.2f}, lon {lon:.2f}"
+
+
 def describe_meta(groups: Sequence[MetaGroup], meta: np.ndarray, present: Sequence[bool]) -> dict:
-    """Human-readable meta values of one sample (for prediction tables): decodes the
-    spatio-temporal encodings back to month / hour / latitude / longitude."""
+    """Human-readable meta values of one sample (for prediction tables).
+
+    Decoded by each group's encoder (``MetaGroup.encoder``), whatever the group is
+    called: month / hour and latitude / longitude come back from their encodings.
+    """
     out, start = {}, 0
     for g, ok in zip(groups, present):
         v = np.asarray(meta[start:start + g.dim * g.tokens], dtype=np.float64)
         start += g.dim * g.tokens
+        kind = g.encoder
         if not ok:
             out[g.name] = "missing"
-        elif g.name in ("temporal", "date", "month_hour") and g.dim == TEMPORAL_DIM:
-            month = (math.degrees(math.atan2(v[0], v[1])) / 30.0) % 12 or 12
-            text = f"month {month:.0f}"
-            if abs(v[2]) + abs(v[3]) > 0:
-                text += f", hour {(math.degrees(math.atan2(v[2], v[3])) / 15.0) % 24:.0f}"
-            out[g.name] = text
-        elif g.name in ("spatial", "latlon", "location") and g.dim == SPATIAL_DIM:
-            lat = math.degrees(math.asin(max(-1.0, min(1.0, v[2]))))
-            lon = math.degrees(math.atan2(v[1], v[0]))
-            out[g.name] = f"lat {lat:.2f}, lon {lon:.2f}"
-        elif g.tokens > 1:
+        elif kind == "temporal" and g.dim == TEMPORAL_DIM:
+            out[g.name] = decode_temporal(v)
+        elif kind == "spatial" and g.dim == SPATIAL_DIM:
+            out[g.name] = decode_spatial(v)
+        elif g.tokens > 1 or kind == "text":
             out[g.name] = f"{g.tokens} x {g.dim} embedding"
         elif g.dim <= 8:
             out[g.name] = ", ".join(f"{x:.3g}" for x in v)

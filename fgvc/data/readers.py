@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
@@ -45,6 +46,8 @@ __all__ = ["FGVCRecords", "read_cub", "read_nabirds", "read_inat", "read_custom_
 
 DATASETS = ("cub", "nabirds", "inat2017", "inat2018", "inat2021", "custom")
 
+_logger = logging.getLogger(__name__)
+
 
 @dataclass
 class FGVCRecords:
@@ -58,6 +61,7 @@ class FGVCRecords:
     meta_present: np.ndarray               # bool [N, G] over meta_groups
     text_files: Optional[List[Optional[str]]] = None   # per image, [captions, tokens, dim] .npy
     issues: MetaIssues = field(default_factory=MetaIssues)
+    notes: List[str] = field(default_factory=list)      # what the reader chose (e.g. a fallback file)
 
     def __len__(self):
         return len(self.paths)
@@ -82,8 +86,8 @@ class FGVCRecords:
 def _require(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{what}: expected file {path!r} does not exist. Check data.root (and the dataset layout "
-            f"described in README.md, 'Fine-grained training').")
+            f"{what}: expected file {path!r} does not exist. Check data.root (the dataset layouts are "
+            f"described in docs/fgvc_data.md).")
     return path
 
 
@@ -218,7 +222,7 @@ def _read_cub_layout(root, split, name, label_mode, num_classes, attributes, tex
                 continue
             attr[row, attr_id - 1] = is_present
             seen[row] = True
-        groups.append(MetaGroup("attributes", CUB_NUM_ATTRIBUTES))
+        groups.append(MetaGroup("attributes", CUB_NUM_ATTRIBUTES, kind="numeric"))
         meta = attr
         present = seen[:, None].copy()
         missing_attr = int((~seen[keep]).sum()) if keep else 0
@@ -242,7 +246,7 @@ def _read_cub_layout(root, split, name, label_mode, num_classes, attributes, tex
         if n_missing:
             issues.add(text_root, "folder", "missing text", f"{n_missing} images have no caption embedding (zeros)")
         dims = _text_shape(text_files)
-        groups.append(MetaGroup("text", dims[1], tokens=dims[0]))
+        groups.append(MetaGroup("text", dims[1], tokens=dims[0], kind="text"))
         present = np.concatenate([present, has_text[:, None]], 1)
 
     rec = FGVCRecords(name=f"{name}/{split}", paths=paths, labels=np.asarray(labels, np.int64), classes=classes,
@@ -300,6 +304,17 @@ def read_inat(root: str, year: int, split: str = "train", use_meta: bool = True,
     """iNaturalist 2017 / 2018 / 2021 with the 7-d spatio-temporal meta (groups [4, 3])."""
     name = f"inat{year}"
     default_ann, default_loc = _inat_files(root, year, split)
+    notes = []
+    if year == 2021 and split == "train" and not ann_file and not os.path.isfile(default_ann):
+        mini = os.path.join(root, "train_mini.json")
+        if os.path.isfile(mini):  # the "train_mini" download (as the official code falls back)
+            notes.append(f"inat2021: {default_ann} not found, using {mini} (the train_mini subset); "
+                         f"set data.train_split=train_mini to say so explicitly")
+            _logger.warning(notes[-1])
+            default_ann, split = mini, "train_mini"
+        else:
+            raise FileNotFoundError(f"inat2021 annotations: neither {default_ann!r} nor {mini!r} exists. Check "
+                                    f"data.root (the dataset layouts are described in docs/fgvc_data.md).")
     ann_path = ann_file or default_ann
     ann = _load_json(ann_path, f"{name} annotations")
     issues = MetaIssues()
@@ -355,19 +370,20 @@ def read_inat(root: str, year: int, split: str = "train", use_meta: bool = True,
         presents.append((t_ok, s_ok))
 
     if use_meta:
-        groups = [MetaGroup("temporal", TEMPORAL_DIM), MetaGroup("spatial", SPATIAL_DIM)]
+        groups = [MetaGroup("temporal", TEMPORAL_DIM, kind="temporal"), MetaGroup("spatial", SPATIAL_DIM, kind="spatial")]
         meta = np.asarray(metas, np.float32).reshape(-1, TEMPORAL_DIM + SPATIAL_DIM)
         present = np.asarray(presents, bool).reshape(-1, 2)
     else:
         groups = []
         meta, present = _empty_meta(len(paths))
     rec = FGVCRecords(name=f"{name}/{split}", paths=paths, labels=np.asarray(labels, np.int64), classes=classes,
-                      meta_groups=groups, meta=meta, meta_present=present, issues=issues)
+                      meta_groups=groups, meta=meta, meta_present=present, issues=issues, notes=notes)
     return _finish(rec, strict)
 
 
 # ----------------------------------------------------------------------------------------- custom CSV
 _GROUP_TYPES = ("date", "month_hour", "latlon", "numeric")
+GROUP_KIND = {"date": "temporal", "month_hour": "temporal", "latlon": "spatial", "numeric": "numeric"}
 
 
 def _check_group_spec(spec: dict, header: Sequence[str], csv_path: str):
@@ -393,7 +409,7 @@ def custom_meta_groups(meta_spec: Sequence[dict]) -> List[MetaGroup]:
     for spec in meta_spec or []:
         t = spec["type"]
         dim = {"date": TEMPORAL_DIM, "month_hour": TEMPORAL_DIM, "latlon": SPATIAL_DIM}.get(t, len(spec["columns"]))
-        groups.append(MetaGroup(spec.get("name", t), dim))
+        groups.append(MetaGroup(spec.get("name", t), dim, kind=GROUP_KIND[t]))
     return groups
 
 

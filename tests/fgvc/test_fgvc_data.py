@@ -317,3 +317,38 @@ def test_text_meta_feeds_the_model(tmp_path):
     assert out.shape == (2, 3)
     out2 = m(torch.randn(2, 3, 32, 32), meta.reshape(2, 4, 6), None)
     assert out2.shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------- as downloaded
+def test_inat2021_train_falls_back_to_train_mini_and_says_so(tmp_path, caplog):
+    root = str(tmp_path / "inat21")
+    _inat_ann(root, "train_mini", 2021, [
+        {"id": 1, "file_name": "train_mini/00000_a/1.jpg", "cat": 0, "date": "2010-06-13", "latitude": 1.0,
+         "longitude": 2.0}], cats=(0,))
+    with caplog.at_level("WARNING"):
+        rec = build_records({"dataset": "inat2021", "root": root}, "train")
+    assert len(rec) == 1 and rec.name == "inat2021/train_mini"
+    assert any("train_mini.json" in n for n in rec.notes) and "train_mini.json" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"neither .*train\.json.* nor .*train_mini\.json"):
+        read_inat(str(tmp_path / "empty"), 2021, "train")
+
+
+def test_nan_meta_is_reported_and_counted_like_inf():
+    issues = MetaIssues()
+    for line, (lat, lon) in enumerate([(float("nan"), 1.0), ("nan", "2"), (float("inf"), 1.0), ("", "")], 1):
+        v, ok = spatial_from_lat_lon(lat, lon, issues, "m.csv", line)
+        assert not ok and not v.any()
+    assert issues.total("bad coordinate") == 3  # NaN, 'nan' and inf; the empty cells are just missing
+    assert "line 1" in issues.summary() and "line 2" in issues.summary()
+    v, ok = temporal_from_date(float("nan"), issues, "m.csv", 9)
+    assert not ok and issues.total("bad date") == 1
+
+
+def test_describe_meta_decodes_by_encoder_not_by_name(tmp_path):
+    from fgvc.data.readers import custom_meta_groups
+    groups = custom_meta_groups([{"name": "when", "type": "date", "columns": ["d"]},
+                                 {"name": "where", "type": "latlon", "columns": ["la", "lo"]}])
+    assert [g.kind for g in groups] == ["temporal", "spatial"]
+    meta = np.concatenate([encode_month_hour(3, None), encode_lat_lon(48.5, -2.25)])
+    assert describe_meta(groups, meta, [True, True]) == {"when": "month 3", "where": "lat 48.50, lon -2.25"}
+    assert describe_meta(groups, meta, [False, True])["when"] == "missing"
