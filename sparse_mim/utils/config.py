@@ -27,6 +27,7 @@ import yaml
 __all__ = [
     "Config", "ConfigError", "K", "load_config", "parse_config", "apply_overrides", "merge_config",
     "save_config", "flatten", "config_arg_parser", "config_help", "split_schema", "schema_defaults",
+    "resolve_recipe", "shipped_recipes_dir", "split_argv",
 ]
 
 
@@ -355,6 +356,34 @@ def read_recipe(path: str, _chain: tuple = ()) -> list[tuple[str, dict]]:
     return out
 
 
+def shipped_recipes_dir() -> str | None:
+    """The folder of the shipped recipes: ``configs/`` of a source checkout, else the installed copy."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    if os.path.isdir(checkout):
+        return checkout
+    try:
+        from importlib.resources import files
+        installed = str(files("sparse_mim.recipes"))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        return None
+    return installed if os.path.isdir(installed) else None
+
+
+def resolve_recipe(name: str) -> str:
+    """A recipe path as given, or a shipped recipe by name (``fgvc/cub_metaformer0_224[.yaml]``,
+    ``configs/pretrain/resnet50.yaml``), so ``-c`` works the same from a checkout and an installed package."""
+    if os.path.exists(name):
+        return name
+    root = shipped_recipes_dir()
+    if root is not None:
+        rel = name[len("configs/"):] if name.startswith("configs/") else name
+        for candidate in (rel, rel + ".yaml"):
+            path = os.path.join(root, candidate)
+            if os.path.isfile(path):
+                return path
+    return name
+
+
 def _validate(cfg: Config, specs: Mapping[str, K], sources: Mapping[str, str]) -> None:
     flat = flatten(cfg)
     for key, spec in specs.items():
@@ -380,7 +409,7 @@ def load_config(defaults: Mapping, config_file: str | None = None, overrides: Se
     reference = copy.deepcopy(values)  # types are checked against the code defaults
     sources: dict[str, str] = {}
     if config_file:
-        for path, data in read_recipe(config_file):
+        for path, data in read_recipe(resolve_recipe(config_file)):
             merge_config(cfg, data, source=path, reference=reference, sources=sources)
     apply_overrides(cfg, overrides, reference, sources)
     _validate(cfg, specs, sources)

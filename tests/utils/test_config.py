@@ -1,4 +1,6 @@
 """sparse_mim.utils.config (schema, recipes with _base_, overrides, checks, --help) and utils.cli."""
+import os
+
 import pytest
 
 from sparse_mim.utils.cli import UsageError, run_cli
@@ -214,3 +216,17 @@ def test_run_cli_turns_exceptions_into_one_line_errors(capsys):
     assert run_cli(lambda argv: 3, []) == 3
     assert run_cli(lambda argv: {"loss": 1.0}, []) == 0
     assert run_cli(lambda argv: parse_config(SCHEMA, ["--help"]), []) == 0
+
+
+def test_shipped_recipes_resolve_by_name(tmp_path, monkeypatch):
+    from sparse_mim.utils.config import resolve_recipe, shipped_recipes_dir
+    root = shipped_recipes_dir()
+    assert root is not None and root.endswith("configs")
+    for name in ("fgvc/demo", "fgvc/demo.yaml", "configs/fgvc/demo.yaml"):
+        path = resolve_recipe(name)
+        assert path.endswith("demo.yaml") and os.path.isfile(path)
+    monkeypatch.chdir(tmp_path)  # a relative path that exists wins over a shipped name
+    (tmp_path / "fgvc").mkdir()
+    (tmp_path / "fgvc" / "demo.yaml").write_text("seed: 1\n")
+    assert resolve_recipe("fgvc/demo.yaml") == "fgvc/demo.yaml"
+    assert resolve_recipe("nope/missing.yaml") == "nope/missing.yaml"
