@@ -33,7 +33,14 @@ from timm.layers import trunc_normal_
 from .decoder import LightDecoder
 from .sparse.tensor import SparseMap, check_visible_mask, upsample_mask
 
-__all__ = ["SparK", "param_groups", "load_spark_checkpoint", "patchify", "unpatchify"]
+__all__ = ["SparK", "param_groups", "load_spark_checkpoint", "patchify", "unpatchify", "mask_seed_generator",
+           "INIT_CHOICES", "NotASparKCheckpointError"]
+
+INIT_CHOICES = ("official", "trunc_normal")
+
+
+class NotASparKCheckpointError(ValueError):
+    """The file is a checkpoint, but not of a SparK model (e.g. an fgvc or backbone-only file)."""
 
 # Buffers of the official module that it never uses (its own comment says so); dropped on import.
 _OFFICIAL_UNUSED_KEYS = ("imn_m", "imn_s", "norm_black")
@@ -41,13 +48,38 @@ _ENCODER_PREFIX = "sparse_encoder.sp_cnn."
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    size = tuple(int(s) for s in size)
+    from timm.layers import to_2tuple
+    size = to_2tuple(size) if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(size) == 1:
+        size = (size[0], size[0])
     if len(size) != 2:
         raise ValueError(f"input_size must be an int or (height, width), got {size}")
-    return size
+    return tuple(int(s) for s in size)
 
+
+def mask_seed_generator(seed: int) -> torch.Generator:
+    """The CPU generator a sample's mask is drawn from, given the sample's seed (decorrelated from its crop)."""
+    return torch.Generator().manual_seed((int(seed) ^ 0x5DEECE66D) & ((1 << 63) - 1))
+
+
+def _zero_init_last_bn(backbone: nn.Module) -> int:
+    """timm / official SparK ResNet init: the last BatchNorm weight of every residual block is 0.
+
+    Bottlenecks zero ``bn3``, basic blocks ``bn2`` (what timm's ``zero_init_last`` and
+    torchvision's ``zero_init_residual`` do). Returns the number of blocks changed.
+    """
+    params = dict(backbone.named_parameters())
+    blocks = sorted({n.rsplit(".", 2)[0] for n in params if re.search(r"(^|\.)layer\d+\.\d+\.bn\d\.weight$", n)})
+    count = 0
+    for block in blocks:
+        for last in ("bn3", "bn2"):
+            w = params.get(f"{block}.{last}.weight")
+            if w is not None:
+                with torch.no_grad():
+                    w.zero_()
+                count += 1
+                break
+    return count
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """[B, C, H, W] -> [B, h*w, p*p*C] (row-major patches; each patch (py, px, c), like the official code)."""
@@ -109,6 +141,12 @@ class SparK(nn.Module):
             BatchNorm layers (ResNet), else 'ln' (ConvNeXt), as in the official code.
         sparse: only when ``backbone`` is a name: build the sparse backbone (True)
             or its dense-masked simulation twin (False).
+        init: ``"official"`` (default; as the official SparK code): a ResNet built here from its
+            name starts with the last BatchNorm weight of every block at 0 (timm's
+            ``zero_init_last``; a backbone module passed in is left as it is), the densify
+            projections keep PyTorch's default conv init. ``"trunc_normal"``: BatchNorm
+            weights 1 and trunc-normal(0.02) projections with zero bias (this project's
+            earlier init). Mask tokens and the decoder are initialised the same way in both.
         backbone_kwargs: extra arguments for ``create_backbone`` when ``backbone`` is a name.
     """
 
@@ -121,15 +159,21 @@ class SparK(nn.Module):
             sbn: bool = False,
             densify_norm: str | None = None,
             sparse: bool = True,
+            init: str = "official",
             **backbone_kwargs: Any,
     ):
         super().__init__()
+        if init not in INIT_CHOICES:
+            raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
+        self.init = init
         self.backbone_name = None
         self.backbone_kwargs = dict(backbone_kwargs)
+        built_here = False
         if isinstance(backbone, str):
             from . import create_backbone  # lazy: the registry lives in sparse_mim.backbones
             self.backbone_name = backbone
             backbone = create_backbone(backbone, sparse=sparse, **backbone_kwargs)
+            built_here = True
         elif backbone_kwargs:
             raise ValueError(f"backbone kwargs {sorted(backbone_kwargs)} need a backbone *name*; "
                              "pass them to create_backbone instead")
@@ -140,8 +184,8 @@ class SparK(nn.Module):
                 raise TypeError(f"the backbone {type(backbone).__name__} has no `.{attr}`; SparK needs a backbone "
                                 "with `.channels` (4 widths, stride 4 to 32), `.downsample_ratio` and "
                                 "`forward(images, visible)` (see sparse_mim.create_backbone)")
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio} (0 hides nothing: the loss is 0)")
 
         self.sparse_encoder = _SparseEncoder(backbone)
         self.is_sparse = _backbone_is_sparse(backbone)
@@ -179,10 +223,15 @@ class SparK(nn.Module):
             else:
                 k = 1 if i == 0 else 3
                 proj = nn.Conv2d(enc_chs, decoder_chs, kernel_size=k, stride=1, padding=k // 2, bias=True)
-                trunc_normal_(proj.weight, std=.02)
-                nn.init.zeros_(proj.bias)
+                if init == "trunc_normal":
+                    trunc_normal_(proj.weight, std=.02)
+                    nn.init.zeros_(proj.bias)
+                # "official": PyTorch's default conv init (Kaiming-uniform weight, uniform bias), as SparK
             self.densify_projs.append(proj)
             decoder_chs //= 2
+        # from-scratch backbones only (built here from a name without weights); a given module is left as it is
+        if init == "official" and built_here and not backbone_kwargs.get("weights"):
+            _zero_init_last_bn(backbone)
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -206,6 +255,51 @@ class SparK(nn.Module):
             raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch on a {grid[0]}x{grid[1]} grid; "
                              "lower mask_ratio or use larger images")
         return keep
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this model (stored in checkpoints; see ``from_checkpoint``)."""
+        if self.backbone_name is None:
+            raise ValueError("this SparK model was built from an unnamed backbone module, so a checkpoint cannot "
+                             "describe it; build it as SparK('resnet50', ...) or from sparse_mim.create_backbone")
+        return {"backbone": self.backbone_name, "backbone_kwargs": dict(self.backbone_kwargs),
+                "input_size": list(self.input_size), "mask_ratio": self.mask_ratio,
+                "decoder_width": int(self.dense_decoder.width), "densify_norm": self.densify_norm_type,
+                "sparse": bool(self.is_sparse), "init": self.init}
+
+    @classmethod
+    def from_checkpoint(cls, path_or_checkpoint, sparse: bool | None = None, **overrides: Any) -> "SparK":
+        """Rebuild a SparK model from its own checkpoint and load its weights (refusing NaN / inf ones).
+
+        Reads ``spark`` (the ``init_args`` stored by ``sparse_mim.train``); an official
+        ``*_withdecoder_*`` release file is rebuilt from its ``arch`` / ``input_size`` /
+        stored config. ``sparse``: override the sparse / dense-masked choice; ``overrides``:
+        other constructor arguments (e.g. ``mask_ratio``). Drop-path is 0 (inference).
+        """
+        from .utils.checkpoint import check_state_finite, load_checkpoint
+        if isinstance(path_or_checkpoint, (str, os.PathLike)):
+            checkpoint, source = load_checkpoint(path_or_checkpoint), str(path_or_checkpoint)
+        else:
+            checkpoint, source = path_or_checkpoint, "the given checkpoint"
+        args = spark_args_from_checkpoint(checkpoint, source)
+        args.update({k: v for k, v in overrides.items() if v is not None})
+        if sparse is not None:
+            args["sparse"] = sparse
+        kwargs = dict(args.pop("backbone_kwargs", None) or {})
+        kwargs["drop_path_rate"] = 0.0
+        name = args.pop("backbone")
+        model = cls(name, **args, **kwargs)
+        check_state_finite(_unwrap_checkpoint(checkpoint)[0], f"{source} is not usable")
+        load_spark_checkpoint(model, checkpoint)
+        return model
+
+    def masks_from_seeds(self, seeds: Tensor | Sequence[int], device: torch.device | str | None = None) -> Tensor:
+        """Visible masks [B, f_h, f_w], one per sample, each drawn from its own sample seed.
+
+        A sample's mask depends on its seed only (not on the batch, process layout or a restart).
+        """
+        seeds = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
+        masks = torch.cat([self.mask(1, generator=mask_seed_generator(s)) for s in seeds])
+        return masks.to(device) if device is not None else masks
 
     # ------------------------------------------------------------------ 1. masking
     def mask(self, batch_size: int, device: torch.device | str | None = None, generator: torch.Generator | None = None,
@@ -372,8 +466,10 @@ class SparK(nn.Module):
             if hasattr(module, "drop_prob") and hasattr(twin_modules.get(module_name), "drop_prob"):
                 twin_modules[module_name].drop_prob = module.drop_prob
         ref = SparK(twin, input_size=self.input_size, mask_ratio=self.mask_ratio,
-                    decoder_width=self.dense_decoder.width, sbn=self.sbn, densify_norm=self.densify_norm_type)
+                    decoder_width=self.dense_decoder.width, sbn=self.sbn, densify_norm=self.densify_norm_type,
+                    init=self.init)
         ref.backbone_name = name
+        ref.backbone_kwargs = dict(self.backbone_kwargs)
         ref.to(device=self.mask_tokens[0].device, dtype=self.mask_tokens[0].dtype)
         try:
             ref.load_state_dict(self.state_dict(), strict=True)
@@ -395,19 +491,13 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Sequence
     Each group carries ``apply_weight_decay`` so a weight-decay schedule only
     touches the first; frozen parameters are left out.
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if p.ndim <= 1 or name.endswith(".bias") or any(key in name for key in no_decay_names) or leaf == "gamma":
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "apply_weight_decay": True},
-        {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False},
-    ]
+    from timm.optim import param_groups_weight_decay
+    extra = [name for name, _ in model.named_parameters()
+             if any(key in name for key in no_decay_names) or name.rsplit(".", 1)[-1] == "gamma"]
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=extra)
+    for g in groups:  # timm returns [no decay, decay]; flag them for the weight-decay schedule
+        g["apply_weight_decay"] = g["weight_decay"] != 0.0
+    return sorted(groups, key=lambda g: not g["apply_weight_decay"])
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -452,8 +542,8 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
     encoder's unused head).
     """
     if isinstance(path_or_state, (str, os.PathLike)):
-        from .backbones.weights import read_checkpoint
-        checkpoint, source = read_checkpoint(path_or_state), str(path_or_state)
+        from .utils.checkpoint import load_checkpoint
+        checkpoint, source = load_checkpoint(path_or_state), str(path_or_state)
     else:
         checkpoint, source = path_or_state, "the given state dict"
     state, kind, config = _unwrap_checkpoint(checkpoint)
@@ -465,7 +555,8 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
         if any(re.match(r"(conv1|stem|layer1|stages|downsample_layers)\.", k) for k in state):
             hint = (" It looks like a backbone-only file (e.g. *_1kpretrained_timm_style.pth): load it into the "
                     "encoder with sparse_mim.backbones.load_backbone_weights(model.backbone, path).")
-        raise ValueError(f"{source} holds no SparK encoder weights (no key starts with '{_ENCODER_PREFIX}').{hint}")
+        raise NotASparKCheckpointError(
+            f"{source} is not a SparK checkpoint: no key starts with '{_ENCODER_PREFIX}'.{hint}")
 
     encoder_state = {k[len(_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(_ENCODER_PREFIX)}
     encoder_state = _to_our_encoder_layout(encoder_state, model.backbone)
@@ -499,3 +590,33 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return {"format": kind, "config": config, "ignored_keys": ignored, "kept_keys": kept}
+
+
+def spark_args_from_checkpoint(checkpoint: Any, source: str = "the checkpoint") -> dict[str, Any]:
+    """SparK constructor arguments recorded in a checkpoint (ours: ``spark``; official: ``arch`` + config)."""
+    if not isinstance(checkpoint, dict):
+        raise NotASparKCheckpointError(f"{source} is not a SparK checkpoint (a {type(checkpoint).__name__}, "
+                                       "not a dict)")
+    if isinstance(checkpoint.get("spark"), dict):
+        return copy.deepcopy(dict(checkpoint["spark"]))
+    module = checkpoint.get("module")
+    if isinstance(module, dict) and any(k.startswith(_ENCODER_PREFIX) for k in module):
+        config = module.get("config", {}) if isinstance(module.get("config"), dict) else {}
+        arch = checkpoint.get("arch")
+        if not arch:
+            raise NotASparKCheckpointError(f"{source} is an official SparK file without its 'arch' entry; build "
+                                           "SparK(name, ...) and call load_spark_checkpoint(model, path)")
+        args = {"backbone": arch, "input_size": checkpoint.get("input_size") or config.get("sparse_encoder.input_size")
+                or 224, "mask_ratio": config.get("mask_ratio") or 0.6,
+                "decoder_width": config.get("dense_decoder.width") or 768,
+                "densify_norm": config.get("densify_norm_str") or None}
+        return args
+    state = checkpoint.get("model", checkpoint)
+    if isinstance(state, dict) and any(str(k).startswith(("module." + _ENCODER_PREFIX, _ENCODER_PREFIX)) for k in state):
+        raise NotASparKCheckpointError(f"{source} holds SparK weights but not the model's description ('spark' "
+                                       "entry, written since format_version 1); build SparK(name, ...) and call "
+                                       "load_spark_checkpoint(model, path)")
+    raise NotASparKCheckpointError(
+        f"{source} is not a SparK checkpoint (no 'spark' model description and no '{_ENCODER_PREFIX}*' weights; "
+        f"top-level keys: {list(checkpoint)[:8]}). Fine-tuning (fgvc) and backbone-only files cannot be "
+        "visualised or exported as SparK models.")
