@@ -81,6 +81,23 @@ def _zero_init_last_bn(backbone: nn.Module) -> int:
                 break
     return count
 
+def random_visible_mask(batch_size: int, grid: tuple[int, int], num_visible: int,
+                        generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
+    """SparK's random patch mask: bool [B, f_h, f_w], True = visible, exactly ``num_visible`` per image.
+
+    Chosen as ``rand(B, f_h*f_w).argsort()[:, :num_visible]`` (official). Random numbers are
+    drawn on the generator's device (CPU by default), so a seeded generator gives the same
+    mask on any device. The one mask generator of the project (`SparK.mask`, tests).
+    """
+    fh, fw = grid
+    noise = torch.rand(batch_size, fh * fw, generator=generator,
+                       device=generator.device if generator is not None else "cpu")
+    keep_idx = noise.argsort(dim=1)[:, :num_visible]
+    visible = torch.zeros(batch_size, fh * fw, dtype=torch.bool, device=keep_idx.device)
+    visible.scatter_(1, keep_idx, True)
+    return visible.view(batch_size, fh, fw).to(device if device is not None else keep_idx.device)
+
+
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """[B, C, H, W] -> [B, h*w, p*p*C] (row-major patches; each patch (py, px, c), like the official code)."""
     B, C, H, W = images.shape
@@ -311,13 +328,7 @@ class SparK(nn.Module):
         gives the same mask on any device.
         """
         fh, fw = grid or self.patch_grid
-        keep = self.visible_count((fh, fw))
-        noise = torch.rand(batch_size, fh * fw, generator=generator,
-                           device=generator.device if generator is not None else "cpu")
-        keep_idx = noise.argsort(dim=1)[:, :keep]
-        visible = torch.zeros(batch_size, fh * fw, dtype=torch.bool, device=keep_idx.device)
-        visible.scatter_(1, keep_idx, True)
-        return visible.view(batch_size, fh, fw).to(device if device is not None else keep_idx.device)
+        return random_visible_mask(batch_size, (fh, fw), self.visible_count((fh, fw)), generator, device)
 
     # ------------------------------------------------------------------ 2. encoder
     def forward_encoder(self, images: Tensor, visible: Tensor) -> list[Tensor | SparseMap]:
