@@ -3,12 +3,26 @@
 Only rank 0 logs; on other ranks every method is a no-op. wandb is imported only
 when a run starts (never at package import). The user's ``WANDB_MODE`` decides the
 mode; we only default it to ``offline`` so nothing leaves the machine unasked. With
-``WANDB_MODE=disabled`` wandb is never started; the local files are still written:
+``WANDB_MODE=disabled`` (or ``use_wandb=False``, the ``wandb.enabled`` key) wandb is
+never started; the local files are still written:
 
 - ``metrics.jsonl``: one JSON object per ``log`` call (``{"step": .., "lr": ..}``),
 - ``images/<key>_<step>.png``: every logged image, always,
-- the wandb run itself under ``<out_dir>/wandb`` (its id is kept in checkpoints so a
-  resumed run continues the same wandb run: ``resume="allow"``).
+- ``wandb/``: everything wandb writes for this run, so copying the output folder
+  elsewhere and running ``wandb sync <output_dir>/wandb/offline-run-*`` there uploads the
+  complete run: the run files and media (``wandb/offline-run-*``), and wandb's artifact
+  staging and cache (``wandb/data``, ``wandb/cache``, ``wandb/artifacts``: by default these
+  live under the home folder, where they pile up unseen). Set ``WANDB_DATA_DIR`` /
+  ``WANDB_CACHE_DIR`` / ``WANDB_ARTIFACT_DIR`` yourself to choose other places.
+- the wandb run id is kept in checkpoints: a resumed run continues the same wandb run
+  (``resume="allow"``).
+
+Model files (``log_model``): ``auto`` uploads the file as a wandb artifact only when the
+run is online and logs nothing offline (an offline run would otherwise stage a full copy
+of every checkpoint); ``upload`` always logs it (offline: synced later, no staging copy:
+the artifact points at the file in the output folder, so keep the file until synced);
+``reference`` logs a ``file://`` reference (no copy, no upload; the file stays where it
+is); ``off`` never.
 """
 from __future__ import annotations
 
@@ -21,7 +35,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["RunLogger", "new_run_id", "to_pil"]
+__all__ = ["RunLogger", "new_run_id", "to_pil", "LOG_MODEL_CHOICES", "wandb_dirs"]
+
+LOG_MODEL_CHOICES = ("auto", "off", "reference", "upload")
+_WANDB_DIR_VARS = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_ARTIFACT_DIR": "artifacts"}
+_USER_SET = {k for k in _WANDB_DIR_VARS if k in os.environ}  # the user's own choice is never overridden
+
+
+def wandb_dirs(out_dir: str) -> dict:
+    """The wandb folders (staging, cache, artifacts) of a run in ``out_dir``: all under ``out_dir/wandb``."""
+    return {var: os.path.join(os.path.abspath(out_dir), "wandb", sub) for var, sub in _WANDB_DIR_VARS.items()}
 
 
 def new_run_id() -> str:
@@ -74,25 +97,38 @@ class RunLogger:
         project / name / entity / tags: wandb run fields.
         run_id: wandb run id to continue (from a checkpoint); a new one is made if None.
         enabled: False on ranks other than 0 (everything becomes a no-op).
+        use_wandb: False keeps the local files but never starts wandb (the ``wandb.enabled`` key).
+        log_model: what :meth:`log_model` does with model files (module docstring).
     """
 
     def __init__(self, out_dir: str, config: Mapping | None = None, project: str = "sparse_mim",
                  name: str | None = None, entity: str | None = None, run_id: str | None = None,
-                 tags=None, enabled: bool = True, job_type: str | None = None):
+                 tags=None, enabled: bool = True, job_type: str | None = None, use_wandb: bool = True,
+                 log_model: str = "auto"):
+        if log_model not in LOG_MODEL_CHOICES:
+            raise ValueError(f"log_model={log_model!r}: choose one of {', '.join(LOG_MODEL_CHOICES)}")
         self.enabled = bool(enabled)
         self.out_dir = out_dir
         self.run_id = run_id or new_run_id()
         self.run = None
         self._wandb = None
+        self.log_model_policy = log_model
+        self.mode = "disabled"
         if not self.enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.image_dir = os.path.join(out_dir, "images")
+        if not use_wandb:
+            return
         os.environ.setdefault("WANDB_MODE", "offline")
         self.mode = os.environ["WANDB_MODE"]
         if self.mode == "disabled":
             return
+        for var, path in wandb_dirs(out_dir).items():  # staging / cache inside the run's folder
+            if var not in _USER_SET:
+                os.environ[var] = path
+                os.makedirs(path, exist_ok=True)
         import wandb  # imported only where a run starts
         self._wandb = wandb
         cfg = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config else None)
@@ -143,6 +179,23 @@ class RunLogger:
         art = self._wandb.Artifact(name=name, type=type, metadata=dict(metadata or {}))
         art.add_file(path)
         self.run.log_artifact(art, aliases=aliases)
+
+    def log_model(self, path: str, name: str, metadata: Mapping | None = None, aliases=None) -> str | None:
+        """Log a model file by the ``log_model`` policy; returns what was done (None: nothing)."""
+        if not self.enabled or self.run is None:
+            return None
+        policy = self.log_model_policy
+        if policy == "auto":
+            policy = "upload" if self.mode == "online" else "off"
+        if policy == "off":
+            return None
+        art = self._wandb.Artifact(name=name, type="model", metadata=dict(metadata or {}))
+        if policy == "reference":
+            art.add_reference("file://" + os.path.abspath(path), checksum=False)
+        else:
+            art.add_file(path, policy="immutable")  # no staging copy: the file in the output folder is used
+        self.run.log_artifact(art, aliases=aliases)
+        return policy
 
     def summary(self, values: Mapping[str, Any]) -> None:
         if not self.enabled or self.run is None:
