@@ -35,6 +35,7 @@ Differences from the official code (deliberate):
 """
 import logging
 import math
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,7 +52,8 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "MetaFormer", "MBConvBlock", "MHSABlock", "RelativeAttention", "OverlapPatchEmbed", "Mlp",
     "ResNormLayer", "checkpoint_filter_fn", "load_pretrained", "resize_relative_position_bias_table",
-    "param_groups_for_weight_decay", "meta_dropout_mask", "read_weights",
+    "param_groups_for_weight_decay", "meta_dropout_mask", "read_weights", "describe_state_dict",
+    "mismatch_message", "load_state_dict_exact", "OFFICIAL_CONFIG_GLOBALS",
 ]
 
 ATTN_IMPLS = ("sdpa", "explicit")
@@ -792,35 +794,124 @@ def checkpoint_filter_fn(state_dict, model: MetaFormer) -> Tuple[Dict[str, torch
     wrong_shape = sorted(f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(target[k].shape)}"
                          for k in out if k in target and out[k].shape != target[k].shape)
     if unexpected or missing or wrong_shape:
-        def _fmt(title, keys):
-            shown = keys[:25] + ([f"... and {len(keys) - 25} more"] if len(keys) > 25 else [])
-            return f"\n  {title} ({len(keys)}):\n    " + "\n    ".join(shown) if keys else ""
-        raise ValueError(
-            f"checkpoint does not match {type(model).__name__} (is it a checkpoint of this variant?):"
-            + _fmt("keys missing in the checkpoint", missing)
-            + _fmt("keys the model does not have", unexpected)
-            + _fmt("shape mismatches", wrong_shape))
+        raise ValueError(mismatch_message(out, model, missing, unexpected, wrong_shape))
     return out, notes
 
 
-def read_weights(path) -> dict:
-    """``torch.load(path, weights_only=True)``, with a way out for files that also pickle objects.
+def _plain(obj):
+    """Config containers as plain dicts / lists (the stand-in of a pickled config class is an OrderedDict)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
 
-    The official training script saves its yacs ``config`` object next to the
-    weights, which a weights-only load refuses: the error says how to extract
-    the weights once from a file you trust.
+
+# The official training script pickles its yacs config (``yacs.config.CfgNode``, a dict subclass) next
+# to the weights. The weights-only unpickler may rebuild that one class, as a plain OrderedDict (its
+# attributes land in the OrderedDict's __dict__; no yacs code is imported or run); every other object
+# in a file stays refused.
+OFFICIAL_CONFIG_GLOBALS = ((OrderedDict, "yacs.config.CfgNode"),)
+
+
+def read_weights(path) -> dict:
+    """Read a MetaFormer file safely: ``torch.load(weights_only=True)`` plus the official config class.
+
+    Official MetaFormer training checkpoints (``model``, ``optimizer``, ``lr_scheduler``,
+    ``max_accuracy``, ``epoch`` and the yacs ``config``) load directly: the config comes back
+    as a plain dict under ``config``. A file that pickles anything else, a truncated file and a
+    file that is not a PyTorch file are refused with a message saying which it is.
     """
+    from sparse_mim.utils.checkpoint import load_checkpoint
+    obj = load_checkpoint(path, allowed_globals=OFFICIAL_CONFIG_GLOBALS)
+    if isinstance(obj, dict) and isinstance(obj.get("config"), OrderedDict):
+        obj = dict(obj)
+        obj["config"] = _plain(obj["config"])
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# What a state dict is: one-line descriptions for mismatch errors
+# ---------------------------------------------------------------------------------------------
+
+def _block_count(keys, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".", 1)[0]) for k in keys
+           if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    return max(idx) + 1 if idx else 0
+
+
+def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
+    """What architecture a MetaFormer state dict belongs to, in one phrase.
+
+    ``"metaformer_1 (widths 64/96/192/384/768, blocks 2/6/14/2, 200 classes, meta dims [4, 3])"``;
+    a hybrid names its trunk; anything else says it is not a MetaFormer.
+    """
+    sd = state_dict
+    keys = list(sd)
+    if "cls_token_1" not in sd or "cls_token_2" not in sd:
+        head = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        return f"not a MetaFormer ({len(keys)} tensors: {head})"
+    c3, c4 = int(sd["cls_token_1"].shape[-1]), int(sd["cls_token_2"].shape[-1])
+    d3, d4 = _block_count(keys, "stage_3."), _block_count(keys, "stage_4.")
+    extra = []
+    if "head.weight" in sd:
+        extra.append(f"{int(sd['head.weight'].shape[0])} classes")
+    meta = [d for _, d, _ in _meta_layout(sd)]
+    extra.append(f"meta dims {meta}" if meta else "no meta")
+    if any(k.startswith("backbone.") for k in keys):
+        trunk = "ResNet" if any(k.startswith("backbone.layer1.") for k in keys) else "ConvNeXt"
+        name = f"a {trunk}-trunk hybrid (token widths {c3}/{c4}, blocks {d3}/{d4}"
+        return name + ", " + ", ".join(extra) + ")"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pickle.UnpicklingError and friends
-        raise RuntimeError(
-            f"could not read {str(path)!r} with torch.load(weights_only=True): {str(e).splitlines()[0]}\n"
-            f"Official MetaFormer training checkpoints also pickle their yacs config. If you trust the file, "
-            f"extract the weights once and load that file instead:\n"
-            f"  python -c \"import torch; ck = torch.load('{path}', map_location='cpu', weights_only=False); "
-            f"torch.save({{'model': ck.get('model', ck.get('state_dict_ema'))}}, 'weights_only.pth')\"") from e
+        c0 = int(sd["stage_0.6.weight"].shape[0])
+        c1 = int(sd["stage_1.0._project_conv.weight"].shape[0])
+        c2 = int(sd["stage_2.0._project_conv.weight"].shape[0])
+    except KeyError:
+        return f"an incomplete MetaFormer (token widths {c3}/{c4}, blocks {d3}/{d4})"
+    d1, d2 = _block_count(keys, "stage_1."), _block_count(keys, "stage_2.")
+    name = "a custom-size MetaFormer"
+    for variant, cfg in _CFGS.items():
+        if (tuple(cfg["conv_embed_dims"]) == (c0, c1, c2) and tuple(cfg["attn_embed_dims"]) == (c3, c4)
+                and tuple(cfg["conv_depths"][1:]) == (d1, d2) and tuple(cfg["attn_depths"]) == (d3, d4)):
+            name = variant
+            break
+    return (f"{name} (widths {c1}/{c2}/{c3}/{c4}, blocks {d1}/{d2}/{d3}/{d4}, " + ", ".join(extra) + ")")
+
+
+def mismatch_message(state_dict, model: nn.Module, missing=None, unexpected=None, wrong_shape=None) -> str:
+    """One line: what the checkpoint holds vs what the model is, with counts and one example each."""
+    target = model.state_dict()
+    if missing is None:
+        missing = sorted(k for k in target if k not in state_dict)
+    if unexpected is None:
+        unexpected = sorted(k for k in state_dict if k not in target)
+    if wrong_shape is None:
+        wrong_shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
+                             for k in state_dict if k in target and state_dict[k].shape != target[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys missing in the checkpoint (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys the model does not have (e.g. {unexpected[0]})")
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} shape mismatches (e.g. {wrong_shape[0]})")
+    src = describe_state_dict(state_dict)
+    dst = describe_state_dict({k: v for k, v in target.items()})
+    if src == dst:  # same variant, e.g. only the classifier differs
+        return f"checkpoint weights do not fit the model ({src}): " + "; ".join(parts)
+    return f"checkpoint is {src} but the model is {dst}: " + "; ".join(parts)
+
+
+def load_state_dict_exact(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+    """``model.load_state_dict(state_dict)`` with every key and shape matching, else ONE line
+    naming the expected and found variant (instead of torch's list of hundreds of keys)."""
+    target = model.state_dict()
+    bad = (set(target) != set(state_dict)) or any(
+        state_dict[k].shape != v.shape for k, v in target.items() if k in state_dict)
+    if bad:
+        raise ValueError(mismatch_message(state_dict, model))
+    model.load_state_dict(state_dict)
+    return model
 
 
 def load_pretrained(model: MetaFormer, checkpoint, strict: bool = True) -> List[str]:

@@ -197,10 +197,15 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike, check_fin
 
 
 # ---------------------------------------------------------------------------- reading
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", check_finite: bool = False) -> Any:
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", check_finite: bool = False,
+                    allowed_globals: Iterable[Any] = ()) -> Any:
     """Load with ``torch.load(weights_only=True)`` (no code runs); clear errors for every kind of bad file.
 
     ``check_finite``: refuse a file whose weights hold NaN / inf (``NonFiniteStateError``).
+    ``allowed_globals``: extra classes the weights-only unpickler may build, as for
+    ``torch.serialization.safe_globals`` (a class, or ``(stand_in, "module.Name")`` to read a
+    pickled class as a harmless stand-in, e.g. a config object of another code base);
+    everything else stays refused.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -209,14 +214,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", check_fi
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path (or use resume=auto)")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): the writer was killed or the disk was full")
+    allowed = list(allowed_globals)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        if allowed:
+            with torch.serialization.safe_globals(allowed):
+                obj = torch.load(path, map_location=map_location, weights_only=True)
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a pickled object, a truncated file, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _load_error_detail(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "WeightsUnpickler" in str(e):
             why = ("it pickles Python objects besides tensors, which could run code when loaded; this toolkit "
-                   "reads tensors and plain containers only. Re-save the weights alone "
-                   "(torch.save(model.state_dict(), path)) from a trusted environment")
+                   "reads tensors and plain containers only (the object was refused, nothing ran). Re-save the "
+                   "weights alone (torch.save(model.state_dict(), path)) where the file came from")
         elif zipfile.is_zipfile(path) or _looks_truncated(path):
             why = "it is truncated or damaged (a writer killed mid-way, a partial copy or download)"
         else:
@@ -225,6 +235,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", check_fi
     if check_finite:
         check_state_finite(obj, f"checkpoint {path!r} is not usable")
     return obj
+
+
+def _load_error_detail(e: BaseException) -> str:
+    """The informative line of a ``torch.load`` error: for a refused object the global it names
+    (torch's own text around it recommends unsafe loading, which is never repeated here)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln or "Can only" in ln or "whose module" in ln:
+            return ln
+    lines = [ln for ln in lines if "weights_only" not in ln and "Weights only load failed" not in ln]
+    return lines[0] if lines else type(e).__name__
 
 
 def _looks_truncated(path: str) -> bool:

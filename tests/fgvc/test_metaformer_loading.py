@@ -182,29 +182,119 @@ def test_meta_heads_dropped_when_layout_differs(src_meta, dst_meta):
     _assert_same_except(src, dst, skip_prefixes=("meta_",))
 
 
-def test_checkpoint_of_another_model_lists_the_mismatched_keys():
+def test_checkpoint_of_another_variant_is_one_line_naming_both():
     deeper = _tiny(attn_depths=(3, 2))
-    with pytest.raises(ValueError, match=r"(?s)keys the model does not have.*stage_3\.2\.attn"):
+    with pytest.raises(ValueError) as e:
         load_pretrained(_tiny(), _official_file(deeper))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.count("stage_") <= 3, msg  # one line, not hundreds of keys
+    assert "blocks 1/2/3/2" in msg and "blocks 1/2/2/2" in msg  # found vs expected
+    assert "keys the model does not have (e.g. stage_3.2.attn" in msg
     wider = _tiny(conv_embed_dims=(32, 64, 96))
-    with pytest.raises(ValueError, match=r"(?s)shape mismatches.*stage_1\.0\._project_conv\.weight"):
+    with pytest.raises(ValueError, match=r"shape mismatches \(e\.g\. stage_1\.0\._bn2\.bias"):
         load_pretrained(_tiny(), _official_file(wider))
-    with pytest.raises(ValueError, match="keys missing in the checkpoint"):
+    with pytest.raises(ValueError, match=r"1 keys missing in the checkpoint \(e\.g\. stage_2\.1\._bn2\.weight\)"):
         sd = _official_file(_tiny())["model"]
         del sd["stage_2.1._bn2.weight"]
         checkpoint_filter_fn(sd, _tiny())
+    # the official sizes are named
+    with torch.device("meta"):
+        m0, m1 = fgvc.create_model("metaformer_0"), fgvc.create_model("metaformer_1")
+    from fgvc.models.metaformer import load_state_dict_exact
+    with pytest.raises(ValueError, match=r"^checkpoint is metaformer_1 \(.*\) but the model is metaformer_0 \("):
+        load_state_dict_exact(m0, m1.state_dict())
+    m0b = fgvc.create_model("metaformer_tiny", num_classes=200, img_size=32)
+    with pytest.raises(ValueError, match=r"metaformer_tiny .*555 classes.*shape mismatches \(e\.g\. head\.bias"):
+        load_state_dict_exact(m0b, fgvc.create_model("metaformer_tiny", num_classes=555, img_size=32).state_dict())
 
 
-class _NotAWeight:  # stands in for the yacs config object the official script pickles
-    pass
+# ---------------------------------------------------------------------------------------------
+# Official training files pickle a yacs config: read safely, hostile pickles refused
+# ---------------------------------------------------------------------------------------------
+
+def _fake_yacs(monkeypatch):
+    """Modules ``yacs`` / ``yacs.config`` with a stand-in ``CfgNode`` like yacs' (a dict subclass whose
+    attributes hold a set and a dict), so torch.save pickles ``yacs.config.CfgNode`` as the official
+    training script does; removed again before loading."""
+    import sys
+    import types
+    yacs, config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        def __init__(self, init_dict=None, new_allowed=False):
+            super().__init__(init_dict or {})
+            self.__dict__["__immutable__"] = False
+            self.__dict__["__deprecated_keys__"] = set()
+            self.__dict__["__renamed_keys__"] = {"OLD": ("NEW", "renamed")}
+            self.__dict__["__new_allowed__"] = new_allowed
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    config.CfgNode, yacs.config = CfgNode, config
+    monkeypatch.setitem(sys.modules, "yacs", yacs)
+    monkeypatch.setitem(sys.modules, "yacs.config", config)
+    return CfgNode
 
 
-def test_file_with_pickled_objects_is_refused_with_a_fix(tmp_path):
+def _official_training_file(monkeypatch, model, path):
+    CfgNode = _fake_yacs(monkeypatch)
+    ck = _official_file(model)
+    ck["config"] = CfgNode({"MODEL": CfgNode({"TYPE": "MetaFG_meta", "NAME": "MetaFG_meta_0", "NUM_CLASSES": 10}),
+                            "DATA": CfgNode({"IMG_SIZE": 64, "DATASET": "inaturelist2021"}), "TAGS": ("a", 1)})
+    ck["optimizer"] = {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}
+    torch.save(ck, path)
+    monkeypatch.undo()  # the loader must not need yacs
+
+
+def test_official_training_file_with_yacs_config_loads_safely(tmp_path, monkeypatch):
+    import sys
+    src = _tiny()
+    path = tmp_path / "ckpt_epoch_299.pth"
+    _official_training_file(monkeypatch, src, path)
+    assert "yacs" not in sys.modules
+    ck = fgvc.models.read_weights(path)
+    assert type(ck["config"]) is dict and ck["config"]["MODEL"]["NAME"] == "MetaFG_meta_0"
+    assert ck["config"]["TAGS"] == ("a", 1) and ck["epoch"] == 299
+    dst = _tiny()
+    assert load_pretrained(dst, path) == []
+    _assert_same_except(src, dst)
+    assert "yacs" not in sys.modules  # nothing was imported
+
+
+class _Hostile:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["top", "config"])
+def test_hostile_pickle_is_refused_without_running(tmp_path, where):
+    marker = tmp_path / "PWNED"
     ck = _official_file(_tiny())
-    ck["config"] = _NotAWeight()
-    torch.save(ck, tmp_path / "official_train_ckpt.pth")
-    with pytest.raises(RuntimeError, match=r"(?s)weights_only=True.*weights_only=False"):
-        load_pretrained(_tiny(), tmp_path / "official_train_ckpt.pth")
+    ck[where] = _Hostile(marker)
+    torch.save(ck, tmp_path / "evil.pth")
+    with pytest.raises(RuntimeError) as e:
+        load_pretrained(_tiny(), tmp_path / "evil.pth")
+    msg = str(e.value)
+    assert not marker.exists()
+    assert "pickles Python objects" in msg and "system" in msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+
+
+def test_truncated_and_foreign_files_are_told_apart(tmp_path):
+    torch.save(_official_file(_tiny()), tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    with pytest.raises(RuntimeError, match="truncated or damaged") as e:
+        load_pretrained(_tiny(), tmp_path / "cut.pth")
+    assert "weights_only=False" not in str(e.value)
+    with pytest.raises(RuntimeError, match="not a PyTorch file"):
+        load_pretrained(_tiny(), tmp_path / "notes.pth")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        load_pretrained(_tiny(), tmp_path)
 
 
 def test_create_model_pretrained_path(tmp_path):
@@ -272,7 +362,7 @@ def test_hybrid_rejects_weights_of_another_backbone():
 def test_hybrid_loads_exported_sparse_mim_backbone(tmp_path):
     """The file tools/export_backbone.py writes (the dense twin's plain state dict) fits the hybrid."""
     backbones = pytest.importorskip("sparse_mim.backbones")
-    engine = pytest.importorskip("sparse_mim.engine_pretrain")
+    engine = pytest.importorskip("sparse_mim.export")
     backbone = backbones.create_backbone("resnet18", sparse=False)
     with torch.no_grad():  # make the weights recognisable
         for p in backbone.parameters():
