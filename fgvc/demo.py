@@ -27,7 +27,7 @@ from typing import Dict
 
 import numpy as np
 
-__all__ = ["make_demo_dataset", "demo_data_config", "DEMO_META_GROUPS"]
+__all__ = ["make_demo_dataset", "demo_data_config", "is_demo_dataset", "DEMO_META_GROUPS"]
 
 _SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar")
 _COLOURS = ((220, 60, 50), (50, 160, 70), (60, 90, 220), (230, 190, 40), (170, 70, 200), (40, 190, 200))
@@ -100,6 +100,9 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
         with open(stamp) as f:
             if json.load(f) == settings:
                 return demo_data_config(root)
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(stamp):
+        raise FileExistsError(f"{root!r} is not empty and holds no demo dataset (demo.json); the demo data is only "
+                              f"written into an empty folder or over an earlier demo dataset")
     rng = np.random.default_rng(seed)
     names = class_names(n_looks)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
@@ -125,6 +128,11 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
     with open(stamp, "w") as f:
         json.dump(settings, f)
     return demo_data_config(root)
+
+
+def is_demo_dataset(root: str) -> bool:
+    """Whether ``root`` holds a complete generated demo dataset (its stamp and both CSVs)."""
+    return all(os.path.isfile(os.path.join(root, f)) for f in ("demo.json", "train.csv", "test.csv"))
 
 
 def demo_data_config(root: str) -> Dict:

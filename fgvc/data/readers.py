@@ -511,11 +511,13 @@ def read_custom_csv(csv_path: str, image_root: Optional[str] = None, classes: Op
 
 
 # ----------------------------------------------------------------------------------------- config entry
-def build_records(data_cfg: Dict, split: str) -> FGVCRecords:
+def build_records(data_cfg: Dict, split: str, classes: Optional[List[str]] = None) -> FGVCRecords:
     """Read one split from a ``data:`` config mapping (see configs/fgvc/*.yaml).
 
     ``split`` is 'train' or 'test'; 'test' maps to the official evaluation split ('test'
-    for CUB / NABirds, 'val' for iNaturalist, ``test_csv`` for custom data).
+    for CUB / NABirds, 'val' for iNaturalist, ``test_csv`` for custom data). ``classes``
+    (custom layout): the label mapping to use, e.g. a checkpoint's class list, so the
+    test CSV is read without the training CSV.
     """
     ds = data_cfg["dataset"]
     root = data_cfg.get("root") or ""
@@ -548,9 +550,11 @@ def build_records(data_cfg: Dict, split: str) -> FGVCRecords:
         raise ValueError(f"data.{csv_key} is empty: the custom layout needs data.train_csv and data.test_csv")
     if root and not os.path.isabs(csv_path):
         csv_path = os.path.join(root, csv_path)
-    train_csv = data_cfg["train_csv"] if os.path.isabs(data_cfg["train_csv"]) or not root else os.path.join(
-        root, data_cfg["train_csv"])
-    classes = custom_classes(train_csv, data_cfg.get("label_column", "label"), data_cfg.get("num_classes") or None)
+    if classes is None:
+        train_csv = data_cfg["train_csv"] if os.path.isabs(data_cfg["train_csv"]) or not root else os.path.join(
+            root, data_cfg["train_csv"])
+        classes = custom_classes(train_csv, data_cfg.get("label_column", "label"),
+                                 data_cfg.get("num_classes") or None)
     image_root = data_cfg.get("image_root") or None
     if image_root and root and not os.path.isabs(image_root):
         image_root = os.path.join(root, image_root)
