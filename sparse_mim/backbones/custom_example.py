@@ -1,6 +1,6 @@
 """Worked example of a custom SparK backbone: a small ResNet-style net with Squeeze-Excite.
 
-Everything a user-written backbone needs (documented in README.md, "Backbones"):
+Everything a user-written backbone needs (documented in docs/backbones.md):
 
 1. subclass `HierarchicalBackbone`; set ``self.channels`` (one width per map, stride 4
    first) and ``self.downsample_ratio`` (32);

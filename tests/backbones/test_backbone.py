@@ -13,8 +13,9 @@ import torch
 
 import sparse_mim
 from sparse_mim.backbones import list_backbones
-from sparse_mim.backbones._testing import assert_equivalent, random_visible_mask, randomize_weights_
-from sparse_mim.backbones._testing import relative_error as _rel
+from sparse_mim.testing import assert_backbones_equivalent as assert_equivalent
+from sparse_mim.testing import random_visible_mask, randomize_weights_
+from sparse_mim.testing import relative_error as _rel
 from sparse_mim.sparse import SparseMap
 
 

@@ -5,7 +5,8 @@ from torch import nn
 
 import sparse_mim
 from sparse_mim.backbones import HierarchicalBackbone, register_backbone
-from sparse_mim.backbones._testing import assert_equivalent, random_visible_mask, randomize_weights_
+from sparse_mim.testing import assert_backbones_equivalent as assert_equivalent
+from sparse_mim.testing import random_visible_mask, randomize_weights_
 from sparse_mim.backbones.custom_example import TinySENet
 
 

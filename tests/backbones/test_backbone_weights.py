@@ -9,7 +9,7 @@ from torch import nn
 
 import sparse_mim
 from sparse_mim.backbones import (list_backbones, load_backbone_weights, read_checkpoint, split_spark_checkpoint)
-from sparse_mim.backbones._testing import random_visible_mask, randomize_weights_
+from sparse_mim.testing import random_visible_mask, randomize_weights_
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
