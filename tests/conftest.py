@@ -4,6 +4,7 @@ import warnings
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("SPARSE_MIM_AUTOTUNE_CACHE", "off")  # the conv autotuner keeps its choices in memory only
 warnings.filterwarnings("ignore", message=r"`torch.cuda.amp.custom_(fwd|bwd)", category=FutureWarning)
 
 import pytest  # noqa: E402

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from . import autotune
 from .tensor import SparseMap
 
 __all__ = [
@@ -47,50 +48,56 @@ __all__ = [
     "gather_rows",
 ]
 
-_CONV_BACKENDS = ("auto", "gather", "windows", "dense", "spconv")
-_conv_backend = "auto"
-
-
 def set_conv_backend(name: str) -> str:
-    """Force one implementation of the stride-1 k x k convs (for tests and benchmarks); returns the previous one.
+    """Choose how the sparse convs pick their implementation; returns the previous mode.
 
-    * ``"auto"`` (default): per op and shape, the one measured fastest (see
-      `_choose_path` and README.md, "Sparse engine");
+    * ``"autotune"`` (default): the first time a configuration (op, shape,
+      sparsity, dtype, device) is met, every exact implementation is timed,
+      forward and backward, and the fastest is kept (`autotune`, docs/autotune.md);
+    * ``"table"`` (alias ``"auto"``): fixed rules measured on a CPU, no timing
+      (`_table_rule`);
     * ``"gather"``: neighbour-table gather into im2col + one GEMM (any scale);
     * ``"windows"``: dense conv on each visible patch plus its halo (needs a
       map built from a patch mask, ``patch_factor > 1``);
-    * ``"dense"``: dense channels-last conv on the zero-filled map, visible rows
-      gathered back (what the dense-masked simulation computes, without the
-      hidden-site outputs);
+    * ``"dense"``: the dense channels-last conv on the zero-filled map, the
+      output sites read back (what the dense-masked simulation computes,
+      without the hidden-site outputs); strided convs too;
     * ``"spconv"``: spconv SubMConv2d (Native on CPU, implicit GEMM on CUDA;
       groups=1 only).
-    Every path gives the dense-masked result; the tests check each of them.
-    1x1 convs are always a linear map, strided convs always the gather-GEMM.
+    A forced path applies to every op that has it; the others use their
+    gather path. Every path gives the dense-masked result; the tests check each
+    of them. 1x1 stride-1 convs are always a linear map.
     """
-    global _conv_backend
-    if name not in _CONV_BACKENDS:
-        raise ValueError(f"unknown conv backend {name!r}; choose one of {_CONV_BACKENDS}")
-    previous, _conv_backend = _conv_backend, name
-    return previous
+    return autotune.set_mode(name)
 
 
 def get_conv_backend() -> str:
-    return _conv_backend
+    return autotune.get_mode()
 
 
-def _choose_path(x: SparseMap, kernel: tuple[int, int], dilation: tuple[int, int], depthwise: bool) -> str:
-    """Pick the stride-1 conv implementation (measured on CPU, batch 16, 40% visible; see the benchmark)."""
+def _op_kind(kernel: tuple[int, int], stride: tuple[int, int], groups: int, c_in: int) -> str:
+    """The autotuner's op kind of a conv: which implementations can compute it."""
+    symmetric = stride == (1, 1) and kernel[0] % 2 == 1 and kernel[1] % 2 == 1  # odd 'same' stride-1 kernel
+    if groups == 1:
+        if kernel == (1, 1) and stride == (1, 1):
+            return "pointwise"
+        return "conv" if symmetric else "strided_conv"
+    if groups == c_in:
+        return "depthwise" if symmetric else "strided_depthwise"
+    return "grouped_conv" if symmetric else "strided_grouped_conv"
+
+
+def _table_rule(call: "autotune.OpCall") -> str:
+    """The fixed choice (mode "table"): measured on CPU, batch 16, 40% visible; a guess on CUDA."""
+    x, kernel, dilation = call.x, call.kernel, call.dilation
+    if call.kind not in ("conv", "depthwise"):
+        return "gather"
+    depthwise = call.kind == "depthwise"
     f = x.patch_factor
     halo = (dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1))
-    if _conv_backend != "auto":
-        if _conv_backend == "windows" and f == 1:
-            return "gather"
-        if _conv_backend == "spconv" and depthwise:
-            return "gather"
-        return _conv_backend
     if x.features.is_cuda:
-        # spconv's implicit GEMM for groups=1 up to 32 taps (spconv.md item 9); cuDNN on the zero-filled map
-        # for depthwise (spconv has no groups, item 7) and larger kernels. Not measured on a GPU here.
+        # spconv's implicit GEMM for groups=1 up to 32 taps; cuDNN on the zero-filled map for depthwise (spconv
+        # has no groups) and larger kernels. Not measured on a GPU: autotune measures instead.
         from .spconv_backend import spconv_available
         taps = kernel[0] * kernel[1]
         return "spconv" if not depthwise and taps <= 32 and spconv_available() else "dense"
@@ -100,6 +107,11 @@ def _choose_path(x: SparseMap, kernel: tuple[int, int], dilation: tuple[int, int
         # windows where they are large (7x7 on 8x8 patches), else on the whole zero-filled map
         return "windows" if f > 1 and window_cost <= 3.1 else "dense"
     return "windows" if f > 1 and window_cost <= 1.6 else "gather"
+
+
+def _choose_path(call: "autotune.OpCall") -> str:
+    """The implementation of ``call`` under the current mode (`set_conv_backend`); tunes new configurations."""
+    return autotune.choose(call)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -147,6 +159,9 @@ def coarse_map(x: SparseMap, stride: tuple[int, int], features: Tensor | None = 
                              "must be the patch mask upsampled to this scale")
         f = x.patch_factor
         entry = (mask, {"patch_factor": f // sh if f % sh == 0 and sh == sw else 1})
+        scales = x.cache.get("scales")  # one (mask, cache) per scale of the image (tensor.Scales)
+        if scales is not None and f % sh == 0 and sh == sw:
+            entry = scales.register(*entry)
         x.cache[key] = entry
     mask, cache = entry
     if features is None:
@@ -204,8 +219,9 @@ class _GatherRows(Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (index,) = ctx.saved_tensors
-        out = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]))
-        return out.index_put_((index,), grad, accumulate=True), None
+        acc = _acc_dtype(grad)  # a bf16 scatter-add rounds at every addition: accumulate in fp32
+        out = grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:]), dtype=acc)
+        return out.index_put_((index,), grad.to(acc), accumulate=True).to(grad.dtype), None
 
 
 def gather_rows(source: Tensor, index: Tensor) -> Tensor:
@@ -214,15 +230,39 @@ def gather_rows(source: Tensor, index: Tensor) -> Tensor:
 
 
 def _segment_sum(x: SparseMap, values: Tensor) -> Tensor:
-    """[B, C] per-sample sums of [N, C] rows (rows are sorted by batch: a segment reduction, no scatter)."""
-    return torch.segment_reduce(values, "sum", lengths=x.sites_per_sample, axis=0)
+    """[B, C] per-sample sums of [N, C] rows (rows are sorted by batch: a segment reduction, no scatter).
+
+    Low-precision rows are summed in fp32 (``segment_reduce`` would accumulate in bf16 and lose
+    everything past 256 equal terms); the result is fp32 then, callers cast.
+    """
+    return torch.segment_reduce(values.to(_acc_dtype(values)), "sum", lengths=x.sites_per_sample, axis=0)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def autocast_dtype_for(device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type in this thread, or None when autocast is off."""
+    dev = torch.device(device).type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """fp32 for bf16 / fp16 tensors (sums and scatter-adds accumulate there, as torch's dense kernels do)."""
+    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
 
 
 def _compute_dtype(features: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype a dense conv would compute in: autocast's if enabled for the device, else the input's."""
-    dev = features.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
+    """The dtype a dense conv would compute in: autocast's if enabled for the device, else the input's.
+
+    Autocast's rule: fp32 / fp16 / bf16 inputs are cast to the autocast dtype, float64 is left alone.
+    """
+    amp = autocast_dtype_for(features.device)
+    if amp is not None and features.dtype in _AUTOCAST_ELIGIBLE:
+        return amp
     return features.dtype
 
 
@@ -265,7 +305,9 @@ class _GatherGemmConv(Function):
                 grad_in = gcols @ w_t
             else:
                 gcols = (grad_out @ weight2d.t()).view(m * k, c)
-                grad_in = features.new_zeros((n + 2, c)).index_put_((table.view(-1),), gcols, accumulate=True)[:n]
+                acc = _acc_dtype(gcols)  # scatter-add in fp32 (bf16 would round at every addition)
+                grad_in = features.new_zeros((n + 2, c), dtype=acc).index_put_(
+                    (table.view(-1),), gcols.to(acc), accumulate=True)[:n].to(features.dtype)
         if ctx.needs_input_grad[1]:
             cols = torch.index_select(_padded(features), 0, table.view(-1)).view(m, k * c)
             grad_w = cols.t() @ grad_out
@@ -292,22 +334,26 @@ class _DepthwiseConv(Function):
             if ctx.symmetric:
                 grad_in = _depthwise_apply(_padded(grad_out), weight.flip(0), table_t)
             else:
-                grad_pad = features.new_zeros((n + 2, c))
+                acc = _acc_dtype(grad_out)
+                grad_pad = features.new_zeros((n + 2, c), dtype=acc)
                 for t in range(k):
-                    grad_pad.index_put_((table_t[t],), grad_out * weight[t], accumulate=True)
-                grad_in = grad_pad[:n]
+                    grad_pad.index_put_((table_t[t],), (grad_out * weight[t]).to(acc), accumulate=True)
+                grad_in = grad_pad[:n].to(features.dtype)
         if ctx.needs_input_grad[1]:
-            xpad = _padded(features)
-            grad_w = torch.stack([(torch.index_select(xpad, 0, table_t[t]) * grad_out).sum(0) for t in range(k)])
+            acc = _acc_dtype(features)  # products and sums in fp32, as a dense conv's weight gradient
+            xpad, g = _padded(features).to(acc), grad_out.to(acc)
+            grad_w = torch.stack([(torch.index_select(xpad, 0, table_t[t]) * g).sum(0)
+                                  for t in range(k)]).to(weight.dtype)
         return grad_in, grad_w, None, None
 
 
 def _depthwise_apply(xpad: Tensor, weight: Tensor, table_t: Tensor) -> Tensor:
     k, m = table_t.shape
-    out = torch.index_select(xpad, 0, table_t[0]).mul_(weight[0])
+    acc = _acc_dtype(xpad)  # bf16 / fp16: the k*k-term sum accumulates in fp32, rounded once at the end
+    out = torch.index_select(xpad, 0, table_t[0]).to(acc).mul_(weight[0])
     for t in range(1, k):
         out.addcmul_(torch.index_select(xpad, 0, table_t[t]), weight[t])
-    return out
+    return out.to(xpad.dtype)
 
 
 def _geometry(weight: Tensor, stride, padding, dilation):
@@ -460,39 +506,64 @@ def conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, p
     bias = None if bias is None else bias.to(dtype)
     target = x if out_map is None else out_map
 
-    if groups == 1 and kernel == (1, 1) and out_map is None:
+    kind = _op_kind(kernel, stride, groups, c_in)
+    if kind == "pointwise":
         out = F.linear(features, weight.flatten(1), bias)  # pointwise: a linear map of the features
         return x.replace_features(out)
-
-    symmetric = out_map is None and kernel[0] % 2 == 1 and kernel[1] % 2 == 1
-    path = _choose_path(x, kernel, dilation, groups != 1) if symmetric else "gather"
-    if path == "spconv":
-        from .spconv_backend import subm_conv2d
-        out = subm_conv2d(x.replace_features(features), weight, dilation, padding)
-    elif path == "windows":
-        out = _windows_conv(x.replace_features(features), weight, dilation, groups)
-    elif path == "dense":
-        xs = x.replace_features(features)
-        out = F.conv2d(xs.dense(), weight, None, 1, padding, dilation, groups)  # channels-last in, out
-        out = out.permute(0, 2, 3, 1)[x.mask]
-    if path != "gather":
-        if bias is not None:
-            out = out + bias
-        return x.replace_features(out)
-    table = neighbour_table(x, target, kernel, stride, padding, dilation)
-    if groups == 1:
-        k = kernel[0] * kernel[1]
-        weight2d = weight.permute(2, 3, 1, 0).reshape(k * c_in, weight.shape[0])
-        out = _GatherGemmConv.apply(features, weight2d, table, symmetric)
-    else:
-        table_t = x.cache.get(("table_t", id(table)))
-        if table_t is None:  # per-tap contiguous rows for the depthwise loop
-            table_t = table.t().contiguous()
-            x.cache[("table_t", id(table))] = table_t
-        out = _DepthwiseConv.apply(features, weight.flatten(1).t(), table_t, symmetric)
+    call = autotune.OpCall(kind, x.replace_features(features), weight, kernel, stride, padding, dilation, groups,
+                           target)
+    out = autotune.run_candidate(call, _choose_path(call))
     if bias is not None:
         out = out + bias
     return target.replace_features(out)
+
+
+# ---------------------------------------------------------------------------------------------------- conv candidates
+# The exact implementations of each conv kind, registered with the autotuner (op kind -> name -> run). Each
+# returns the output features (no bias) at ``call.target``'s sites, equal to the dense-masked simulation.
+def _run_gather(call: "autotune.OpCall") -> Tensor:
+    """Neighbour-table gather: im2col + one GEMM (groups=1), or a per-tap multiply-add (depthwise)."""
+    x, weight, kernel = call.x, call.weight, call.kernel
+    symmetric = call.kind in ("conv", "depthwise")
+    table = neighbour_table(x, call.target, kernel, call.stride, call.padding, call.dilation)
+    if call.groups == 1:
+        k = kernel[0] * kernel[1]
+        weight2d = weight.permute(2, 3, 1, 0).reshape(k * x.num_channels, weight.shape[0])
+        return _GatherGemmConv.apply(x.features, weight2d, table, symmetric)
+    table_t = x.cache.get(("table_t", id(table)))
+    if table_t is None:  # per-tap contiguous rows for the depthwise loop
+        table_t = table.t().contiguous()
+        x.cache[("table_t", id(table))] = table_t
+    return _DepthwiseConv.apply(x.features, weight.flatten(1).t(), table_t, symmetric)
+
+
+def _run_windows(call: "autotune.OpCall") -> Tensor:
+    return _windows_conv(call.x, call.weight, call.dilation, call.groups)
+
+
+def _run_dense(call: "autotune.OpCall") -> Tensor:
+    """The dense conv on the zero-filled map (channels-last in and out), read back at the output sites."""
+    out = F.conv2d(call.x.dense(), call.weight, None, call.stride, call.padding, call.dilation, call.groups)
+    return out.permute(0, 2, 3, 1)[call.target.mask]
+
+
+def _run_spconv(call: "autotune.OpCall") -> Tensor:
+    from .spconv_backend import subm_conv2d
+    return subm_conv2d(call.x, call.weight, call.dilation, call.padding)
+
+
+def _spconv_usable(call: "autotune.OpCall") -> bool:
+    from .spconv_backend import spconv_supports
+    return call.kind == "conv" and spconv_supports(call.x.features)
+
+
+for _kind in ("conv", "depthwise", "strided_conv", "strided_depthwise"):
+    autotune.register_candidate(_kind, "gather", _run_gather)
+    autotune.register_candidate(_kind, "dense", _run_dense)
+    autotune.register_table_rule(_kind, _table_rule)
+for _kind in ("conv", "depthwise"):
+    autotune.register_candidate(_kind, "windows", _run_windows, lambda call: call.x.patch_factor > 1)
+autotune.register_candidate("conv", "spconv", _run_spconv, _spconv_usable)
 
 
 def depthwise_conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -521,8 +592,8 @@ def max_pool2d(x: SparseMap, kernel_size, stride=None, padding=0, dilation=1) ->
 
 def global_avg_pool(x: SparseMap) -> Tensor:
     """Per-sample mean over the visible sites: [B, C]."""
-    sums = _segment_sum(x, x.features)
-    return sums / x.sites_per_sample.to(sums.dtype)[:, None]
+    sums = _segment_sum(x, x.features)  # fp32 for low-precision features
+    return (sums / x.sites_per_sample.to(sums.dtype)[:, None]).to(x.features.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- normalisation
@@ -548,7 +619,7 @@ def global_response_norm(x: SparseMap, weight: Tensor, bias: Tensor, eps: float 
     sq = _segment_sum(x, feats * feats)
     positive = sq > 0
     g = torch.where(positive, sq, torch.ones_like(sq)).sqrt() * positive  # norm with a zero (not NaN) grad at 0
-    n = g / (g.mean(1, keepdim=True) + eps)
+    n = (g / (g.mean(1, keepdim=True) + eps)).to(feats.dtype)  # sums in fp32, x * n in x's dtype (as timm)
     return x.replace_features(feats + torch.addcmul(bias, weight, feats * n[x.batch_index]))
 
 

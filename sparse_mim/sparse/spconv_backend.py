@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .tensor import SparseMap
 
-__all__ = ["spconv_available", "subm_conv2d"]
+__all__ = ["spconv_available", "spconv_supports", "subm_conv2d"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +44,19 @@ def spconv_available() -> bool:
         return True
     except Exception:  # noqa: BLE001 - any import failure means "use the torch path"
         return False
+
+
+def spconv_supports(features: Tensor) -> bool:
+    """Whether the spconv path can run on these features: spconv imports, CPU or CUDA, a dtype it takes.
+
+    float32 (and float64 on the CPU) everywhere, float16 on CUDA; no bfloat16 (spconv's kernels refuse bf16
+    tensors outside its own autocast handling).
+    """
+    dev, dtype = features.device.type, features.dtype
+    if dev not in ("cpu", "cuda") or not spconv_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.float64 and dev == "cpu") or (dtype == torch.float16
+                                                                                   and dev == "cuda")
 
 
 @functools.lru_cache(maxsize=64)

@@ -3,7 +3,9 @@
 Reference: the dense layer on the zero-filled map, output multiplied by the mask
 at the output scale (SparK's simulation, `dense_masked`). Random SparK masks at
 ratio 0.6 and 0.9, batch 1 and 4, square and rectangular maps, several channel
-counts; every implementation path of the stride-1 conv is forced in turn.
+counts. Every implementation path of the convs is forced in turn, and the
+autotuned and fixed-table choices run too: a path choice can never change a
+number beyond float tolerance.
 """
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from sparse_mim.sparse import SparseMap, functional as SF, sparse_global_avg_pool
 from tests._sparse_helpers import assert_equivalent, patch_mask
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 F64 = torch.float64
 # (batch, patch grid h, patch grid w, mask ratio): batch 1 and 4, square and rectangular, ratio 0.6 and 0.9
 MASKS = [(1, 4, 4, 0.6), (4, 4, 6, 0.9), (4, 4, 4, 0.9), (1, 6, 4, 0.6)]
@@ -55,6 +58,8 @@ STRIDE1_CASES = (
     + [("dense", case, m) for case in STRIDE1 for m in MASKS[:2]]
     # spconv (Native on CPU) is slow to warm up per kernel shape: its cases are few but cover both mask ratios
     + [("spconv", case, m) for case in (STRIDE1[1], STRIDE1[2]) for m in MASKS[:2]]
+    + [("autotune", case, m) for case in STRIDE1 for m in MASKS[:2]]
+    + [("table", case, m) for case in STRIDE1 for m in MASKS[1:2]]
 )
 
 
@@ -70,7 +75,7 @@ def test_conv_stride1(backend, case, mask):
     assert_equivalent(conv, _input(B, gh, gw, cin), patch_mask(B, gh, gw, ratio))
 
 
-@pytest.mark.parametrize("backend", ["gather", "windows", "dense"], indirect=True)
+@pytest.mark.parametrize("backend", ["gather", "windows", "dense", "autotune"], indirect=True)
 @pytest.mark.parametrize("c,k,bias", [(16, 7, True), (8, 3, False), (3, 5, True)])
 @pytest.mark.parametrize("mask", MASKS, ids=_case_id)
 def test_depthwise(backend, c, k, bias, mask):
@@ -85,16 +90,18 @@ STRIDED = [  # (in, out, kernel, stride, padding, bias): ResNet stem / downsampl
 ]
 
 
+@pytest.mark.parametrize("backend", ["gather", "dense", "autotune"], indirect=True)
 @pytest.mark.parametrize("cin,cout,k,s,p,bias", STRIDED)
 @pytest.mark.parametrize("mask", MASKS, ids=_case_id)
-def test_conv_strided(cin, cout, k, s, p, bias, mask):
+def test_conv_strided(backend, cin, cout, k, s, p, bias, mask):
     B, gh, gw, ratio = mask
     conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, bias=bias).to(F64)
     r = assert_equivalent(conv, _input(B, gh, gw, cin), patch_mask(B, gh, gw, ratio))
     assert r["sparse_map"].spatial_shape == (gh * FACTOR // s, gw * FACTOR // s)
 
 
-def test_strided_depthwise():
+@pytest.mark.parametrize("backend", ["gather", "dense", "autotune"], indirect=True)
+def test_strided_depthwise(backend):
     conv = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8).to(F64)
     assert_equivalent(conv, _input(4, 4, 6, 8), patch_mask(4, 4, 6, 0.6))
 
@@ -195,14 +202,14 @@ def test_drop_path_per_sample():
 def test_float32_tolerance():
     torch.manual_seed(0)
     x, vis = _input(4, 4, 6, 16, dtype=torch.float32), patch_mask(4, 4, 6, 0.6)
-    for backend in ("gather", "windows", "dense", "spconv"):
+    for backend in ("gather", "windows", "dense", "spconv", "autotune", "table"):
         previous = SF.set_conv_backend(backend)
         try:
             assert_equivalent(nn.Conv2d(16, 16, 3, padding=1), x, vis, tol=1e-5)
             assert_equivalent(nn.Conv2d(16, 16, 7, padding=3, groups=16), x, vis, tol=1e-5)
+            assert_equivalent(nn.Conv2d(16, 32, 3, stride=2, padding=1), x, vis, tol=1e-5)
         finally:
             SF.set_conv_backend(previous)
-    assert_equivalent(nn.Conv2d(16, 32, 3, stride=2, padding=1), x, vis, tol=1e-5)
     assert_equivalent(nn.Conv2d(16, 32, 1), x, vis, tol=1e-5)
 
 
@@ -277,7 +284,7 @@ def test_neighbour_tables_built_once_per_scale():
 def test_autocast_cpu_bfloat16_runs():
     """Under autocast the torch paths compute in the autocast dtype without dtype-mismatch errors."""
     x, vis = _input(2, 4, 4, 8, dtype=torch.float32), patch_mask(2, 4, 4, 0.6)
-    for backend in ("gather", "windows", "dense"):
+    for backend in ("gather", "windows", "dense", "autotune"):
         previous = SF.set_conv_backend(backend)
         sm = SparseMap.from_dense(x.clone().requires_grad_(), vis)
         w = torch.randn(8, 8, 3, 3, requires_grad=True)

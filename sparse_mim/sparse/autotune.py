@@ -1,0 +1,650 @@
+"""Autotuning of the sparse ops: time every exact implementation on the real tensors, keep the fastest.
+
+Several sparse ops have more than one exact implementation (the stride-1 k x k
+conv: neighbour-table gather + GEMM, patch windows, the dense conv on the
+zero-filled map, spconv; a strided conv: gather + GEMM or the dense strided
+conv read back at the coarse sites; ...). Every implementation returns the
+dense-masked numbers, so the choice only changes the speed, and which one is
+fastest depends on the device, the shape and the sparsity. As with
+``torch.backends.cudnn.benchmark`` and Triton's autotuner, the first time a
+*configuration* is met the op times each candidate (forward and backward) on
+the tensors of that call and remembers the fastest:
+
+* configuration (the key): op kind, kernel, stride, dilation, groups, channels
+  in and out, spatial size, patch factor, number of active sites (bucketed to a
+  power of two), dtype, device (type and name, never the index: every rank of a
+  job has the same keys), autocast dtype, whether gradients are needed, and the
+  torch thread count on the CPU;
+* candidates: a small registry, op kind -> {name: `Candidate`}; the dense
+  candidate is always one of them, so a tuned op is never slower than its
+  dense-masked twin beyond timing noise. Ops register their candidates with
+  `register_candidate` (see the bottom of `functional.py`);
+* timing never touches the caller's tensors, autograd graph, RNG streams or
+  BatchNorm statistics: only the op itself runs, on detached copies of its
+  inputs, backward with a gradient of ones, no random draw;
+* cost is bounded: a budget per configuration and one in total (warm-up and
+  index-table builds included); past the total budget the fixed rules decide;
+* choices are kept in memory and, unless switched off, in a small JSON file per
+  device and torch / spconv versions (`set_cache`, env ``SPARSE_MIM_AUTOTUNE_CACHE``;
+  default ``~/.cache/sparse_mim/autotune/``): a warm cache costs nothing.
+
+Modes (`set_mode`, also ``functional.set_conv_backend``): ``"autotune"`` (default),
+``"table"`` (the fixed rules, no timing; ``"auto"`` is an alias of it), or one
+forced path for every op that has it (``"gather"``, ``"windows"``, ``"dense"``,
+``"spconv"``; ops without that path use their gather path).
+
+After the first training step call `settle()` (every rank): it makes all ranks
+use rank 0's choices and prints the per-scale table once. `log_dict()` returns
+the choices for the run's config / wandb.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MODES", "Candidate", "OpCall", "register_candidate", "register_table_rule", "candidates", "choose",
+    "set_mode", "get_mode", "set_cache", "cache_file", "set_budget", "get_budget", "reset", "choices",
+    "log_dict", "format_table", "report", "sync_choices", "settle", "configure", "CONFIG_DEFAULTS",
+    "tuning_seconds",
+]
+
+log = logging.getLogger("sparse_mim.autotune")
+
+FORCED = ("gather", "windows", "dense", "spconv")
+MODES = ("autotune", "table") + FORCED
+ALIASES = {"auto": "table"}
+ENV_CACHE = "SPARSE_MIM_AUTOTUNE_CACHE"
+ENV_MODE = "SPARSE_MIM_CONV_BACKEND"
+_OFF = ("off", "none", "0", "false", "no")
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+@dataclass
+class Candidate:
+    """One exact implementation of an op kind: ``run(call) -> output features`` (no bias)."""
+
+    name: str
+    run: Callable[["OpCall"], Tensor]
+    available: Callable[["OpCall"], bool] = lambda call: True
+
+
+_REGISTRY: dict[str, dict[str, Candidate]] = {}
+_TABLE_RULES: dict[str, Callable[["OpCall"], str]] = {}
+
+
+def register_candidate(kind: str, name: str, run: Callable[["OpCall"], Tensor],
+                       available: Callable[["OpCall"], bool] | None = None) -> None:
+    """Add (or replace) implementation ``name`` of op ``kind``. It must return the dense-masked numbers."""
+    _REGISTRY.setdefault(kind, {})[name] = Candidate(name, run, available or (lambda call: True))
+
+
+def register_table_rule(kind: str, rule: Callable[["OpCall"], str]) -> None:
+    """The fixed choice of op ``kind`` (mode ``"table"``, and past the tuning budget)."""
+    _TABLE_RULES[kind] = rule
+
+
+@dataclass
+class OpCall:
+    """One call of a sparse conv-like op, as the candidates see it.
+
+    ``x``: the input map, features already in the compute dtype; ``weight``: torch
+    layout, compute dtype (None for pooling); ``target``: the output sites (``x``
+    itself for stride 1). ``extra``: anything else an op kind needs.
+    """
+
+    kind: str
+    x: Any  # SparseMap
+    weight: Tensor | None
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    target: Any  # SparseMap
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0]) if self.weight is not None else int(self.x.num_channels)
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.x.features.requires_grad or
+                                            (self.weight is not None and self.weight.requires_grad))
+
+    def describe(self) -> dict:
+        """The configuration as plain values (the key's fields)."""
+        feats = self.x.features
+        dev = feats.device
+        ac = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+        n = int(self.x.num_sites)
+        return {
+            "op": self.kind, "kernel": list(self.kernel), "stride": list(self.stride),
+            "dilation": list(self.dilation), "groups": int(self.groups), "in": int(self.x.num_channels),
+            "out": self.out_channels, "size": list(self.x.spatial_shape), "patch": int(self.x.patch_factor),
+            "sites": 1 << max(0, round(math.log2(max(n, 1)))), "dtype": str(feats.dtype).replace("torch.", ""),
+            "device": _device_name(dev), "autocast": str(ac).replace("torch.", "") if ac is not None else "none",
+            "grad": self.needs_grad, "threads": torch.get_num_threads() if dev.type == "cpu" else 0,
+        }
+
+
+def _key(desc: dict) -> str:
+    d = desc
+    return (f"{d['op']}|k{d['kernel'][0]}x{d['kernel'][1]}|s{d['stride'][0]}x{d['stride'][1]}"
+            f"|d{d['dilation'][0]}x{d['dilation'][1]}|g{d['groups']}|c{d['in']}>{d['out']}"
+            f"|{d['size'][0]}x{d['size'][1]}|f{d['patch']}|n{d['sites']}|{d['dtype']}|{d['device']}"
+            f"|ac:{d['autocast']}|{'train' if d['grad'] else 'infer'}|t{d['threads']}")
+
+
+def candidates(call: OpCall) -> list[str]:
+    """Names of the candidates of ``call.kind`` that can run this call."""
+    out = []
+    for name, cand in _REGISTRY.get(call.kind, {}).items():
+        try:
+            if cand.available(call):
+                out.append(name)
+        except Exception:  # noqa: BLE001 - a candidate that cannot say is not a candidate
+            continue
+    return out
+
+
+def _table_choice(call: OpCall, names: list[str]) -> str:
+    rule = _TABLE_RULES.get(call.kind)
+    name = rule(call) if rule is not None else None
+    if name not in names:
+        name = "gather" if "gather" in names else names[0]
+    return name
+
+
+def run_candidate(call: OpCall, name: str) -> Tensor:
+    return _REGISTRY[call.kind][name].run(call)
+
+
+# ---------------------------------------------------------------------------------------------------- state
+@dataclass
+class Choice:
+    path: str
+    times_ms: dict  # name -> float ms, or a string: "failed: ...", "skipped (budget)"
+    source: str  # tuned | cache | rank 0 | budget
+    tuning_s: float
+    desc: dict
+
+
+@dataclass
+class _State:
+    mode: str = "autotune"
+    cache_setting: Any = None  # None: env / default; False: off; str: path
+    per_config_s: float = 2.0
+    total_s: float = 120.0
+    repeats: int = 3
+    spent_s: float = 0.0
+    choices: dict = field(default_factory=dict)  # key -> Choice
+    reported: set = field(default_factory=set)
+    disk: dict | None = None  # entries loaded from the cache file (lazily)
+    disk_file: str | None = None
+    warned_write: bool = False
+
+
+_S = _State()
+
+
+def _initial_mode() -> str:
+    env = os.environ.get(ENV_MODE, "").strip().lower()
+    if env:
+        env = ALIASES.get(env, env)
+        if env not in MODES:
+            raise ValueError(f"{ENV_MODE}={env!r} is not a conv backend; choose one of {MODES}")
+        return env
+    return "autotune"
+
+
+_S.mode = _initial_mode()
+
+
+def set_mode(mode: str) -> str:
+    """Set the path-choice mode (see the module docstring); returns the previous one."""
+    name = ALIASES.get(mode, mode)
+    if name not in MODES:
+        raise ValueError(f"unknown conv backend {mode!r}; choose one of {MODES + tuple(ALIASES)}")
+    previous, _S.mode = _S.mode, name
+    return previous
+
+
+def get_mode() -> str:
+    return _S.mode
+
+
+def set_budget(per_config_s: float | None = None, total_s: float | None = None,
+               repeats: int | None = None) -> dict:
+    """Tuning budget: seconds per configuration and in total (warm-up included), timed runs per candidate."""
+    if per_config_s is not None:
+        if per_config_s <= 0:
+            raise ValueError(f"per-configuration tuning budget must be > 0 s, got {per_config_s}")
+        _S.per_config_s = float(per_config_s)
+    if total_s is not None:
+        if total_s < 0:
+            raise ValueError(f"total tuning budget must be >= 0 s, got {total_s}")
+        _S.total_s = float(total_s)
+    if repeats is not None:
+        if repeats < 1:
+            raise ValueError(f"tuning repeats must be >= 1, got {repeats}")
+        _S.repeats = int(repeats)
+    return get_budget()
+
+
+def get_budget() -> dict:
+    return {"per_config_s": _S.per_config_s, "total_s": _S.total_s, "repeats": _S.repeats}
+
+
+def tuning_seconds() -> float:
+    """Seconds spent timing candidates in this process so far."""
+    return _S.spent_s
+
+
+def reset(memory: bool = True) -> None:
+    """Forget the in-memory choices and the tuning time spent (tests, benchmarks). The cache file stays."""
+    if memory:
+        _S.choices.clear()
+        _S.reported.clear()
+    _S.spent_s = 0.0
+    _S.disk, _S.disk_file = None, None
+
+
+# ---------------------------------------------------------------------------------------------------- cache file
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        try:
+            return "cuda " + torch.cuda.get_device_name(dev)
+        except Exception:  # noqa: BLE001
+            return "cuda"
+    if dev.type == "cpu":
+        return "cpu " + _cpu_name()
+    return dev.type
+
+
+_CPU_NAME: str | None = None
+
+
+def _cpu_name() -> str:
+    global _CPU_NAME
+    if _CPU_NAME is None:
+        name = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        _CPU_NAME = re.sub(r"\s+", " ", name or platform.processor() or platform.machine() or "unknown")
+    return _CPU_NAME
+
+
+def _spconv_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, distributions  # noqa: F401
+        for dist in distributions():
+            name = (dist.metadata["Name"] or "").lower()
+            if name.startswith("spconv"):
+                return f"{name}-{dist.version}"
+    except Exception:  # noqa: BLE001
+        pass
+    return "none"
+
+
+_VERSIONS: dict | None = None
+
+
+def _versions() -> dict:
+    global _VERSIONS
+    if _VERSIONS is None:
+        _VERSIONS = {"torch": torch.__version__, "spconv": _spconv_version()}
+    return _VERSIONS
+
+
+def set_cache(location: str | os.PathLike | bool | None) -> str | None:
+    """Where choices are kept between runs: a directory (one file per device and versions) or a ``.json`` file.
+
+    ``None``: the env variable ``SPARSE_MIM_AUTOTUNE_CACHE`` or else ``~/.cache/sparse_mim/autotune``;
+    ``False`` or ``"off"``: memory only. Returns the file now in use (None when off).
+    """
+    if isinstance(location, str) and location.strip().lower() in _OFF:
+        location = False
+    if location is True:
+        location = None
+    _S.cache_setting = location if location is None or location is False else os.fspath(location)
+    _S.disk, _S.disk_file = None, None
+    return cache_file()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:80]
+
+
+def cache_file(device: torch.device | str | None = None) -> str | None:
+    """The JSON file used for ``device`` (default: CUDA if available, else CPU); None when the cache is off."""
+    setting = _S.cache_setting
+    if setting is None:
+        env = os.environ.get(ENV_CACHE)
+        if env is not None and env.strip():
+            setting = False if env.strip().lower() in _OFF else env
+        else:
+            setting = os.path.join(os.path.expanduser("~"), ".cache", "sparse_mim", "autotune")
+    if setting is False:
+        return None
+    if str(setting).endswith(".json"):
+        return str(setting)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    v = _versions()
+    return os.path.join(str(setting), f"{_slug(_device_name(device))}__torch-{_slug(v['torch'])}__"
+                                      f"{_slug(v['spconv'])}.json")
+
+
+def _meta(device: torch.device) -> dict:
+    return {"format": 1, "device": _device_name(device), **_versions()}
+
+
+def _load_disk(device: torch.device) -> dict:
+    path = cache_file(device)
+    if path != _S.disk_file or _S.disk is None:
+        _S.disk_file, _S.disk = path, {}
+        if path is not None and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("meta") == _meta(device) and isinstance(data.get("entries"), dict):
+                    _S.disk = data["entries"]
+            except (OSError, ValueError) as e:
+                warnings.warn(f"autotune cache {path} is unreadable ({e}); ignoring it (it will be rewritten)")
+    return _S.disk
+
+
+def _is_rank0() -> bool:
+    try:
+        import torch.distributed as dist
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _save_disk(device: torch.device, key: str, choice: Choice) -> None:
+    path = cache_file(device)
+    if path is None or not _is_rank0():
+        return
+    entries = dict(_load_disk(device))
+    entries[key] = {"path": choice.path, "times_ms": choice.times_ms, "desc": choice.desc}
+    try:
+        if os.path.isfile(path):  # merge with what another process wrote meanwhile
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("meta") == _meta(device):
+                    entries = {**data.get("entries", {}), **entries}
+            except (OSError, ValueError):
+                pass
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "w") as f:
+            json.dump({"meta": _meta(device), "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        _S.disk = entries
+    except OSError as e:
+        if not _S.warned_write:
+            _S.warned_write = True
+            warnings.warn(f"cannot write the autotune cache {path} ({e}); choices stay in memory only. Set "
+                          f"{ENV_CACHE}=<writable dir> or 'off' to silence this")
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _detached(call: OpCall, grad: bool) -> OpCall:
+    feats = call.x.features.detach().clone().requires_grad_(grad)
+    weight = None if call.weight is None else call.weight.detach().clone().requires_grad_(grad)
+    return dataclasses.replace(call, x=call.x.replace_features(feats), weight=weight)
+
+
+def _time_once(cand: Candidate, call: OpCall, grad: bool) -> float:
+    dev = call.x.features.device
+    call.x.features.grad = None
+    if call.weight is not None:
+        call.weight.grad = None
+    _sync(dev)
+    t = time.perf_counter()
+    with torch.enable_grad() if grad else torch.no_grad():
+        out = cand.run(call)
+        if grad:
+            out.backward(torch.ones_like(out))
+    _sync(dev)
+    return time.perf_counter() - t
+
+
+def _tune(call: OpCall, names: list[str], table: str) -> tuple[str, dict, str]:
+    """Time the candidates (table choice first, then dense, then the rest); returns (best, times, source)."""
+    grad = call.needs_grad
+    order = [table] + (["dense"] if "dense" in names and table != "dense" else [])
+    order += [n for n in names if n not in order]
+    cache = call.x.cache
+    before = set(cache.keys())
+    start = time.perf_counter()
+    times: dict[str, Any] = {}
+    best, best_t = None, math.inf
+    for name in order:
+        elapsed = time.perf_counter() - start
+        # the table's choice and the dense candidate are always timed; the others while the budget lasts
+        if name not in order[:2] and (elapsed > _S.per_config_s or _S.spent_s + elapsed > _S.total_s):
+            times[name] = "skipped (budget)"
+            continue
+        cand = _REGISTRY[call.kind][name]
+        try:
+            clone = _detached(call, grad)
+            runs = []
+            for i in range(1 + _S.repeats):  # the first run is the warm-up (index tables, kernel selection)
+                dt = _time_once(cand, clone, grad)
+                if i > 0:
+                    runs.append(dt)
+                if time.perf_counter() - start > _S.per_config_s:
+                    if not runs:  # over budget after the warm-up: its time (tables included) is all we have
+                        runs.append(dt)
+                    break
+            t = min(runs)
+            times[name] = round(t * 1000, 3)
+            if t < best_t:
+                best, best_t = name, t
+        except Exception as e:  # noqa: BLE001 - a failing candidate (e.g. out of memory) is not chosen
+            times[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if call.x.features.is_cuda:
+                torch.cuda.empty_cache()
+    # index tables that only the losers built are dropped (the winner rebuilds its own on the real call)
+    for k in set(cache.keys()) - before:
+        cache.pop(k, None)
+    _S.spent_s += time.perf_counter() - start
+    if best is None:
+        return table, times, "budget"
+    return best, times, "tuned"
+
+
+def choose(call: OpCall) -> str:
+    """The implementation to run for ``call`` under the current mode (tuning it if it is new)."""
+    names = candidates(call)
+    if not names:
+        raise NotImplementedError(f"no sparse implementation is registered for op kind {call.kind!r}")
+    mode = _S.mode
+    if mode in FORCED:
+        return mode if mode in names else ("gather" if "gather" in names else names[0])
+    table = _table_choice(call, names)
+    if mode == "table" or len(names) == 1:
+        return table
+    desc = call.describe()
+    key = _key(desc)
+    hit = _S.choices.get(key)
+    if hit is not None and hit.path in names:
+        return hit.path
+    dev = call.x.features.device
+    disk = _load_disk(dev).get(key)
+    if disk is not None and disk.get("path") in names:
+        _S.choices[key] = Choice(disk["path"], disk.get("times_ms", {}), "cache", 0.0, desc)
+        return disk["path"]
+    if _S.spent_s >= _S.total_s:
+        _S.choices[key] = Choice(table, {}, "budget", 0.0, desc)
+        return table
+    t0 = _S.spent_s
+    path, times, source = _tune(call, names, table)
+    choice = Choice(path, times, source, round(_S.spent_s - t0, 3), desc)
+    _S.choices[key] = choice
+    log.info("autotune %s: %s (%s)", key, path, times)
+    if source == "tuned":
+        _save_disk(dev, key, choice)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+def choices() -> dict:
+    """{key: {"path", "times_ms", "source", "tuning_s", **configuration}} of this process."""
+    return {k: {"path": c.path, "times_ms": dict(c.times_ms), "source": c.source, "tuning_s": c.tuning_s, **c.desc}
+            for k, c in _S.choices.items()}
+
+
+def _short(d: dict) -> str:
+    k, s, dl = d["kernel"], d["stride"], d["dilation"]
+    text = f"{k[0]}x{k[1]}"
+    if s != [1, 1]:
+        text += f"/s{s[0]}" if s[0] == s[1] else f"/s{s[0]}x{s[1]}"
+    if dl != [1, 1]:
+        text += f" dil{dl[0]}"
+    return text
+
+
+def log_dict() -> dict:
+    """Flat, JSON-able summary for a run's config / wandb: mode, cache file, tuning time, one entry per op."""
+    ops = {}
+    for c in _S.choices.values():
+        d = c.desc
+        name = f"{d['op']} {_short(d)} {d['in']}>{d['out']} @{d['size'][0]}x{d['size'][1]}"
+        ops[name] = c.path
+    dev = "cuda" if any(c.desc["device"].startswith("cuda") for c in _S.choices.values()) else "cpu"
+    return {"mode": _S.mode, "cache": cache_file(dev) or "off", "tuning_s": round(_S.spent_s, 3),
+            "configs": len(_S.choices), "tuned": sum(c.source == "tuned" for c in _S.choices.values()),
+            "from_cache": sum(c.source == "cache" for c in _S.choices.values()), **get_budget(), "choices": ops}
+
+
+def _fmt_time(v) -> str:
+    if isinstance(v, (int, float)):
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    return "fail" if str(v).startswith("failed") else "skip"
+
+
+def format_table(keys: list[str] | None = None) -> str:
+    """Markdown table of the choices (all, or ``keys``), finest scale first: op, shape, chosen path, times."""
+    keys = list(_S.choices) if keys is None else keys
+    rows = [(k, _S.choices[k]) for k in keys if k in _S.choices]
+    rows.sort(key=lambda kc: (-kc[1].desc["size"][0] * kc[1].desc["size"][1], kc[1].desc["op"], kc[1].desc["in"]))
+    names = []
+    for _, c in rows:
+        names += [n for n in c.times_ms if n not in names]
+    head = (f"autotune ({_S.mode}; cache {log_dict()['cache']}; {len(_S.choices)} configurations, tuning "
+            f"{_S.spent_s:.2f}s in total)")
+    lines = [head, "| scale | op | kernel | channels | sites | dtype | chosen | " + " | ".join(f"{n} ms" for n in names)
+             + " | source |", "|" + "---|" * (8 + len(names))]
+    for _, c in rows:
+        d = c.desc
+        dtype = d["dtype"] if d["autocast"] == "none" else f"{d['dtype']} (autocast {d['autocast']})"
+        cells = [_fmt_time(c.times_ms[n]) if n in c.times_ms else "-" for n in names]
+        lines.append(f"| {d['size'][0]}x{d['size'][1]} | {d['op']} | {_short(d)} | {d['in']}>{d['out']} | "
+                     f"~{d['sites']} | {dtype} | **{c.path}** | " + " | ".join(cells) + f" | {c.source} |")
+    return "\n".join(lines)
+
+
+def report(print_fn: Callable[[str], Any] | None = print, only_new: bool = True) -> str:
+    """Print (once per configuration, with ``only_new``) the table of choices; returns the text ('' if none)."""
+    keys = [k for k in _S.choices if not (only_new and k in _S.reported)]
+    if not keys:
+        return ""
+    _S.reported.update(keys)
+    text = format_table(keys)
+    if print_fn is not None:
+        print_fn(text)
+    return text
+
+
+def sync_choices(broadcast: Callable[[Any], Any] | None = None) -> int:
+    """Make this rank use rank 0's choices (collective: call on every rank). Returns how many changed here.
+
+    ``broadcast(obj) -> obj`` sends rank 0's object to every rank; by default
+    ``torch.distributed.broadcast_object_list`` when a process group is initialised
+    (no-op otherwise). Configurations rank 0 has not met keep this rank's choice.
+    """
+    if broadcast is None:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return 0
+
+        def broadcast(obj):
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+    mine = {k: dataclasses.asdict(c) for k, c in _S.choices.items()}
+    theirs = broadcast(mine)
+    changed = 0
+    for key, c in theirs.items():
+        local = _S.choices.get(key)
+        if local is None or local.path != c["path"]:
+            changed += 1
+            _S.choices[key] = Choice(c["path"], c["times_ms"], "rank 0", 0.0, c["desc"])
+            _S.reported.discard(key)
+    return changed
+
+
+def settle(print_fn: Callable[[str], Any] | None = print) -> dict:
+    """After the first step, on every rank: adopt rank 0's choices, print the new ones (rank 0), return `log_dict`."""
+    sync_choices()
+    if _is_rank0():
+        report(print_fn)
+    else:
+        _S.reported.update(_S.choices)
+    return log_dict()
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def _config_defaults() -> dict:
+    from sparse_mim.utils.config import K
+    return {
+        "conv_backend": K("autotune", "sparse conv implementation: autotune (time each exact path once per shape, "
+                          "keep the fastest) | table (fixed rules) | gather | windows | dense | spconv (forced)",
+                          choices=MODES + tuple(ALIASES)),
+        "autotune_cache": K("", "autotune cache: '' = $SPARSE_MIM_AUTOTUNE_CACHE or ~/.cache/sparse_mim/autotune; "
+                            "a directory or .json file; 'off' = memory only"),
+    }
+
+
+def __getattr__(name):  # CONFIG_DEFAULTS built lazily: the config module is not needed to run the engine
+    if name == "CONFIG_DEFAULTS":
+        return _config_defaults()
+    raise AttributeError(name)
+
+
+def configure(conv_backend: str = "autotune", autotune_cache: str | None = "") -> dict:
+    """Apply the ``train.conv_backend`` / ``train.autotune_cache`` config keys; returns `log_dict()`."""
+    set_mode(conv_backend)
+    set_cache(None if autotune_cache in ("", None) else autotune_cache)
+    return log_dict()
