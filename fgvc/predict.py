@@ -487,12 +487,22 @@ def read_meta_csv(path: str, predictor: Optional[Predictor] = None) -> Dict[str,
         except ValueError as e:
             raise ValueError(f"{path} line {n}: {e}") from None
         out[img] = {k: v for k, v in kw.items() if v is not None}
-    return out
+    # also found by absolute path (relative paths are relative to the CSV's folder) and, where it is
+    # unique, by file name alone
+    base = os.path.dirname(os.path.abspath(path))
+    extra, names = {}, {}
+    for img, kw in out.items():
+        extra[os.path.abspath(img if os.path.isabs(img) else os.path.join(base, img))] = kw
+        names.setdefault(os.path.basename(img), []).append(kw)
+    for name, kws in names.items():
+        if len(kws) == 1:
+            extra.setdefault(name, kws[0])
+    return {**extra, **out}
 
 
 def meta_for(image: str, table: Mapping[str, Mapping[str, Any]]) -> Optional[Mapping[str, Any]]:
-    """The meta-CSV row of ``image``: by its path as given, its absolute path, or its file name."""
-    for key in (image, os.path.abspath(image), os.path.basename(image)):
+    """The meta-CSV row of ``image``: by its path as given, its absolute path, or (if unique) its file name."""
+    for key in (os.path.abspath(image), image, os.path.basename(image)):
         if key in table:
             return table[key]
     return None

@@ -215,3 +215,21 @@ def test_attributes_file_forms(tmp_path):
     assert notes == ["date given but the model has no group that takes it: ignored"]
     with pytest.raises(ValueError, match="expects 12"):
         pred.encode_meta(attributes=[1, 0])
+
+
+def test_end_to_end_on_a_trained_demo_checkpoint(tmp_path, capsys):
+    """fgvc-train (1 epoch of the CPU demo) -> best.pth -> fgvc-predict with the demo's own meta CSV."""
+    from fgvc.cli import predict, train
+    out = tmp_path / "run"
+    assert train([f"output_dir={out}", "train.epochs=1", "wandb.enabled=false", "log.progress=false"]) == 0
+    capsys.readouterr()
+    test_csv = out / "demo_data" / "test.csv"
+    rows = list(csv.DictReader(open(test_csv)))[:4]
+    images = [str(out / "demo_data" / r["path"]) for r in rows]
+    assert predict([str(out / "best.pth"), *images, "--meta-csv", str(test_csv), "--topk", "3",
+                    "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "metaformer_tiny: 8 classes, 32 px" in text and "4 image(s) classified" in text
+    got = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(got) == 4 and all(r["meta_used"].startswith("temporal: month ") for r in got)
+    assert all("spatial: lat " in r["meta_used"] for r in got)
