@@ -16,7 +16,7 @@ The convnet's last stage is replaced by MetaFormer's stage 4, which the meta
 tokens reach; its pre-trained weights (``layer4.*`` / ``stages.3.*``) are
 reported as unused when a backbone file is loaded.
 
-The conv part is built from torchvision's ResNet / timm's ConvNeXt with
+The conv part is built from timm's ResNet (torchvision's parameter names) / ConvNeXt with
 ``pretrained=False`` and kept under ``backbone.`` with the SAME key names
 (``backbone.layer1.0.conv1.weight``, ``backbone.stages.0.blocks.0...``), so the
 plain torchvision / timm state dicts that ``tools/export_backbone.py`` writes
@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from sparse_mim.backbones import backbone_family, list_backbones
+
 from ._registry import register_model
 from .metaformer import MetaFormer, _unwrap_state_dict
 
@@ -38,20 +40,21 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["MetaFormerHybrid", "load_backbone_weights", "build_conv_trunk"]
 
-_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-_CONVNEXTS = tuple(f"{family}_{size}" for family in ("convnext", "convnextv2")
-                   for size in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large"))
+# The same backbone list as SparK pre-training (sparse_mim.list_backbones): every pre-trained encoder fits a hybrid.
+_RESNETS = tuple(n for n in list_backbones() if backbone_family(n) == "resnet")
+_CONVNEXTS = tuple(n for n in list_backbones() if backbone_family(n) == "convnext")
 
 
 class ResNetTrunk(nn.Module):
-    """torchvision ResNet stem + layer1-3 (stride 16), same attribute names as torchvision."""
+    """ResNet stem + layer1-3 (stride 16), torchvision's attribute and parameter names (timm's model, as SparK's)."""
 
     def __init__(self, name: str):
         super().__init__()
-        import torchvision
+        import timm
 
-        net = getattr(torchvision.models, name)(weights=None)
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        # timm's ResNets have torchvision's parameter names and include ResNet-200; torchvision's init (BN weight 1)
+        net = timm.create_model(name, pretrained=False, num_classes=0, zero_init_last=False)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.channels = [blocks[-1].conv3.out_channels if hasattr(blocks[-1], "conv3") else blocks[-1].conv2.out_channels
                          for blocks in (self.layer1, self.layer2, self.layer3)]
@@ -191,10 +194,7 @@ class MetaFormerHybrid(MetaFormer):
                        dict(num_chs=C4, reduction=32, module="stage_4")]
 
 
-_HYBRID_DIMS = {
-    "resnet18": ((256, 512), (2, 2)), "resnet34": ((256, 512), (2, 2)),
-    "resnet50": ((384, 768), (2, 2)), "resnet101": ((384, 768), (2, 2)), "resnet152": ((384, 768), (2, 2)),
-}
+_HYBRID_DIMS = {name: ((256, 512) if name in ("resnet18", "resnet34") else (384, 768), (2, 2)) for name in _RESNETS}
 for _size, _dims in (("atto", (160, 320)), ("femto", (192, 384)), ("pico", (256, 512)), ("nano", (320, 640)),
                      ("tiny", (384, 768)), ("small", (384, 768)), ("base", (512, 1024)), ("large", (768, 1536))):
     for _family in ("convnext", "convnextv2"):
