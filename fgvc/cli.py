@@ -110,3 +110,18 @@ def predict(argv: Optional[Sequence[str]] = None) -> int:
     from sparse_mim.utils.cli import run_cli
     from .predict import predict_command
     return run_cli(predict_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-predict")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m fgvc.cli COMMAND ...`` (e.g. under ``torchrun -m fgvc.cli train ...``): the same commands
+    as the console scripts, by name."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {n: f for n, f in globals().items() if n in ("train", "evaluate", "predict", "export") and callable(f)}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m fgvc.cli {{{','.join(commands)}}} [arguments]", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

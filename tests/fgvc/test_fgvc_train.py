@@ -1,5 +1,5 @@
 """fgvc training / evaluation: meta dropout, mixup keeps meta, the generated demo proves the meta
-pathway, kill + resume gives the uninterrupted weights, evaluation is deterministic."""
+pathway, evaluation outputs are deterministic, every recipe loads, torchrun shards evaluation."""
 import json
 import os
 import sys
@@ -8,32 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
+from fgvc.demo import make_demo_dataset
+from fgvc.engine import (RandomStreams, TrainState, drop_meta_groups, meta_dropout, meta_dropout_prob,
+                         train_one_epoch)
+from fgvc.evaluate import evaluate_checkpoint, prediction_rows
+from fgvc.train import DEFAULTS, build_model, resolve_data_config, train, validate_config
+from sparse_mim.utils.config import ConfigError, load_config, shipped_recipes_dir
+from sparse_mim.utils.misc import NonFiniteLossError
 
-import eval_fgvc  # noqa: E402
-import train_fgvc  # noqa: E402
-from fgvc.demo import make_demo_dataset  # noqa: E402
-from fgvc.engine import drop_meta_groups, meta_dropout, meta_dropout_prob, train_one_epoch  # noqa: E402
-from sparse_mim.utils.config import load_config  # noqa: E402
-from sparse_mim.utils.misc import NonFiniteLossError  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-DEMO_YAML = os.path.join(REPO, "configs", "fgvc", "demo.yaml")
+RECIPES = os.path.join(shipped_recipes_dir(), "fgvc")
+DEMO_YAML = os.path.join(RECIPES, "demo.yaml")
+QUIET = dict(log=lambda *a: None)
 
 
 def _cfg(root, out, *overrides):
-    return load_config(train_fgvc.DEFAULTS, DEMO_YAML, [
+    return load_config(DEFAULTS, DEMO_YAML, [
         f"data.root={root}", f"output_dir={out}", "data.val_split=0", "data.batch_size=16", "optim.lr_base_batch=16",
-        "train.progress=false", "wandb.enabled=false", "train.warmup_epochs=0", *overrides])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~5x faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+        "log.progress=false", "wandb.enabled=false", "train.warmup_epochs=0", *overrides], validate=validate_config)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +34,13 @@ def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fgvc_demo") / "data")
     make_demo_dataset(root, n_looks=2, train_per_class=32, test_per_class=16, image_size=32, seed=1)
     return root
+
+
+def _epoch(model, batches, opt, criterion=None, epoch=0, epochs=1, **kw):
+    kw.setdefault("meta_drop_p", 0.0)
+    return train_one_epoch(model, batches, opt, lambda s: opt.param_groups[0]["lr"], TrainState(epoch=epoch),
+                           criterion=criterion or torch.nn.CrossEntropyLoss(), epochs=epochs,
+                           streams=RandomStreams(0), **kw)
 
 
 # ------------------------------------------------------------------------------------------- engine units
@@ -55,6 +55,8 @@ def test_meta_dropout_schedule_and_rows():
     assert meta.min() > 0                                            # input untouched
     m, p = drop_meta_groups(meta, present, [1], [4, 3])
     assert torch.equal(m[:, :4], meta[:, :4]) and not m[:, 4:].any() and p[:, 0].all() and not p[:, 1].any()
+    with pytest.raises(ValueError, match="out of range"):
+        drop_meta_groups(meta, present, [2], [4, 3])
 
 
 class _SpyModel(torch.nn.Module):
@@ -70,22 +72,22 @@ class _SpyModel(torch.nn.Module):
         return self.fc(torch.cat([images.mean((2, 3)), meta], 1))
 
 
+def _batch(n, k=4, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"images": torch.randn(n, 3, 8, 8, generator=g), "meta": torch.randn(n, d, generator=g) + 5,
+            "meta_present": torch.ones(n, 1, dtype=torch.bool), "labels": torch.arange(n) % k,
+            "index": torch.arange(n), "skipped": 0}
+
+
 def test_mixup_mixes_images_and_labels_not_meta():
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-    torch.manual_seed(0)
-    batches = []
-    for b in range(3):
-        batches.append({"images": torch.randn(6, 3, 8, 8), "meta": torch.randn(6, 3),
-                        "meta_present": torch.ones(6, 1, dtype=torch.bool), "labels": torch.arange(6) % 4,
-                        "index": torch.arange(6), "skipped": 0})
+    batches = [_batch(6, seed=b) for b in range(3)]
     originals = [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     model = _SpyModel()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     mix = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0, num_classes=4, label_smoothing=0.0)
-    stats = train_one_epoch(model, batches, opt, SoftTargetCrossEntropy(), torch.device("cpu"), epoch=3, epochs=4,
-                            lr_schedule=lambda s: 1e-3, start_step=0, mixup_fn=mix, use_meta_dropout=False,
-                            progress=False)
+    stats = _epoch(model, batches, opt, SoftTargetCrossEntropy(), epoch=3, epochs=4, mixup=mix)
     assert stats["step"] == 3 and len(model.seen) == 3
     for batch, (images, meta, present) in zip(originals, model.seen):  # timm mixes the batch in place
         assert torch.equal(meta, batch["meta"])                        # meta rows unchanged and in order
@@ -94,6 +96,22 @@ def test_mixup_mixes_images_and_labels_not_meta():
         flipped = batch["images"].flip(0)                               # timm batch mixup pairs i with B-1-i
         lam = 1 - (lam_img / (flipped[0] - batch["images"][0])).median()
         np.testing.assert_allclose(images.numpy(), (lam * batch["images"] + (1 - lam) * flipped).numpy(), atol=1e-4)
+
+
+def test_mixup_batch_trimmed_to_zero_images_is_skipped():
+    """A batch left with one readable image is odd; Mixup needs an even batch, so it is trimmed to 0
+    images: skipped (counted), the other micro-batch of the window still makes the optimizer step."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    model = _SpyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    mix = Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, prob=1.0, num_classes=4)
+    stats = _epoch(model, [_batch(4), _batch(1, seed=1)], opt, SoftTargetCrossEntropy(), mixup=mix, accum_steps=2)
+    assert stats["step"] == 1 and stats["empty_batches"] == 1 and len(model.seen) == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    stats = _epoch(model, [_batch(1, seed=2)], opt, SoftTargetCrossEntropy(), mixup=mix)  # nothing at all to learn
+    assert stats["step"] == 1 and stats["empty_batches"] == 1
 
 
 def test_nan_loss_stops_with_clear_error():
@@ -109,168 +127,7 @@ def test_nan_loss_stops_with_clear_error():
              "labels": torch.zeros(2, dtype=torch.long), "index": torch.arange(2), "skipped": 0}
     model = NaNModel()
     with pytest.raises(NonFiniteLossError, match="resume=auto"):
-        train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
-                        torch.device("cpu"), 0, 1, lambda s: 0.1, 0, progress=False)
-
-
-# ------------------------------------------------------------------------------------------- the demo
-@pytest.fixture(scope="module")
-def demo_run(demo_root, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo_out"))
-    summary = train_fgvc.train(_cfg(demo_root, out, "train.epochs=6", "train.meta_dropout=false"), log=lambda *a: None)
-    return out, summary
-
-
-def test_demo_meta_beats_image_only(demo_run, demo_root, tmp_path):
-    """Class pairs differ only by latitude / season: only a model that reads its meta tokens can
-    separate them (image-only ceiling: 50 %)."""
-    out, summary = demo_run
-    assert summary["test/top1"] >= 90.0, summary
-    assert summary["test/top1"] - summary["test/top1_meta_zeroed"] >= 30.0, summary
-    image_only = train_fgvc.train(_cfg(demo_root, str(tmp_path), "train.epochs=6", "data.use_meta=false"),
-                                  log=lambda *a: None)
-    assert image_only["test/top1"] <= 65.0, image_only             # chance within each pair
-    assert summary["test/top1"] - image_only["test/top1"] >= 25.0
-    with open(os.path.join(out, "final.json")) as f:
-        assert json.load(f)["test/top1"] == summary["test/top1"]
-    assert os.path.isfile(os.path.join(out, "config.yaml")) and os.path.isfile(os.path.join(out, "last.pth"))
-
-
-def test_eval_tool_outputs_and_determinism(demo_run, tmp_path):
-    out, summary = demo_run
-    ckpt = os.path.join(out, "best.pth")
-    res = []
-    for k in range(2):
-        d = str(tmp_path / f"eval{k}")
-        s = eval_fgvc.main([ckpt, f"eval.out_dir={d}", "wandb.enabled=false", "eval.table_rows=0"])
-        res.append(s)
-        assert {"summary.json", "per_class.csv", "top_confusions.csv", "confusion.png"} <= set(os.listdir(d))
-    assert res[0]["results"] == res[1]["results"]                      # bit-identical numbers
-    r = res[0]["results"]
-    assert set(r) == {"with_meta", "meta_zeroed", "without_temporal", "without_spatial"}
-    assert r["with_meta"]["top1"] == pytest.approx(summary["test/top1"])
-    assert r["meta_zeroed"]["top1"] == pytest.approx(summary["test/top1_meta_zeroed"])
-    # one pair is split by season, the other by latitude: each group alone is worth ~ one pair
-    assert r["without_temporal"]["top1"] < r["with_meta"]["top1"] - 10
-    assert r["without_spatial"]["top1"] < r["with_meta"]["top1"] - 10
-    lines = open(os.path.join(str(tmp_path / "eval0"), "per_class.csv")).read().splitlines()
-    assert lines[0] == "class_index,class,images,top1,top1_meta_zeroed" and len(lines) == 5
-    with pytest.raises(SystemExit, match="unknown config key"):
-        eval_fgvc.main([ckpt, "eval.nope=1"])
-
-
-# ------------------------------------------------------------------------------------------- resume
-def test_kill_and_resume_equals_uninterrupted(demo_root, tmp_path):
-    """2 epochs in one go == 1 epoch, 'killed', resumed with resume=auto (weights, optimizer, best)."""
-    common = ["train.epochs=2", "data.batch_size=8", "optim.accum_steps=2", "optim.lr_base_batch=16", "aug.mixup=0.8", "aug.cutmix=1.0",
-              "aug.reprob=0.25", "aug.rand_augment=rand-m9-mstd0.5", "train.ema=true", "train.ema_decay=0.9",
-              "data.val_split=0.25", "train.eval_meta_zeroed=false"]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    train_fgvc.train(_cfg(demo_root, a, *common), log=lambda *x: None)
-    stopped = train_fgvc.train(_cfg(demo_root, b, *common, "train.stop_after_epoch=1"), log=lambda *x: None)
-    assert stopped == {"stopped_at_epoch": 1}
-    torch.manual_seed(123)  # the resumed run must restore its own RNG state, not rely on the process's
-    np.random.seed(123)
-    train_fgvc.train(_cfg(demo_root, b, *common, "resume=auto"), log=lambda *x: None)
-    ca = torch.load(os.path.join(a, "last.pth"), weights_only=True)
-    cb = torch.load(os.path.join(b, "last.pth"), weights_only=True)
-    n_train = 4 * 32 - 4 * 8                                          # 25 % of each class held out for val
-    assert ca["epoch"] == cb["epoch"] == 2 and ca["step"] == cb["step"] == 2 * (n_train // 8 // 2)
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for k in ca["model_ema"]:
-        assert torch.equal(ca["model_ema"][k], cb["model_ema"][k]), k
-    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
-    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
-    assert ca["best"] == cb["best"]
-
-
-@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(REPO, "configs", "fgvc")) if p.endswith(".yaml")))
-def test_recipes_load(path):
-    """Every shipped recipe parses against the defaults (keys and types checked)."""
-    cfg = load_config(train_fgvc.DEFAULTS, os.path.join(REPO, "configs", "fgvc", path), ["data.root=/data"])
-    assert cfg.data.dataset in ("cub", "nabirds", "inat2017", "inat2018", "inat2021", "custom")
-    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr > 0
-    if path != "demo.yaml":
-        assert cfg.model.name in ("metaformer_0", "metaformer_1", "metaformer_2") and cfg.train.epochs == 300
-
-
-def test_build_model_inits_hybrid_backbone(tmp_path):
-    """model.init_backbone puts a (SparK-exported / ImageNet) backbone under the meta-token head."""
-    from fgvc.data.meta import MetaGroup
-    groups = [MetaGroup("temporal", 4), MetaGroup("spatial", 3)]
-    cfg = load_config(train_fgvc.DEFAULTS, None, ["model.name=metaformer_resnet18", "model.img_size=32"])
-    donor = train_fgvc.build_model(cfg, 5, groups)
-    for p in donor.backbone.parameters():
-        torch.nn.init.normal_(p)
-    path = str(tmp_path / "backbone.pth")
-    torch.save(donor.backbone.state_dict(), path)
-    cfg.model.init_backbone = path
-    model = train_fgvc.build_model(cfg, 5, groups)
-    for (k, a), b in zip(donor.backbone.state_dict().items(), model.backbone.state_dict().values()):
-        assert torch.equal(a, b), k
-    out = model(torch.randn(2, 3, 32, 32), torch.randn(2, 7))
-    assert out.shape == (2, 5)
-    cfg.model.name = "metaformer_0"
-    with pytest.raises(ValueError, match="hybrids"):
-        train_fgvc.build_model(cfg, 5, groups)
-
-
-def test_eval_official_weights_file_and_prediction_rows(demo_run, demo_root, tmp_path):
-    """A bare {'model': state_dict} file (the official layout) + -c recipe gives the same numbers
-    as our checkpoint; the predictions table shows decoded meta."""
-    out, summary = demo_run
-    ours = torch.load(os.path.join(out, "best.pth"), weights_only=True)
-    official = str(tmp_path / "official.pth")
-    torch.save({"model": ours["model"]}, official)
-    with pytest.raises(SystemExit, match="-c"):
-        eval_fgvc.main([official])
-    s = eval_fgvc.main([official, "-c", DEMO_YAML, f"data.root={demo_root}", f"eval.out_dir={tmp_path / 'e'}",
-                        "wandb.enabled=false", "data.val_split=0"])
-    assert s["results"]["with_meta"]["top1"] == pytest.approx(summary["test/top1"])
-    assert s["results"]["meta_zeroed"]["top1"] == pytest.approx(summary["test/top1_meta_zeroed"])
-
-    from fgvc.data import build_records
-    cfg = _cfg(demo_root, str(tmp_path))
-    rec = build_records(train_fgvc.prepare_data_config(cfg), "test")
-    n = 3
-    cols, rows = eval_fgvc.prediction_rows(rec, rec.classes, rec.meta_groups, np.arange(n), rec.labels[:n],
-                                           rec.labels[:n], np.full(n, 0.9), (rec.labels[:n] + 1) % 4, max_rows=2)
-    assert cols == ["image", "label", "prediction", "confidence", "correct", "meta/temporal", "meta/spatial",
-                    "prediction_meta_zeroed"]
-    assert len(rows) == 2 and rows[0][0].size[0] <= 128 and rows[0][4] is True
-    assert rows[0][5].startswith("month ") and rows[0][6].startswith("lat ")
-    import csv as _csv
-    with open(os.path.join(demo_root, "test.csv")) as f:
-        first = next(iter(_csv.DictReader(f)))
-    assert rows[0][6] == f"lat {float(first['lat']):.2f}, lon {float(first['lon']):.2f}"
-    assert rows[0][5].split(",")[0] == f"month {int(first['date'][5:7])}"
-
-
-def test_torchrun_two_processes_sharded_eval(demo_root, tmp_path):
-    """DDP on 2 CPU processes (gloo): training runs, and the sharded, all-reduced validation
-    accuracy equals a single-process evaluation of the saved best weights."""
-    import subprocess
-    out = str(tmp_path / "ddp")
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(REPO, "tools", "train_fgvc.py"), f"data.root={demo_root}", f"output_dir={out}",
-           "train.epochs=2", "data.batch_size=8", "optim.lr_base_batch=16", "train.progress=false",
-           "wandb.enabled=false", "data.val_split=0.2", "train.cpu_threads=1"]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"epoch"' in line]
-    assert [row["epoch"] for row in rows] == [1, 2]
-    best = max(rows, key=lambda row: row["val/top1"])
-    assert best["val/images"] == 24                                    # each image once over both shards
-    s = eval_fgvc.main([os.path.join(out, "best.pth"), "eval.split=val", f"eval.out_dir={tmp_path / 'e'}",
-                        "wandb.enabled=false", "eval.per_group=false"])
-    assert s["results"]["with_meta"]["n"] == 24
-    assert s["results"]["with_meta"]["top1"] == pytest.approx(best["val/top1"])
+        _epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1))
 
 
 class _LinearMeta(torch.nn.Module):
@@ -284,36 +141,26 @@ class _LinearMeta(torch.nn.Module):
         return self.fc(torch.cat([images.mean((2, 3)), meta], 1))
 
 
-def _batches(n, b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"images": torch.randn(b, 3, 4, 4, generator=g), "meta": torch.randn(b, 3, generator=g) + 5,
-             "meta_present": torch.ones(b, 1, dtype=torch.bool), "labels": torch.randint(0, 4, (b,), generator=g),
-             "index": torch.arange(b), "skipped": 0} for _ in range(n)]
-
-
 def test_gradient_accumulation_equals_big_batch():
     """accum_steps=2 over batches of 4 == one batch of 8 (mean loss, one optimizer step)."""
-    small = _batches(4, 4)
+    small = [_batch(4, seed=s) for s in range(4)]
     big = [{k: torch.cat([a[k], b[k]]) if torch.is_tensor(a[k]) else 0 for k in a} for a, b in zip(small[::2], small[1::2])]
     models = []
     for batches, accum in ((small, 2), (big, 1)):
         torch.manual_seed(0)
         m = _LinearMeta()
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
-        stats = train_one_epoch(m, batches, opt, torch.nn.CrossEntropyLoss(), torch.device("cpu"), 0, 1,
-                                lambda s: 0.5, 0, accum_steps=accum, use_meta_dropout=False, progress=False)
-        assert stats["step"] == 2
+        assert _epoch(m, batches, opt, accum_steps=accum)["step"] == 2
         models.append(m)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_meta_dropout_inside_training_epoch():
-    """Epoch 1 of 4: p = 0.75, so floor(8 * 0.75) = 6 samples per batch see an all-zero meta vector."""
+    """p = 0.75: floor(8 * 0.75) = 6 samples per batch see an all-zero meta vector."""
     m = _LinearMeta()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    train_one_epoch(m, _batches(3, 8), opt, torch.nn.CrossEntropyLoss(), torch.device("cpu"), 1, 4,
-                    lambda s: 0.1, 0, progress=False)
+    _epoch(m, [_batch(8, seed=s) for s in range(3)], opt, epoch=1, epochs=4, meta_drop_p=meta_dropout_prob(1, 4))
     for meta in m.seen_meta:
         assert int((meta == 0).all(1).sum()) == 6 and int((meta != 0).all(1).sum()) == 2
 
@@ -333,3 +180,180 @@ def test_transforms_recipe():
     assert tr(img).shape == (3, 64, 64)
     assert [type(t).__name__ for t in build_transform(True, 32, rand_augment="", reprob=0).transforms] == \
         ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+
+
+# ------------------------------------------------------------------------------------------- the demo
+@pytest.fixture(scope="module")
+def demo_run(demo_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo_out") / "run")
+    summary = train(_cfg(demo_root, out, "train.epochs=6", "train.meta_dropout=false"), **QUIET)
+    return out, summary
+
+
+def test_demo_meta_beats_image_only(demo_run, demo_root, tmp_path):
+    """Class pairs differ only by latitude / season: only a model that reads its meta tokens can
+    separate them (image-only ceiling: 50 %)."""
+    out, summary = demo_run
+    assert summary["test/top1"] >= 90.0, summary
+    assert summary["test/top1"] - summary["test/top1_meta_zeroed"] >= 30.0, summary
+    image_only = train(_cfg(demo_root, str(tmp_path / "img"), "train.epochs=6", "data.use_meta=false"), **QUIET)
+    assert image_only["test/top1"] <= 65.0, image_only             # chance within each pair
+    assert summary["test/top1"] - image_only["test/top1"] >= 25.0
+    with open(os.path.join(out, "final.json")) as f:
+        assert json.load(f)["test/top1"] == summary["test/top1"]
+    assert {"config.yaml", "last.pth", "best.pth", "metrics.jsonl"} <= set(os.listdir(out))
+    assert not os.path.exists(os.path.join(out, "run.lock"))       # released at the end
+
+
+def test_eval_outputs_and_determinism(demo_run, tmp_path):
+    out, summary = demo_run
+    ckpt = os.path.join(out, "best.pth")
+    res = []
+    for k in range(2):
+        d = str(tmp_path / f"eval{k}")
+        res.append(evaluate_checkpoint(ckpt, overrides=[f"eval.out_dir={d}", "wandb.enabled=false",
+                                                        "eval.table_rows=0", "log.progress=false"], **QUIET))
+        assert {"summary.json", "per_class.csv", "top_confusions.csv", "confusion.png", "predictions.csv"} <= \
+            set(os.listdir(d))
+    assert res[0]["results"] == res[1]["results"]                      # bit-identical numbers
+    r = res[0]["results"]
+    assert set(r) == {"with_meta", "meta_zeroed", "without_temporal", "without_spatial"}
+    assert r["with_meta"]["top1"] == pytest.approx(summary["test/top1"])
+    assert r["meta_zeroed"]["top1"] == pytest.approx(summary["test/top1_meta_zeroed"])
+    # one pair is split by season, the other by latitude: each group alone is worth ~ one pair
+    assert r["without_temporal"]["top1"] < r["with_meta"]["top1"] - 10
+    assert r["without_spatial"]["top1"] < r["with_meta"]["top1"] - 10
+    lines = open(os.path.join(str(tmp_path / "eval0"), "per_class.csv")).read().splitlines()
+    assert lines[0] == "class_index,class,images,top1,top1_meta_zeroed" and len(lines) == 5
+    import csv
+    with open(os.path.join(str(tmp_path / "eval0"), "predictions.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == r["with_meta"]["n"] and set(rows[0]) >= {"path", "label", "pred_1", "prob_1", "pred_4"}
+    assert np.mean([row["correct"] == "True" for row in rows]) * 100 == pytest.approx(r["with_meta"]["top1"])
+    assert all(float(row["prob_1"]) >= float(row["prob_2"]) for row in rows)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        evaluate_checkpoint(ckpt, overrides=["eval.nope=1"], **QUIET)
+
+
+def test_eval_folder_named_after_checkpoint_and_cli(demo_run, capsys):
+    """eval of last.pth goes to eval_last_test/, of best.pth to eval_best_test/: neither overwrites the other."""
+    from fgvc.cli import evaluate
+    out, _ = demo_run
+    for name in ("best", "last"):
+        assert evaluate([os.path.join(out, f"{name}.pth"), "wandb.enabled=false", "eval.per_group=false",
+                         "log.progress=false"]) == 0
+    assert os.path.isfile(os.path.join(out, "eval_best_test", "summary.json"))
+    assert os.path.isfile(os.path.join(out, "eval_last_test", "summary.json"))
+    assert evaluate([os.path.join(out, "best.pth"), "eval.nope=1"]) == 2
+    assert "unknown config key 'eval.nope'" in capsys.readouterr().err
+    assert evaluate([os.path.join(out, "nothing.pth")]) == 1
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(RECIPES) if p.endswith(".yaml")))
+def test_recipes_load(path):
+    """Every shipped recipe (with its _base_ files) parses against the schema (keys, types, ranges)."""
+    cfg = load_config(DEFAULTS, os.path.join(RECIPES, path), ["data.root=/data"], validate=validate_config)
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr > 0
+    if path in ("demo.yaml", "tiny_cpu.yaml"):
+        assert cfg.model.name == "metaformer_tiny" and cfg.aug.mixup == 0
+    else:
+        ds, model, size = path[:-5].split("_")
+        assert cfg.data.dataset == ds and cfg.model.name == "metaformer_" + model[-1]
+        assert cfg.model.img_size == int(size) and cfg.train.epochs == 300 and cfg.aug.mixup == 0.8
+        assert cfg.optim.lr == (5e-5 if ds in ("cub", "nabirds") else 1e-4)
+        assert cfg.output_dir == f"outputs/{path[:-5]}" and not cfg.data.demo
+        assert len(open(os.path.join(RECIPES, path)).read().splitlines()) <= 8   # only what differs
+
+
+def test_build_model_inits_hybrid_backbone(tmp_path):
+    """model.init_backbone puts a (SparK-exported / ImageNet) backbone under the meta-token head."""
+    from fgvc.data.meta import MetaGroup
+    groups = [MetaGroup("temporal", 4), MetaGroup("spatial", 3)]
+    cfg = load_config(DEFAULTS, None, ["model.name=metaformer_resnet18", "model.img_size=32"])
+    donor = build_model(cfg.model, 5, groups)
+    for p in donor.backbone.parameters():
+        torch.nn.init.normal_(p)
+    path = str(tmp_path / "backbone.pth")
+    torch.save(donor.backbone.state_dict(), path)
+    cfg.model.init_backbone = path
+    model = build_model(cfg.model, 5, groups)
+    for (k, a), b in zip(donor.backbone.state_dict().items(), model.backbone.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert model(torch.randn(2, 3, 32, 32), torch.randn(2, 7)).shape == (2, 5)
+    cfg.model.name = "metaformer_0"
+    with pytest.raises(ValueError, match="hybrids"):
+        build_model(cfg.model, 5, groups)
+
+
+def test_eval_official_weights_file_and_prediction_rows(demo_run, demo_root, tmp_path):
+    """A bare {'model': state_dict} file (the official layout) + -c recipe gives the same numbers
+    as our checkpoint; the predictions table shows decoded meta."""
+    out, summary = demo_run
+    ours = torch.load(os.path.join(out, "best.pth"), weights_only=True)
+    official = str(tmp_path / "official.pth")
+    torch.save({"model": ours["model"]}, official)
+    with pytest.raises(ConfigError, match="-c"):
+        evaluate_checkpoint(official, **QUIET)
+    s = evaluate_checkpoint(official, DEMO_YAML, [f"data.root={demo_root}", f"eval.out_dir={tmp_path / 'e'}",
+                                                  "wandb.enabled=false", "data.val_split=0", "log.progress=false"],
+                            **QUIET)
+    assert s["results"]["with_meta"]["top1"] == pytest.approx(summary["test/top1"])
+    assert s["results"]["meta_zeroed"]["top1"] == pytest.approx(summary["test/top1_meta_zeroed"])
+
+    from fgvc.data import build_records
+    cfg = _cfg(demo_root, str(tmp_path))
+    rec = build_records(resolve_data_config(cfg.data, str(tmp_path / "unused")), "test")
+    n = 3
+    cols, rows = prediction_rows(rec, rec.classes, rec.meta_groups, np.arange(n), rec.labels[:n],
+                                 rec.labels[:n], np.full(n, 0.9), (rec.labels[:n] + 1) % 4, max_rows=2)
+    assert cols == ["image", "label", "prediction", "confidence", "correct", "meta/temporal", "meta/spatial",
+                    "prediction_meta_zeroed"]
+    assert len(rows) == 2 and rows[0][0].size[0] <= 128 and rows[0][4] is True
+    assert rows[0][5].startswith("month ") and rows[0][6].startswith("lat ")
+    import csv as _csv
+    with open(os.path.join(demo_root, "test.csv")) as f:
+        first = next(iter(_csv.DictReader(f)))
+    assert rows[0][6] == f"lat {float(first['lat']):.2f}, lon {float(first['lon']):.2f}"
+    assert rows[0][5].split(",")[0] == f"month {int(first['date'][5:7])}"
+
+
+def test_prediction_table_decodes_by_encoder_not_name(demo_root, tmp_path):
+    """Custom groups named as in the docs (when / where) are decoded by their type."""
+    from fgvc.data import build_records
+    cfg = _cfg(demo_root, str(tmp_path), "data.demo=false", "data.train_csv=train.csv", "data.test_csv=test.csv",
+               "data.meta_groups=[{name: when, type: date, columns: [date]}, {name: where, type: latlon, "
+               "columns: [lat, lon]}]")
+    rec = build_records(dict(cfg.data), "test")
+    cols, rows = prediction_rows(rec, rec.classes, rec.meta_groups, np.arange(2), rec.labels[:2], rec.labels[:2],
+                                 np.full(2, 0.9), None, max_rows=2)
+    assert cols[5:] == ["meta/when", "meta/where"]
+    assert rows[0][5].startswith("month ") and rows[0][6].startswith("lat "), rows[0]
+
+
+def test_torchrun_two_processes_sharded_eval(demo_root, tmp_path):
+    """DDP on 2 CPU processes (gloo): training runs, and the sharded, all-reduced validation
+    accuracy equals a single-process evaluation of the saved best weights."""
+    import socket
+    import subprocess
+    out = str(tmp_path / "ddp")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "fgvc.cli", "train", "-c", DEMO_YAML, f"data.root={demo_root}", f"output_dir={out}",
+           "train.epochs=2", "data.batch_size=8", "optim.lr_base_batch=16", "log.progress=false",
+           "wandb.enabled=false", "data.val_split=0.2", "train.cpu_threads=1"]
+    r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"epoch"' in line]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    best = max(rows, key=lambda row: row["val/top1"])
+    assert best["val/images"] == 24                                    # each image once over both shards
+    s = evaluate_checkpoint(os.path.join(out, "best.pth"), overrides=[
+        "eval.split=val", f"eval.out_dir={tmp_path / 'e'}", "wandb.enabled=false", "eval.per_group=false",
+        "log.progress=false"], **QUIET)
+    assert s["results"]["with_meta"]["n"] == 24
+    assert s["results"]["with_meta"]["top1"] == pytest.approx(best["val/top1"])
