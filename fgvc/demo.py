@@ -131,8 +131,8 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
 
 
 def is_demo_dataset(root: str) -> bool:
-    """Whether ``root`` holds a complete generated demo dataset (its stamp and both CSVs)."""
-    return all(os.path.isfile(os.path.join(root, f)) for f in ("demo.json", "train.csv", "test.csv"))
+    """Whether ``root`` holds a generated demo dataset (its ``demo.json`` stamp)."""
+    return os.path.isfile(os.path.join(root, "demo.json"))
 
 
 def demo_data_config(root: str) -> Dict:

@@ -48,7 +48,7 @@ class RandomStreams:
     64-bit seed that depends only on its arguments (numpy ``SeedSequence``), never on how
     many numbers were drawn before, so nothing but the position has to be checkpointed."""
 
-    TAGS = {"aug": 1, "mixup": 2, "meta": 3, "torch": 4, "order": 5}
+    TAGS = {"aug": 1, "mixup": 2, "meta": 3, "torch": 4, "order": 5, "init": 6}
 
     def __init__(self, seed: int, rank: int = 0):
         self.seed, self.rank = int(seed), int(rank)

@@ -344,6 +344,13 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     if cfg.resume == "auto":
         resume_path, ckpt = find_resumable(out_dir, log=say)
         if resume_path is None:
+            import glob
+            found = [os.path.basename(p) for p in [os.path.join(out_dir, "last.pth")] +
+                     glob.glob(os.path.join(glob.escape(out_dir), "checkpoint-*.pth")) if os.path.isfile(p)]
+            if found:
+                raise RuntimeError(f"resume=auto: none of the checkpoints in {out_dir} ({', '.join(found)}) can be "
+                                   f"loaded (see the messages above); nothing was overwritten. Start a new run with "
+                                   f"another output_dir, or resume=<path> to a good copy")
             say(f"[resume] resume=auto: no checkpoint in {out_dir} yet, starting a new run")
     elif cfg.resume:
         resume_path, ckpt = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
@@ -393,6 +400,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     updates_per_epoch = batches_per_epoch // accum
 
     # ---- model, optimizer, schedule, precision
+    torch.manual_seed(RandomStreams(cfg.seed).seed_for("init"))  # the same initial weights on every rank and run
     model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None).to(device)
     say(f"[model] {cfg.model.name}: {count_parameters(model) / 1e6:.2f}M params, {train_rec.num_classes} classes, "
         f"meta groups {model_meta_spec(groups)}; train {len(train_rec)} / {select_name} {len(select_rec)} / "
