@@ -125,3 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def export(argv: Optional[Sequence[str]] = None) -> int:
+    """``fgvc-export CHECKPOINT [--out PATH.pt2] [--format pt2 onnx]``; returns the exit status."""
+    from sparse_mim.utils.cli import run_cli
+    from .export import export_command
+    return run_cli(export_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-export")

@@ -59,6 +59,13 @@ __all__ = [
 ATTN_IMPLS = ("sdpa", "explicit")
 
 
+def _tracing() -> bool:
+    """True under torch.compile / torch.export tracing (no data pointers there: the SDPA mask is not cached)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and (compiler.is_compiling() or
+                                          (hasattr(compiler, "is_exporting") and compiler.is_exporting())))
+
+
 def _pair(x) -> Tuple[int, int]:
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
@@ -223,8 +230,8 @@ class RelativeAttention(nn.Module):
         ``load_state_dict`` invalidates it.
         """
         table = self.relative_position_bias_table
-        cacheable = not torch.is_grad_enabled()
-        key = (num_extra_tokens, q.dtype, q.device, table.data_ptr(), table._version)
+        cacheable = not torch.is_grad_enabled() and not _tracing()
+        key = (num_extra_tokens, q.dtype, q.device, table.data_ptr(), table._version) if cacheable else None
         if cacheable and self._mask_cache is not None and self._mask_cache[0] == key:
             return self._mask_cache[1]
         bias = self.relative_position_bias(num_extra_tokens).to(q.dtype)
