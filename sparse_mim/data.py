@@ -22,7 +22,13 @@ or on whether the run was restarted.
 
 A corrupt or unreadable image never stops a run: it is replaced by another
 (deterministically chosen) image, and the number of failures travels with the
-batch so the training loop can count and log it.
+batch so the training loop can count and log it. The same holds for images larger
+than ``data.max_pixels`` (default 178,956,970 pixels, PIL's own decompression-bomb
+threshold; a 16k x 11k photo): the header is read, the pixels are not decoded, the
+file is skipped and counted. 16-bit greyscale PNG / TIFF files are scaled to 8 bits
+(``convert("RGB")`` would clip them to near-white). Folders are scanned with links
+followed, but each real folder once: a symlink loop neither hangs the scan nor counts
+an image twice.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import hashlib
 import logging
 import math
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -37,15 +44,21 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "PretrainTransform", "ImageFileDataset", "SyntheticImageDataset",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS", "ImageTooLargeError", "load_rgb", "PretrainTransform",
+    "ImageFileDataset", "SyntheticImageDataset",
     "ResumableBatchSampler", "build_pretrain_dataset", "find_images", "read_image_list", "sample_seed",
     "generate_image", "DataError",
 ]
 
 _logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD  # noqa: E402
+
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's Image.MAX_IMAGE_PIXELS: ~ a 16k x 11k image
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than allowed (a decompression bomb or an unusable giant)."""
 
 
 class DataError(ValueError):
@@ -56,17 +69,6 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     """A 63-bit seed for the sample at ``position`` of ``epoch`` (independent of process layout)."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    size = tuple(int(s) for s in size)
-    if len(size) == 1:
-        return size[0], size[0]
-    if len(size) != 2:
-        raise ValueError(f"input size must be an int or (height, width), got {size}")
-    return size
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -81,7 +83,9 @@ class PretrainTransform:
     def __init__(self, input_size, scale=(0.67, 1.0), hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         from torchvision import transforms as T
         from torchvision.transforms import InterpolationMode
-        self.size = _pair(input_size)
+        from timm.layers import to_2tuple
+        self.size = tuple(int(v) for v in to_2tuple(input_size))
+        self.size = self.size * 2 if len(self.size) == 1 else self.size
         h, w = self.size
         aspect = w / h  # keep the usual (3/4, 4/3) spread around the target's own aspect ratio
         steps = [T.RandomResizedCrop(self.size, scale=tuple(scale), ratio=(aspect * 3 / 4, aspect * 4 / 3),
@@ -109,14 +113,29 @@ def _image_extensions() -> set[str]:
 
 
 def find_images(root: str) -> list[str]:
-    """All files under ``root`` (recursively, links followed) whose extension PIL can open; sorted."""
+    """All files under ``root`` (recursively) whose extension PIL can open; sorted.
+
+    Links are followed, but every real folder is entered once and every real file listed
+    once: a symlink loop (``a/b -> a``) or two links to one folder neither hang the scan
+    nor count an image twice.
+    """
     exts = _image_extensions()
-    paths = []
+    paths, seen_dirs, seen_files = [], set(), set()
     for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
+        real = os.path.realpath(folder)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(folder, d)) not in seen_dirs)
+        for f in sorted(files):
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
-                paths.append(os.path.join(folder, f))
+                path = os.path.join(folder, f)
+                key = os.path.realpath(path)
+                if key not in seen_files:
+                    seen_files.add(key)
+                    paths.append(path)
     return sorted(paths)
 
 
@@ -137,11 +156,38 @@ def read_image_list(list_file: str) -> list[str]:
     return paths
 
 
-def _load_rgb(path: str):
+def _to_rgb(img):
+    """Any PIL mode -> 8-bit RGB; high-bit-depth greyscale is scaled, not clipped."""
     from PIL import Image
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")  # forces the decode; palette / grey / CMYK / alpha -> RGB
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")  # forces the decode; palette / grey / CMYK / alpha -> RGB
+
+
+def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """Open an image as 8-bit RGB (16-bit decoded right); ``ImageTooLargeError`` above ``max_pixels``
+    (checked from the header, before any pixel is decoded)."""
+    from PIL import Image
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # our own limit below, with our own message
+        try:
+            img = Image.open(f)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        w, h = img.size
+        if max_pixels and w * h > max_pixels:
+            raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels is more than data.max_pixels={max_pixels}")
+        return _to_rgb(img)
+
+
+_load_rgb = load_rgb
 
 
 class ImageFileDataset(Dataset):
@@ -152,18 +198,20 @@ class ImageFileDataset(Dataset):
     ``n_failed`` counts the unreadable files skipped to produce this sample.
     """
 
-    def __init__(self, paths: Sequence[str], transform: PretrainTransform, max_retries: int = 20, source: str = ""):
+    def __init__(self, paths: Sequence[str], transform: PretrainTransform, max_retries: int = 20, source: str = "",
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.paths = list(paths)
         self.transform = transform
         self.max_retries = max_retries
         self.source = source
+        self.max_pixels = max_pixels
         self.failed_paths: set[str] = set()  # this process's record (workers keep their own)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, index: int):
-        return _load_rgb(self.paths[index])
+        return load_rgb(self.paths[index], self.max_pixels)
 
     def __getitem__(self, key):
         index, seed = (key if isinstance(key, (tuple, list)) else (key, key))
@@ -239,13 +287,14 @@ class SyntheticImageDataset(ImageFileDataset):
 
 
 # ---------------------------------------------------------------------------- building
-def _check_some_readable(paths: Sequence[str], where: str, n_check: int = 16) -> None:
+def _check_some_readable(paths: Sequence[str], where: str, n_check: int = 16,
+                         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Fail early, with the fix, when a data source holds no readable image (checks up to 16, spread out)."""
     idx = sorted(set(np.linspace(0, len(paths) - 1, num=min(n_check, len(paths))).round().astype(int).tolist()))
     errors = []
     for i in idx:
         try:
-            _load_rgb(paths[i])
+            load_rgb(paths[i], max_pixels)
             return
         except Exception as e:
             errors.append(f"{paths[i]}: {type(e).__name__}: {e}")
@@ -257,7 +306,7 @@ def _check_some_readable(paths: Sequence[str], where: str, n_check: int = 16) ->
 
 def build_pretrain_dataset(root: str | None, input_size, scale=(0.67, 1.0), hflip: bool = True, mean=IMAGENET_MEAN,
                            std=IMAGENET_STD, builtin_images: int = 512, builtin_size: int = 96,
-                           check: bool = True) -> ImageFileDataset:
+                           check: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageFileDataset:
     """The pre-training dataset for ``data.root`` (folder, list file, or ''/'builtin' for generated images)."""
     if root is None:
         raise DataError("this recipe needs data: pass data.root=/path/to/images (a folder, an ImageFolder tree or a "
@@ -287,8 +336,8 @@ def build_pretrain_dataset(root: str | None, input_size, scale=(0.67, 1.0), hfli
         raise DataError(f"data.root={root!r} does not exist; give a folder of images, an ImageFolder tree, a "
                         f"list file with one image path per line, or leave it empty for the built-in images")
     if check:
-        _check_some_readable(paths, where)
-    return ImageFileDataset(paths, transform, source=where)
+        _check_some_readable(paths, where, max_pixels=max_pixels)
+    return ImageFileDataset(paths, transform, source=where, max_pixels=max_pixels)
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -318,7 +367,7 @@ class ResumableBatchSampler:
             raise DataError(
                 f"the data set has {self.num_samples} images, fewer than one global batch of {self.global_batch} "
                 f"(batch_size {self.batch_size} x {self.num_replicas} processes x {self.accum_steps} accumulation "
-                f"steps): lower optim.batch_size / optim.accum_steps or add images")
+                f"steps): lower data.batch_size / optim.accum_steps or add images")
         self.steps_per_epoch = self.num_samples // self.global_batch
         self.epoch, self.start_step = 0, 0
 

@@ -1,24 +1,28 @@
-"""One pre-training epoch (MAE's engine_pretrain split): forward, backward, step, log, checkpoint.
+"""One pre-training epoch (MAE's engine_pretrain split): forward, backward, step, log.
 
-``tools/pretrain.py`` builds everything (config, distributed, data, model, optimizer,
-resume) and calls :func:`train_one_epoch` per epoch; this module knows nothing
-about how they were made. What happens per micro-batch:
+``sparse_mim.train.pretrain`` builds everything (config, distributed, data, model, optimizer,
+resume) and calls :func:`train_one_epoch` per epoch with explicit objects (the convention of
+``fgvc.engine.train_one_epoch`` too); this module knows nothing about configs or files.
+What happens per micro-batch:
 
 1. the visible masks are drawn per sample from the sample's seed (so masks do not
    depend on the process layout or on restarts);
-2. forward under fp16 autocast on CUDA (fp32 on CPU), the loss averaged over
-   processes *before* backward so every rank sees the same NaN/inf and stops
-   together (with a clear message; the last good checkpoint is kept);
-3. backward of ``loss / accum_steps`` (DDP's gradient all-reduce only on the last
-   micro-batch: ``no_sync``);
-4. after ``accum_steps`` micro-batches: unscale, clip, LAMB step, lr / weight-decay
-   for the next step; log, visualise and checkpoint on schedule (rank 0 writes).
+2. the global torch generator (drop-path draws from it) is seeded from
+   ``(seed, "drop_path", rank, step, micro-batch)``: drop-path is a function of the
+   position in the run, whatever happened before (loader workers starting, a resume);
+3. forward under the run's autocast policy; the loss averaged over processes *before*
+   backward, so every rank sees the same NaN / inf and stops together;
+4. backward and, after ``accum_steps`` micro-batches, the shared ``optimizer_step``
+   (unscale, clip, LAMB step; DDP's all-reduce only on the last micro-batch); lr /
+   weight decay for the next step; then ``on_step(state)`` (checkpoints, pictures) and
+   ``should_stop(state)`` (pre-emption, debug stop).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -27,7 +31,7 @@ from .utils import distributed as dist_utils
 from .utils.misc import AverageMeter, Throughput, check_finite, peak_memory_mb
 from .utils.schedules import set_optimizer_values
 
-__all__ = ["TrainState", "masks_from_seeds", "train_one_epoch"]
+__all__ = ["TrainState", "train_one_epoch", "seed_step_stream"]
 
 
 @dataclass
@@ -37,13 +41,15 @@ class TrainState:
     epoch: int = 0
     images_seen: int = 0
     failed_images: int = 0        # unreadable images skipped so far (all ranks)
+    skipped_steps: int = 0        # optimizer steps skipped for non-finite gradients
     first_loss: float | None = None
     last_loss: float | None = None
     history: list = field(default_factory=list)  # (step, loss) at log points, for the final summary
 
     def state_dict(self) -> dict:
         return dict(step=self.step, epoch=self.epoch, images_seen=self.images_seen,
-                    failed_images=self.failed_images, first_loss=self.first_loss, last_loss=self.last_loss,
+                    failed_images=self.failed_images, skipped_steps=self.skipped_steps,
+                    first_loss=self.first_loss, last_loss=self.last_loss,
                     history=[list(h) for h in self.history])
 
     def load_state_dict(self, d: dict) -> None:
@@ -52,73 +58,70 @@ class TrainState:
                 setattr(self, k, [tuple(h) for h in v] if k == "history" else v)
 
 
-def masks_from_seeds(model: nn.Module, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Visible masks [B, f_h, f_w], one per sample, each drawn from a generator seeded by its sample seed."""
-    masks = []
-    for s in seeds.tolist():
-        g = torch.Generator().manual_seed((int(s) ^ 0x5DEECE66D) & ((1 << 63) - 1))  # decorrelated from the crop
-        masks.append(model.mask(1, generator=g))
-    return torch.cat(masks).to(device, non_blocking=True)
-
-
-def _grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+def seed_step_stream(seed: int, rank: int, step: int, micro: int) -> int:
+    """Seed the global torch generator (CPU and CUDA) for one micro-batch; drop-path draws from it."""
+    digest = hashlib.blake2b(f"{seed}:drop_path:{rank}:{step}:{micro}".encode(), digest_size=8).digest()
+    s = int.from_bytes(digest, "little") >> 1
+    torch.manual_seed(s)
+    return s
 
 
 def train_one_epoch(
         model: nn.Module,                # the SparK module (unwrapped)
-        train_model: nn.Module,          # what runs forward: DDP(model) or model itself
         loader: Iterable,
         optimizer: torch.optim.Optimizer,
-        scaler: torch.amp.GradScaler,
         lr_schedule: Callable[[int], float],
-        wd_schedule: Callable[[int], float],
         state: TrainState,
-        cfg,                             # resolved Config (optim.*, log.*, checkpoint.*)
-        device: torch.device,
-        logger=None,                     # RunLogger (no-op on ranks > 0)
-        save_checkpoint: Callable[[str], None] | None = None,   # save_checkpoint(kind) with kind "last"/"keep"
-        visualize: Callable[[int], None] | None = None,          # visualize(step) on rank 0
-        steps_this_epoch: int | None = None,
-        progress: bool = True,
+        *,
+        wd_schedule: Optional[Callable[[int], float]] = None,
+        train_model: Optional[nn.Module] = None,   # what runs forward: DDP(model); default the model itself
+        amp=None,                        # AmpPolicy (sparse_mim.utils.amp); None = fp32
+        scaler=None,                     # GradScaler for fp16, else None
+        accum_steps: int = 1,
+        clip_grad: float = 0.0,
+        seed: int = 0,
+        rank: int = 0,
+        steps_this_epoch: Optional[int] = None,
+        should_stop: Optional[Callable[[TrainState], bool]] = None,
+        on_step: Optional[Callable[[TrainState], None]] = None,
+        log_fn: Optional[Callable[[dict, int], None]] = None,
+        log_every: int = 10,
+        progress: bool = False,
 ) -> dict:
-    """Train until the loader is exhausted (or ``optim.stop_at_step``); returns epoch averages."""
-    accum = int(cfg.optim.accum_steps)
-    clip = float(cfg.optim.clip_grad or 0.0)
-    use_amp = bool(cfg.optim.amp) and device.type == "cuda"
-    world = dist_utils.get_world_size()
-    is_main = dist_utils.is_main_process()
+    """Train until the loader is exhausted or ``should_stop(state)`` says so; returns epoch averages.
+
+    ``stats["stopped"]`` tells whether ``should_stop`` ended the epoch early.
+    """
+    from .utils.amp import optimizer_step
+    train_model = model if train_model is None else train_model
     distributed = isinstance(train_model, nn.parallel.DistributedDataParallel)
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     loss_meter, norm_meter, speed = AverageMeter(), AverageMeter(), Throughput()
-    stop_at = int(cfg.optim.stop_at_step or 0)
-    log_every, vis_every = int(cfg.log.every), int(cfg.log.vis_every)
-    ckpt_every, keep_every = int(cfg.checkpoint.every_steps), int(cfg.checkpoint.keep_every_steps)
+    autocast = amp.autocast if amp is not None else contextlib.nullcontext
 
     model.train(True)
     bar = None
-    if progress and is_main:
+    if progress:
         from tqdm import tqdm
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
-    set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step))
+    set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step) if wd_schedule else None)
     optimizer.zero_grad(set_to_none=True)
-    micro, step_failed, step_images = 0, 0, 0
+    micro, step_failed, step_images, stopped = 0, 0, 0, False
     step_loss = torch.zeros((), device=device)
     for images, seeds, n_failed in loader:
         images = images.to(device, non_blocking=True)
-        visible = masks_from_seeds(model, seeds, device)
-        last_micro = micro == accum - 1
+        visible = model.masks_from_seeds(seeds, device)
+        seed_step_stream(seed, rank, state.step, micro)
+        last_micro = micro == accum_steps - 1
         sync = contextlib.nullcontext() if (last_micro or not distributed) else train_model.no_sync()
         with sync:
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with autocast():
                 loss, _, _ = train_model(images, visible)
             loss_global = dist_utils.all_reduce_mean(loss.detach().float())
-            check_finite(loss_global, "loss", step=state.step + 1,
-                         hint="The last good checkpoint is kept in the output folder.")
-            scaler.scale(loss / accum).backward()
+            check_finite(loss_global, "loss", step=state.step + 1)
+            result = optimizer_step(loss, optimizer, scaler=scaler, params=params, clip_grad=clip_grad,
+                                    accum_steps=accum_steps, boundary=last_micro)
         step_loss += loss_global
         step_failed += int(n_failed.sum())
         step_images += images.shape[0]
@@ -126,73 +129,42 @@ def train_one_epoch(
         if not last_micro:
             continue
 
-        # ---- optimizer step
-        scaler.unscale_(optimizer)
-        if clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            grad_norm = _grad_norm(params)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr, wd = lr_schedule(state.step), wd_schedule(state.step)  # values used for this step
+        lr = lr_schedule(state.step)  # the values used for this step
+        wd = wd_schedule(state.step) if wd_schedule else None
         state.step += 1
         micro = 0
-
         counts = dist_utils.all_reduce_sum(torch.tensor([float(step_failed), float(step_images)], device=device))
         state.failed_images += int(counts[0])
         state.images_seen += int(counts[1])
-        step_loss_value = float(step_loss) / accum
+        state.skipped_steps += int(result.skipped)
+        step_loss_value = float(step_loss) / accum_steps
         loss_meter.update(step_loss_value)
-        norm_meter.update(float(grad_norm))
+        norm_meter.update(result.grad_norm)
         rate = speed.update(int(counts[1]))
         if state.first_loss is None:
             state.first_loss = step_loss_value
         state.last_loss = step_loss_value
         step_loss.zero_()
         step_failed, step_images = 0, 0
-        set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step))
+        set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step) if wd_schedule else None)
 
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_meter.smooth:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", refresh=False)
-        if logger is not None and (state.step % log_every == 0 or state.step == 1):
+        if log_fn is not None and (state.step % log_every == 0 or state.step == 1):
             state.history.append((state.step, step_loss_value))
-            logger.log({
+            log_fn({
                 "train/loss": step_loss_value, "train/loss_avg": loss_meter.smooth, "train/lr": lr,
-                "train/weight_decay": wd, "train/grad_norm": float(grad_norm), "train/images_per_s": rate,
+                "train/weight_decay": wd, "train/grad_norm": result.grad_norm, "train/images_per_s": rate,
                 "train/epoch": state.epoch, "train/images_seen": state.images_seen,
-                "train/failed_images": state.failed_images, "train/loss_scale": scaler.get_scale()
-                if scaler.is_enabled() else 1.0, "sys/peak_memory_mb": peak_memory_mb(device),
-            }, step=state.step)
-        if visualize is not None and is_main and vis_every > 0 and state.step % vis_every == 0:
-            visualize(state.step)
-        if save_checkpoint is not None:
-            if keep_every > 0 and state.step % keep_every == 0:
-                save_checkpoint("keep")
-            if ckpt_every > 0 and state.step % ckpt_every == 0:
-                save_checkpoint("last")
-        if stop_at and state.step >= stop_at:
+                "train/failed_images": state.failed_images, "train/skipped_steps": state.skipped_steps,
+                "train/loss_scale": result.scale, "sys/peak_memory_mb": peak_memory_mb(device),
+            }, state.step)
+        if on_step is not None:
+            on_step(state)
+        if should_stop is not None and should_stop(state):
+            stopped = True
             break
     if bar is not None:
         bar.close()
-    return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg}
-
-
-# ---------------------------------------------------------------------------- export
-def backbone_state_dict(model: nn.Module) -> dict:
-    """The encoder's weights alone, in the dense twin's names and torch layout, on CPU."""
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    return {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
-
-
-def export_backbone(model_or_state, path: str) -> str:
-    """Write the backbone as a plain state_dict (the official "timm style" file), atomically.
-
-    ``model_or_state``: a SparK model, a backbone, or an already extracted state_dict.
-    The file loads with ``torch.load(weights_only=True)`` and ``strict=True`` into the
-    dense model (torchvision ResNet with ``fc`` removed, timm ConvNeXt with num_classes=0).
-    """
-    from .utils.checkpoint import save_checkpoint
-    state = model_or_state if isinstance(model_or_state, dict) else backbone_state_dict(model_or_state)
-    return save_checkpoint(state, path)
+    return {"loss": loss_meter.avg, "grad_norm": norm_meter.avg, "stopped": stopped}

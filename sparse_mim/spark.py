@@ -62,11 +62,12 @@ def mask_seed_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) ^ 0x5DEECE66D) & ((1 << 63) - 1))
 
 
-def _zero_init_last_bn(backbone: nn.Module) -> int:
-    """timm / official SparK ResNet init: the last BatchNorm weight of every residual block is 0.
+def _init_last_bn(backbone: nn.Module, value: float = 0.0) -> int:
+    """Set the last BatchNorm weight of every residual block to ``value``.
 
-    Bottlenecks zero ``bn3``, basic blocks ``bn2`` (what timm's ``zero_init_last`` and
-    torchvision's ``zero_init_residual`` do). Returns the number of blocks changed.
+    0 is the timm / official SparK ResNet init (timm's ``zero_init_last``, torchvision's
+    ``zero_init_residual``); 1 is torchvision's default. Bottlenecks: ``bn3``, basic blocks:
+    ``bn2``. Returns the number of blocks changed.
     """
     params = dict(backbone.named_parameters())
     blocks = sorted({n.rsplit(".", 2)[0] for n in params if re.search(r"(^|\.)layer\d+\.\d+\.bn\d\.weight$", n)})
@@ -76,7 +77,7 @@ def _zero_init_last_bn(backbone: nn.Module) -> int:
             w = params.get(f"{block}.{last}.weight")
             if w is not None:
                 with torch.no_grad():
-                    w.zero_()
+                    w.fill_(value)
                 count += 1
                 break
     return count
@@ -247,8 +248,8 @@ class SparK(nn.Module):
             self.densify_projs.append(proj)
             decoder_chs //= 2
         # from-scratch backbones only (built here from a name without weights); a given module is left as it is
-        if init == "official" and built_here and not backbone_kwargs.get("weights"):
-            _zero_init_last_bn(backbone)
+        if built_here and not backbone_kwargs.get("weights"):
+            _init_last_bn(backbone, 0.0 if init == "official" else 1.0)
 
     # ------------------------------------------------------------------ accessors
     @property

@@ -1,10 +1,9 @@
-"""End-to-end tests of SparK pre-training (tools/pretrain.py, sparse_mim.data, sparse_mim.engine_pretrain).
+"""End-to-end tests of SparK pre-training (sparse_mim.train, sparse_mim.data, sparse_mim.engine_pretrain).
 
-All on CPU with resnet18 at 64 px and a handful of steps. Each run is a real
-``tools/pretrain.py`` run (in-process through ``main(argv)``; the DDP one through
-torchrun in a subprocess).
+All on CPU with resnet18 (one block per stage) at 64 px and a handful of steps. Each run
+is a real ``sparse_mim.train.pretrain`` run (in-process; the DDP one through torchrun and
+``tools/pretrain.py`` in a subprocess).
 """
-import importlib.util
 import json
 import os
 import socket
@@ -16,27 +15,29 @@ import pytest
 import torch
 from PIL import Image
 
+from sparse_mim import cli
 from sparse_mim.data import DataError, ResumableBatchSampler, build_pretrain_dataset, generate_image
+from sparse_mim.export import export_from_checkpoint
+from sparse_mim.train import DEFAULTS, build_model, pretrain, stream_seed, validate_config
 from sparse_mim.utils.checkpoint import load_checkpoint
-from sparse_mim.utils.config import load_config
-from sparse_mim.utils.distributed import seed_everything
+from sparse_mim.utils.config import ConfigError, load_config
 from sparse_mim.utils.misc import NonFiniteLossError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+TINY = ["train.cpu_threads=1", "model.backbone=resnet18", "model.backbone_kwargs={depths: [1, 1, 1, 1]}",
+        "model.img_size=64", "model.decoder_width=64", "data.num_workers=0", "log.progress=false", "log.vis_every=0",
+        "log.vis_images=2", "optim.lr=0.05", "train.warmup_epochs=0", "train.amp=off", "wandb.enabled=false"]
 
 
-pretrain = _load_tool("pretrain")
-export_tool = _load_tool("export_backbone")
+def config(args, recipe=None):
+    return load_config(DEFAULTS, recipe, args, validate=validate_config)
 
-TINY = ["cpu_threads=1", "model.backbone=resnet18", "model.backbone_kwargs={depths: [1, 1, 1, 1]}", "model.input_size=64", "model.decoder_width=64", "data.num_workers=0",
-        "log.progress=false", "log.vis_every=0", "log.vis_images=2", "optim.base_lr=0.05", "optim.warmup_epochs=0"]
+
+def run(args):
+    return pretrain(config(args))
 
 
 def _image_folder(path, n, corrupt=0, size=80):
@@ -100,44 +101,43 @@ def test_bad_input_clear_errors(tmp_path, case):
     if case == "empty_folder":
         (tmp_path / "empty").mkdir()
         with pytest.raises(DataError, match="(?s)no images found.*data.root"):
-            pretrain.main(TINY + [out, f"data.root={tmp_path / 'empty'}"])
+            run(TINY + [out, f"data.root={tmp_path / 'empty'}"])
     elif case == "corrupt_folder":
         root = _image_folder(tmp_path / "bad", 0, corrupt=3)
         with pytest.raises(DataError, match="(?s)could be read.*Point data.root"):
-            pretrain.main(TINY + [out, f"data.root={root}"])
+            run(TINY + [out, f"data.root={root}"])
     elif case == "unknown_backbone":
-        with pytest.raises(ValueError, match="resnet50"):
-            pretrain.main(TINY + [out, "model.backbone=resnet05"])
+        with pytest.raises(ConfigError, match="did you mean resnet50"):
+            run(TINY + [out, "model.backbone=resnet05"])
     else:
-        with pytest.raises(ValueError, match=r"not divisible by 32.*model.input_size=\[64, 96\]"):
-            pretrain.main(TINY + [out, "model.input_size=[70,100]"])
+        with pytest.raises(ConfigError, match=r"multiples of 32.*model.img_size=\[64, 96\]"):
+            run(TINY + [out, "model.img_size=[70,100]"])
 
 
 @pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "configs", "pretrain"))))
 def test_recipes_parse(recipe):
     from sparse_mim.backbones import list_backbones
-    cfg, _ = pretrain.parse_config(pretrain.DEFAULTS, ["-c", os.path.join(ROOT, "configs", "pretrain", recipe)])
+    cfg = config([], os.path.join(ROOT, "configs", "pretrain", recipe))
     assert cfg.model.backbone in list_backbones()
-    size = cfg.model.input_size
+    size = cfg.model.img_size
     assert all(s % 32 == 0 for s in ([size] if isinstance(size, int) else size))
-    if not recipe.startswith("cpu_"):  # official recipes: LAMB betas per family, 1600 epochs, data required
-        assert cfg.optim.betas[1] == (0.95 if "resnet" in recipe else 0.999) and cfg.optim.epochs == 1600
+    if not recipe.startswith(("cpu_", "base")):  # official recipes: LAMB betas per family, 1600 epochs, data required
+        assert cfg.optim.betas[1] == (0.95 if "resnet" in recipe else 0.999) and cfg.train.epochs == 1600
         assert cfg.data.root is None and cfg.model.decoder_width == 768
 
 
 def test_unknown_config_key(capsys):
-    with pytest.raises(SystemExit):
-        pretrain.main(["optim.learning_rate=1"])
+    assert cli.pretrain(["optim.learning_rate=1"]) == 2
     err = capsys.readouterr().err
-    assert "unknown config key 'optim.learning_rate'" in err and "optim.base_lr" in err
+    assert "unknown config key 'optim.learning_rate'" in err and "optim.lr" in err and len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- training
 def test_loss_falls_and_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "run"
-    s = pretrain.main(TINY + [f"output_dir={out}", "data.builtin_images=4", "optim.batch_size=4",
-                              "optim.epochs=30", "log.every=1", "optim.base_lr=0.5", "checkpoint.every_steps=0"])
+    s = run(TINY + [f"output_dir={out}", "data.builtin_images=4", "data.batch_size=4",
+                    "train.epochs=30", "log.every=1", "optim.lr=0.5", "checkpoint.every_steps=0"])
     losses = [l for _, l in s["history"]]
     assert s["step"] == 30 and len(losses) == 30
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
@@ -150,22 +150,24 @@ def test_loss_falls_and_outputs(tmp_path, monkeypatch):
     tv.fc = torch.nn.Identity()
     exported = torch.load(s["backbone"], weights_only=True)
     tv.load_state_dict(exported, strict=True)
-    # and tools/export_backbone.py writes the same tensors from the checkpoint
-    again = export_tool.main([str(out / "last.pth"), str(tmp_path / "bb.pth")])
-    again = torch.load(again, weights_only=True)
+    # and the export (spark-export, tools/export_backbone.py) writes the same tensors from the checkpoint
+    again = export_from_checkpoint(out / "last.pth", tmp_path / "bb.pth")
+    assert again["verified"] and again["backbone"] == "resnet18" and again["step"] == 30
+    assert cli.export([str(out / "last.pth"), str(tmp_path / "bb2.pth")]) == 0
+    again = torch.load(again["path"], weights_only=True)
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """Killed after step 7 (last checkpoint at step 6, mid-epoch), resumed: same parameters as one run."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    common = TINY + ["data.builtin_images=8", "optim.batch_size=2", "optim.epochs=2", "checkpoint.every_steps=3",
-                     "log.every=1", "optim.warmup_epochs=0.5", "checkpoint.export_backbone=false"]
-    full = pretrain.main(common + [f"output_dir={tmp_path / 'full'}"])
-    killed = pretrain.main(common + [f"output_dir={tmp_path / 'cut'}", "optim.stop_at_step=7"])
+    common = TINY + ["data.builtin_images=8", "data.batch_size=2", "train.epochs=2", "checkpoint.every_steps=3",
+                     "log.every=1", "train.warmup_epochs=0.5", "checkpoint.export_backbone=false"]
+    full = run(common + [f"output_dir={tmp_path / 'full'}"])
+    killed = run(common + [f"output_dir={tmp_path / 'cut'}", "train.stop_at_step=7"])
     assert killed["stopped_early"] and load_checkpoint(str(tmp_path / "cut" / "last.pth"))["train_state"]["step"] == 6
     # resumed with 2 loader processes: samples, crops and masks must not depend on the loader layout either
-    resumed = pretrain.main(common + [f"output_dir={tmp_path / 'cut'}", "resume=auto", "data.num_workers=2"])
+    resumed = run(common + [f"output_dir={tmp_path / 'cut'}", "resume=auto", "data.num_workers=2"])
     assert resumed["step"] == full["step"] == 8
     assert resumed["wandb_run_id"] == killed["wandb_run_id"]
     a, b = _params(str(tmp_path / "full" / "last.pth")), _params(str(tmp_path / "cut" / "last.pth"))
@@ -188,9 +190,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         loss = orig(self, *a, **k)
         return loss * float("nan") if calls["n"] == 3 else loss
     monkeypatch.setattr(SparK, "forward_loss", flaky_loss)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3"):
-        pretrain.main(TINY + [f"output_dir={tmp_path}", "data.builtin_images=4", "optim.batch_size=2",
-                              "optim.epochs=3", "checkpoint.every_steps=1", "model.input_size=[64,96]"])
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3.*last good checkpoint is .*last.pth"):
+        run(TINY + [f"output_dir={tmp_path}", "data.builtin_images=4", "data.batch_size=2",
+                    "train.epochs=3", "checkpoint.every_steps=1", "model.img_size=[64,96]"])
     assert load_checkpoint(str(tmp_path / "last.pth"))["train_state"]["step"] == 2
 
 
@@ -204,8 +206,8 @@ def test_two_process_ddp_equals_single_process(tmp_path, monkeypatch):
     """torchrun, 2 CPU processes (gloo) x batch 2 == 1 process x batch 2 x 2 accumulation steps."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     root = _image_folder(tmp_path / "imgs", 11, corrupt=1)
-    common = TINY + [f"data.root={root}", "optim.batch_size=2", "optim.epochs=1", "checkpoint.export_backbone=false",
-                     "optim.warmup_epochs=0.5", "log.every=1"]
+    common = TINY + [f"data.root={root}", "data.batch_size=2", "train.epochs=1", "checkpoint.export_backbone=false",
+                     "train.warmup_epochs=0.5", "log.every=1"]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
@@ -213,7 +215,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, monkeypatch):
            os.path.join(ROOT, "tools", "pretrain.py"), *common, f"output_dir={tmp_path / 'ddp'}"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = pretrain.main(common + [f"output_dir={tmp_path / 'one'}", "optim.accum_steps=2"])
+    single = run(common + [f"output_dir={tmp_path / 'one'}", "optim.accum_steps=2"])
     assert single["step"] == 3 and single["failed_images"] >= 1
     ddp_ck = load_checkpoint(str(tmp_path / "ddp" / "last.pth"))
     assert ddp_ck["world_size"] == 2 and ddp_ck["global_batch"] == 4 and ddp_ck["train_state"]["step"] == 3
@@ -229,9 +231,9 @@ def test_two_process_ddp_equals_single_process(tmp_path, monkeypatch):
     # and the same parameter update: LAMB/Adam normalise each element by its gradient's magnitude, which
     # amplifies float noise on near-zero gradients, so compare updates as a whole (a different batch
     # composition or grouping gives a relative difference of order 1)
-    cfg = load_config(pretrain.DEFAULTS, None, common)
-    seed_everything(cfg.seed, rank=0)
-    init = pretrain.build_model(cfg).state_dict()
+    cfg = config(common)
+    torch.manual_seed(stream_seed(cfg.seed, "init"))
+    init = build_model(cfg).state_dict()
     a, b = ddp_ck["model"], _params(str(tmp_path / "one" / "last.pth"))
     num = den = 0.0
     for k in a:

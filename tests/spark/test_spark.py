@@ -333,27 +333,103 @@ def test_checkpoint_of_another_architecture_errors_clearly(tmp_path):
         load_spark_checkpoint(r18, backbone_only)
 
 
-def test_visualize_reconstruction_tool(tmp_path):
+def _spark_checkpoint(tmp_path, model, **extra):
+    path = tmp_path / "last.pth"
+    torch.save({"model": model.state_dict(), "spark": model.init_args(), **extra}, path)
+    return path
+
+
+def _image_folder(tmp_path):
     from PIL import Image
-    model = SparK("resnet18", input_size=64, decoder_width=64)
-    ckpt = tmp_path / "last.pth"
-    torch.save({"model": model.state_dict(), "config": {"model": {"backbone": "resnet18", "input_size": 64,
-                                                                   "decoder_width": 64}}}, ckpt)
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, wh in enumerate([(80, 70), (64, 64)]):
         Image.fromarray((torch.rand(wh[1], wh[0], 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+def test_from_checkpoint_rebuilds_the_model_it_describes(tmp_path):
+    model = SparK("resnet18", input_size=(64, 96), mask_ratio=0.5, decoder_width=64, depths=[1, 1, 1, 1])
+    path = _spark_checkpoint(tmp_path, model, config={"unrelated": {"input_size": 999}})
+    again = SparK.from_checkpoint(path)
+    assert again.input_size == (64, 96) and again.mask_ratio == 0.5 and again.dense_decoder.width == 64
+    assert again.backbone_kwargs["depths"] == [1, 1, 1, 1] and again.is_sparse
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    assert not SparK.from_checkpoint(path, sparse=False).is_sparse
+
+
+def test_visualize_checkpoint(tmp_path):
+    from PIL import Image
+    from sparse_mim import cli
+    from sparse_mim.visualize import visualize_checkpoint
+    model = SparK("resnet18", input_size=64, decoder_width=64)
+    ckpt = _spark_checkpoint(tmp_path, model)
+    folder = _image_folder(tmp_path)
     out = tmp_path / "grid.png"
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import visualize_reconstruction as tool
-    finally:
-        sys.path.pop(0)
-    grid = tool.main([str(ckpt), str(folder), "--out", str(out), "--seed", "1"])
-    assert grid.shape == (3, 2 * 66 + 2, 3 * 66 + 2)
+    report = visualize_checkpoint(ckpt, [str(folder)], out, seed=1)
+    assert report["images"] == 2 and report["input_size"] == [64, 64] and report["backbone"] == "resnet18"
     with Image.open(out) as im:
         assert im.size == (3 * 66 + 2, 2 * 66 + 2)
-    with pytest.raises(SystemExit, match="--backbone"):
-        bare = tmp_path / "bare.pth"
-        torch.save({"model": model.state_dict()}, bare)
-        tool.main([str(bare), str(folder), "--out", str(out)])
+    assert oct(os.stat(out).st_mode & 0o777) == "0o644"
+    assert cli.visualize([str(ckpt), str(folder), "--out", str(out), "--mask-ratio", "0.75"]) == 0
+
+
+def test_readers_refuse_non_finite_and_foreign_checkpoints(tmp_path, capsys):
+    from sparse_mim import cli
+    from sparse_mim.spark import NotASparKCheckpointError
+    from sparse_mim.utils.checkpoint import NonFiniteStateError
+    model = SparK("resnet18", input_size=64, decoder_width=64)
+    model.dense_decoder.dec[0].conv[1].running_var.fill_(float("inf"))
+    ckpt = _spark_checkpoint(tmp_path, model)
+    folder = _image_folder(tmp_path)
+    with pytest.raises(NonFiniteStateError, match="running_var"):
+        SparK.from_checkpoint(ckpt)
+    assert cli.visualize([str(ckpt), str(folder), "--out", str(tmp_path / "g.png")]) == 1
+    assert cli.export([str(ckpt), str(tmp_path / "bb.pth")]) == 0  # the encoder itself is finite
+    model.backbone.conv1.weight.data[0, 0, 0, 0] = float("nan")
+    ckpt = _spark_checkpoint(tmp_path, model)
+    assert cli.export([str(ckpt), str(tmp_path / "bb.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "NaN or inf" in err and "conv1.weight" in err
+    fgvc_like = tmp_path / "fgvc.pth"
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "epoch": 3}, fgvc_like)
+    with pytest.raises(NotASparKCheckpointError, match="not a SparK checkpoint"):
+        SparK.from_checkpoint(fgvc_like)
+    assert cli.visualize([str(fgvc_like), str(folder)]) == 1
+    assert "not a SparK checkpoint" in capsys.readouterr().err
+
+
+def test_official_init_statistics():
+    """Official init: last BN of every ResNet block 0, densify projections at PyTorch's default conv init."""
+    torch.manual_seed(0)
+    official = SparK("resnet50", input_size=64, decoder_width=768)
+    torch.manual_seed(0)
+    ours = SparK("resnet50", input_size=64, decoder_width=768, init="trunc_normal")
+    bn3 = {k: v for k, v in official.backbone.state_dict().items() if k.endswith("bn3.weight")}
+    assert len(bn3) == 16 and all(float(v.abs().max()) == 0 for v in bn3.values())
+    assert all(float(v.min()) == 1 for k, v in ours.backbone.state_dict().items() if k.endswith("bn3.weight"))
+    other_bn = [v for k, v in official.backbone.state_dict().items() if k.endswith(("bn1.weight", "bn2.weight"))]
+    assert all(float(v.min()) == 1 for v in other_bn)
+    for i, proj in enumerate(official.densify_projs):
+        if not isinstance(proj, nn.Conv2d):
+            continue
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        bound = 1 / fan_in ** 0.5  # kaiming_uniform(a=sqrt(5)) weight and bias bound
+        w, b = proj.weight, proj.bias
+        assert float(w.abs().max()) <= bound + 1e-7 and float(b.abs().max()) <= bound + 1e-7
+        assert abs(float(w.std()) - bound / 3 ** 0.5) < 0.05 * bound / 3 ** 0.5, i  # uniform(-a, a): std a/sqrt(3)
+        assert float(b.abs().max()) > 0.5 * bound  # uniform biases, not zeros
+        theirs = ours.densify_projs[i]
+        assert abs(float(theirs.weight.std()) - 0.02) < 0.003 and float(theirs.bias.abs().max()) == 0
+    # a backbone module passed in is never re-initialised
+    from sparse_mim import create_backbone
+    given = create_backbone("resnet18")
+    with torch.no_grad():
+        given.layer1[0].bn2.weight.fill_(0.5)
+    assert float(SparK(given, input_size=64, decoder_width=64).backbone.layer1[0].bn2.weight.min()) == 0.5
+    # ConvNeXt has no BatchNorm to zero: official and trunc_normal differ in the projections only
+    torch.manual_seed(0)
+    a = SparK("convnext_atto", input_size=64, decoder_width=64)
+    torch.manual_seed(0)
+    b = SparK("convnext_atto", input_size=64, decoder_width=64, init="trunc_normal")
+    assert all(torch.equal(v, b.backbone.state_dict()[k]) for k, v in a.backbone.state_dict().items())
