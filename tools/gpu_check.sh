@@ -99,11 +99,11 @@ run_step checks 200 $PY tools/gpu_check.py --device $DEVICE --out "$LOG" $quick_
 # 2. one-process DDP pre-training (torchrun), tiny config on built-in images, then resume from its checkpoint
 DDP_DIR=$LOG/pretrain_ddp
 run_step ddp 120 bash -c "$PY -m torch.distributed.run --standalone --nproc_per_node=1 tools/pretrain.py output_dir=$DDP_DIR \
-  device=$DEVICE model.backbone=resnet18 model.input_size=[64,64] data.builtin_images=128 data.num_workers=2 \
-  optim.batch_size=16 optim.epochs=2 optim.amp=true log.progress=false && test -f $DDP_DIR/last.pth && \
+  device=$DEVICE model.backbone=resnet18 model.img_size=[64,64] data.builtin_images=128 data.num_workers=2 \
+  data.batch_size=16 train.epochs=2 train.amp=auto log.progress=false && test -f $DDP_DIR/last.pth && \
   $PY -m torch.distributed.run --standalone --nproc_per_node=1 tools/pretrain.py output_dir=$DDP_DIR device=$DEVICE \
-  model.backbone=resnet18 model.input_size=[64,64] data.builtin_images=128 data.num_workers=2 \
-  optim.batch_size=16 optim.epochs=3 optim.amp=true log.progress=false resume=auto"
+  model.backbone=resnet18 model.img_size=[64,64] data.builtin_images=128 data.num_workers=2 \
+  data.batch_size=16 train.epochs=3 train.amp=auto log.progress=false resume=auto"
 
 # 3. benchmarks on the GPU (tables into $LOG/*.md)
 run_bench bench_ops 60 tools/benchmark_sparse_ops.py --device $DEVICE
