@@ -263,13 +263,10 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
         if rec.issues:
             log(f"[data] {rec.name}: {len(rec.issues)} issue(s):\n{rec.issues.summary()}")
     classes = stored_classes if ours else list(rec.classes)
-    if len(classes) != len(rec.classes):
-        raise ValueError(f"the checkpoint was trained on {len(classes)} classes but {rec.name} has "
-                         f"{len(rec.classes)}: another dataset (data.dataset={data_cfg['dataset']})?")
-    if list(classes) != list(rec.classes):
-        diff = next(i for i, (a, b) in enumerate(zip(classes, rec.classes)) if a != b)
-        raise ValueError(f"the checkpoint's class list differs from {rec.name}'s at index {diff} "
-                         f"({classes[diff]!r} vs {rec.classes[diff]!r}): another dataset or class list?")
+    if ours:  # one line naming both sides: "checkpoint has 200 classes (CUB), data has 555 (NABirds: nabirds/test)"
+        from .predict import _dataset_label, check_same_classes
+        check_same_classes(classes, rec.classes, _dataset_label(ckpt["config"]),
+                           f"{_dataset_label({'data': data_cfg})}: {rec.name}")
     groups = rec.meta_groups
     if ours and "meta_groups" in ckpt:
         want = [(g["name"], int(g["dim"]), int(g["tokens"])) for g in ckpt["meta_groups"]]

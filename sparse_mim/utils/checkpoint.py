@@ -209,9 +209,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", check_fi
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint {path!r} is a folder; give a .pth file in it (e.g. {path}/last.pth)")
+        found = sorted(n for n in os.listdir(path) if n.endswith(".pth"))[:3]
+        hint = ("give a .pth file in it: " + ", ".join(os.path.join(path, n) for n in found)) if found else \
+            "it holds no .pth file; give the path of a checkpoint file"
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder; {hint}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path (or use resume=auto)")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): the writer was killed or the disk was full")
     allowed = list(allowed_globals)

@@ -233,3 +233,14 @@ def test_end_to_end_on_a_trained_demo_checkpoint(tmp_path, capsys):
     got = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert len(got) == 4 and all(r["meta_used"].startswith("temporal: month ") for r in got)
     assert all("spatial: lat " in r["meta_used"] for r in got)
+
+
+def test_eval_on_another_dataset_names_both_class_counts(tmp_path):
+    from fgvc.evaluate import evaluate_checkpoint
+    from tests.fgvc.test_fgvc_data import _make_cub
+    path = str(tmp_path / "best.pth")
+    save_tiny_checkpoint(path)
+    root = str(tmp_path / "CUB")
+    _make_cub(root, n_classes=3)
+    with pytest.raises(ValueError, match=r"^checkpoint has 4 classes \(custom train\.csv\), data has 3 \(CUB: cub/test\)"):
+        evaluate_checkpoint(path, None, ["data.dataset=cub", f"data.root={root}", "wandb.enabled=false"])
