@@ -446,6 +446,8 @@ def _tune(call: OpCall, names: list[str], table: str) -> tuple[str, dict, str]:
     order += [n for n in names if n not in order]
     cache = call.x.cache
     before = set(cache.keys())
+    dev = call.x.features.device
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
     start = time.perf_counter()
     times: dict[str, Any] = {}
     best, best_t = None, math.inf
@@ -475,6 +477,10 @@ def _tune(call: OpCall, names: list[str], table: str) -> tuple[str, dict, str]:
             times[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             if call.x.features.is_cuda:
                 torch.cuda.empty_cache()
+    # no candidate should draw random numbers; if one did (e.g. a library initialising a module), undo it
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], dev)
     # index tables that only the losers built are dropped (the winner rebuilds its own on the real call)
     for k in set(cache.keys()) - before:
         cache.pop(k, None)
@@ -521,7 +527,7 @@ def choose(call: OpCall) -> str:
 # ---------------------------------------------------------------------------------------------------- reporting
 def choices() -> dict:
     """{key: {"path", "times_ms", "source", "tuning_s", **configuration}} of this process."""
-    return {k: {"path": c.path, "times_ms": dict(c.times_ms), "source": c.source, "tuning_s": c.tuning_s, **c.desc}
+    return {k: {**c.desc, "path": c.path, "times_ms": dict(c.times_ms), "source": c.source, "tuning_s": c.tuning_s}
             for k, c in _S.choices.items()}
 
 

@@ -65,9 +65,10 @@ def _template(in_channels: int, out_channels: int, kernel: tuple[int, int], dila
     """A parameter-free SubMConv2d used only for its ``_conv_forward`` machinery (weights are passed in)."""
     spconv, ConvAlgo = _spconv()
     algo = ConvAlgo.MaskImplicitGemm if cuda else ConvAlgo.Native
-    conv = spconv.SubMConv2d(in_channels, out_channels, kernel, stride=1, padding=padding, dilation=dilation,
-                             bias=False, indice_key=f"subm_{kernel}_{dilation}_{algo.name}", algo=algo,
-                             large_kernel_fast_algo=kernel[0] * kernel[1] > 32)
+    with torch.random.fork_rng(devices=[]):  # its weight init draws random numbers: keep the caller's stream
+        conv = spconv.SubMConv2d(in_channels, out_channels, kernel, stride=1, padding=padding, dilation=dilation,
+                                 bias=False, indice_key=f"subm_{kernel}_{dilation}_{algo.name}", algo=algo,
+                                 large_kernel_fast_algo=kernel[0] * kernel[1] > 32)
     conv.weight = None  # never used: we pass the layer's weight
     return conv
 
