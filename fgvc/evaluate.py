@@ -103,24 +103,13 @@ def load_eval_config(checkpoint: str, ckpt: Mapping, config_file: Optional[str] 
 
 
 def _load_weights(model: torch.nn.Module, state: Mapping, name: str, checkpoint: str) -> None:
-    missing, unexpected = [], []
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if shape:
-            k = shape[0]
-            parts.append(f"{len(shape)} of another shape (e.g. {k}: checkpoint {tuple(state[k].shape)}, "
-                         f"model {tuple(own[k].shape)})")
-        raise ValueError(f"the weights in {checkpoint} do not fit model.name={name}: " + ", ".join(parts) +
-                         "; was it trained with another model.name / model.kwargs / meta layout?")
-    model.load_state_dict(state)
+    """Strict load; a mismatch is one line naming the checkpoint's and the model's variant."""
+    from fgvc.models import load_state_dict_exact
+    try:
+        load_state_dict_exact(model, dict(state))
+    except ValueError as e:
+        raise ValueError(f"the weights in {checkpoint} do not fit model.name={name}: {e}; was it trained with "
+                         f"another model.name / model.kwargs / meta layout?") from None
 
 
 def per_class_table(pred: np.ndarray, pred0: Optional[np.ndarray], labels: np.ndarray, classes: List[str]):

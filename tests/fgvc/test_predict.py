@@ -244,3 +244,17 @@ def test_eval_on_another_dataset_names_both_class_counts(tmp_path):
     _make_cub(root, n_classes=3)
     with pytest.raises(ValueError, match=r"^checkpoint has 4 classes \(custom train\.csv\), data has 3 \(CUB: cub/test\)"):
         evaluate_checkpoint(path, None, ["data.dataset=cub", f"data.root={root}", "wandb.enabled=false"])
+
+
+def test_eval_with_another_variant_is_one_line(tmp_path):
+    from fgvc.evaluate import evaluate_checkpoint
+    from tests.fgvc.test_fgvc_data import _make_cub
+    root = str(tmp_path / "CUB")
+    _make_cub(root, n_classes=3)
+    path = str(tmp_path / "best.pth")
+    save_tiny_checkpoint(path, groups=[], classes=[f"{c:03d}.Bird_{c}" for c in range(1, 4)])
+    with pytest.raises(ValueError) as e:
+        evaluate_checkpoint(path, None, ["data.dataset=cub", f"data.root={root}", "wandb.enabled=false",
+                                         "model.kwargs={attn_depths: [1, 2]}"])
+    msg = str(e.value)
+    assert "\n" not in msg and "checkpoint is metaformer_tiny" in msg and "blocks 1/1/1/2" in msg, msg
