@@ -37,7 +37,7 @@ DEFAULTS = {
     "output_dir": K("outputs/fgvc", "folder of this run (checkpoints, metrics, config); never overwritten"),
     "seed": K(0, "random seed: every random stream (augmentation, Mixup, meta dropout, drop path, order) derives "
                  "from it", min=0),
-    "device": K("auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
+    "device": K("auto", "where to run (auto: CUDA when available)", choices=("auto", "cuda", "cpu")),
     "resume": K("", "'' = a new run; auto = continue the newest loadable checkpoint in output_dir; or a .pth path"),
     "model": {
         "name": K("metaformer_0", "fgvc model name (fgvc.list_models(): metaformer_0/1/2, metaformer_tiny, "
@@ -51,14 +51,14 @@ DEFAULTS = {
                     check=lambda v: None if v is None or isinstance(v, dict) else "a mapping like {attn_impl: sdpa}"),
     },
     "data": {
-        "dataset": K("custom", "cub | nabirds | inat2017 | inat2018 | inat2021 | custom", choices=_DATASETS),
+        "dataset": K("custom", "dataset layout (custom: your CSVs)", choices=_DATASETS),
         "root": K("", "dataset folder (nothing is hard-coded)"),
         "demo": K(False, "use the generated demo dataset (written only into <output_dir>/demo_data)"),
         "use_meta": K(True, "false: image-only model and data"),
         "attributes": K(False, "CUB: + the 312-d attribute token"),
         "text_dir": K("", "CUB: caption embeddings from tools/prepare_text_meta.py (+ 32 caption tokens)"),
         "use_hour": K(True, "iNat: encode the hour when the date has one"),
-        "train_split": K("train", "iNat 2021 training annotations: train | train_mini",
+        "train_split": K("train", "iNat 2021 training annotations",
                          choices=("train", "train_mini")),
         "train_csv": K("", "custom: training CSV (relative to data.root)"),
         "test_csv": K("", "custom: test CSV (relative to data.root)"),
@@ -104,7 +104,7 @@ DEFAULTS = {
         "epochs": K(300, "training epochs", min=1),
         "warmup_epochs": K(20, "linear lr warm-up epochs", min=0),
         "meta_dropout": K(True, "the official linear meta-dropout schedule p = 1 - epoch / epochs"),
-        "amp": K("auto", "mixed precision: auto | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off")),
+        "amp": K("auto", "mixed precision (auto picks bf16 / fp16 / fp32 from the hardware)", choices=("auto", "bf16", "fp16", "off")),
         "ema": K(False, "keep an EMA of the weights (timm ModelEmaV3); evaluation and best.pth use it"),
         "ema_decay": K(0.9998, "EMA decay per step", gt=0.0, lt=1.0),
         "cpu_threads": K(0, "torch intra-op threads on CPU (0 = torch default)", min=0),
@@ -122,7 +122,8 @@ DEFAULTS = {
         "project": K("fgvc", "wandb project"),
         "name": K("", "wandb run name"),
         "entity": K("", "wandb entity"),
-        "log_model": K("auto", "best.pth to wandb: auto (upload when online, off offline) | off | reference | upload",
+        "log_model": K("auto", "best.pth to wandb: auto = upload when online, nothing offline; reference = a "
+                                        "file:// link, no copy",
                        choices=("auto", "off", "reference", "upload")),
     },
     "checkpoint": {

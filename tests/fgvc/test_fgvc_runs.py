@@ -235,3 +235,20 @@ def test_wandb_files_stay_in_the_run_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "home" / ".local" / "share" / "wandb").exists()
     staged = [f for _, _, fs in os.walk(out / "wandb") for f in fs if f.endswith(".pth")]
     assert not staged                                                    # no copy of the model anywhere
+
+
+def test_diverging_run_never_writes_a_non_finite_checkpoint(demo_root, tmp_path):
+    """A huge learning rate: the run stops with a clear error, and every checkpoint left on disk is finite
+    (the state is checked before each write)."""
+    from sparse_mim.utils.checkpoint import load_checkpoint
+    from sparse_mim.utils.misc import NonFiniteLossError
+    out = str(tmp_path / "run")
+    with pytest.raises((NonFiniteLossError, NonFiniteStateError)) as e:
+        train(_cfg(demo_root, out, "train.epochs=3", "optim.lr=1e30", "optim.clip_grad=0", "checkpoint.every_steps=1",
+                   "data.batch_size=8", "optim.lr_base_batch=8"), **QUIET)
+    assert "resume" in str(e.value) or "intact" in str(e.value) or "no checkpoint" in str(e.value)
+    for name in ("last.pth", "best.pth"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            load_checkpoint(path, check_finite=True)
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))
