@@ -14,6 +14,15 @@ baseline of every benchmark), as in the official SparK code:
   scale; statistics ops (BatchNorm, GRN) likewise see zeros at hidden sites,
   BatchNorm's statistics are over visible sites only, GRN's norms are per
   sample over its visible sites (zeros add nothing to a sum of squares);
+* ops written in the model's own code (``x.mean((2, 3))`` of a
+  squeeze-excitation gate, ``F.interpolate``, ``F.batch_norm`` of timm's
+  ``BatchNormAct2d``, ``F.conv2d`` of a conv subclass, ...) are seen by a torch
+  function mode that `active_mask` enables inside converted models. It sorts
+  them with the sparse dispatch's own tables (`dispatch.classify`): reductions
+  read the zero-filled map; ``batch_norm`` takes statistics over visible
+  sites; any other spatial op, and any op the sparse side runs through its
+  dense fallback, masks its 4-D inputs and outputs; per-site and
+  channel-structure ops run as they are;
 * per-site ops (activations, channels-last LayerNorm / Linear, LayerNorm2d,
   DropPath, layer-scale) are left alone. They may write non-zeros at hidden
   sites (a LayerNorm's bias, GELU(0) + a Linear's bias), but a value at a hidden
@@ -35,16 +44,20 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .nn import (SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseElementwise, SparseGRN, SparseLayerNorm,
-                 SparseLayerNorm2d, SparseMaxPool2d, SparseSyncBatchNorm, elementwise_twin)
-from .tensor import check_visible_mask, upsample_mask
+from . import dispatch, report
+from .nn import (SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseElementwise, SparseGRN,
+                 SparseLayerNorm, SparseLayerNorm2d, SparseMaxPool2d, SparseSyncBatchNorm, elementwise_twin)
+from .tensor import SparseMap, check_visible_mask, upsample_mask
 
 __all__ = ["sparsify", "dense_masked", "active_mask", "current_mask", "mask_at", "convert_sync_batchnorm",
-           "MaskedConv2d", "MaskedBatchNorm2d", "MaskedSyncBatchNorm", "MaskedMaxPool2d", "UnsupportedLayerError"]
+           "MaskedConv2d", "MaskedBatchNorm2d", "MaskedSyncBatchNorm", "MaskedMaxPool2d", "MaskedAvgPool2d",
+           "UnsupportedLayerError", "mac_report"]
+
+from .report import mac_report  # noqa: E402  (re-exported: the fallback / MAC report of a sparse model)
 
 
 class UnsupportedLayerError(TypeError):
-    """A layer type that has no sparse / dense-masked twin."""
+    """A layer that cannot be converted as asked (e.g. a SyncBatchNorm conversion of a custom BatchNorm)."""
 
 
 # ---------------------------------------------------------------------------------------------------- mask context
@@ -61,6 +74,16 @@ class _MaskState:
             self.by_size[(height, width)] = m
         return m
 
+    def on_grid(self, height: int, width: int) -> Tensor | None:
+        """The mask at height x width, or None when that size is off the patch grid."""
+        m = self.by_size.get((height, width))
+        if m is not None:
+            return m
+        gh, gw = self.visible.shape[1:]
+        if height == 0 or height % gh or width % gw or height // gh != width // gw:
+            return None
+        return self.at(height, width)
+
 
 _ACTIVE: contextvars.ContextVar[_MaskState | None] = contextvars.ContextVar("sparse_mim_active_mask", default=None)
 
@@ -72,8 +95,10 @@ def active_mask(visible: Tensor) -> Iterator[Tensor]:
         raise ValueError("active_mask expects a bool [B, h, w] visible-patch mask, got "
                          f"{getattr(visible, 'dtype', type(visible).__name__)} {tuple(getattr(visible, 'shape', ()))}")
     token = _ACTIVE.set(_MaskState(visible))
+    mode = _MaskedMode()
     try:
-        yield visible
+        with mode:
+            yield visible
     finally:
         _ACTIVE.reset(token)
 
@@ -100,13 +125,32 @@ def mask_at(x: Tensor, channels_last: bool = False) -> Tensor:
     return m[..., None] if channels_last else m[:, None]
 
 
+def _grid_mask(x: Tensor) -> Tensor | None:
+    """The active mask at ``x``'s NCHW size, or None for a tensor smaller than the patch grid (a pooled
+    [B, C, 1, 1] gate input); raises like `mask_at` for other sizes that do not fit."""
+    state = _ACTIVE.get()
+    if state is None:
+        raise RuntimeError("a dense-masked layer ran outside `with active_mask(visible):`; the simulation needs "
+                           "the visible-patch mask")
+    if x.dim() != 4:
+        return None
+    gh, gw = state.visible.shape[1:]
+    if x.shape[2] < gh or x.shape[3] < gw or x.shape[0] != state.visible.shape[0]:
+        return None
+    return mask_at(x)
+
+
+def _masked(x: Tensor) -> Tensor:
+    m = _grid_mask(x)
+    return x if m is None else x * m
+
+
 # ---------------------------------------------------------------------------------------------------- masked layers
 class MaskedConv2d(nn.Conv2d):
     """Dense conv on the zero-filled map, output multiplied by the mask at its scale."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x * mask_at(x))
-        return y * mask_at(y)
+        return _masked(super().forward(_masked(x)))
 
 
 class _MaskedBatchNormMixin:
@@ -119,7 +163,11 @@ class _MaskedBatchNormMixin:
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__} expects an NCHW tensor, got shape {tuple(x.shape)}")
-        m = mask_at(x)[:, 0].bool()
+        m = _grid_mask(x)
+        if m is None:  # a tensor smaller than the patch grid: plain BatchNorm over all its sites
+            y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+            return y.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
+        m = m[:, 0].bool()
         y = super().forward(x.permute(0, 2, 3, 1)[m])
         out = y.new_zeros((x.shape[0], x.shape[2], x.shape[3], y.shape[1])).index_put((m,), y)
         return out.permute(0, 3, 1, 2)
@@ -137,8 +185,14 @@ class MaskedMaxPool2d(nn.MaxPool2d):
     """Max-pool on the zero-filled map (hidden neighbours count as 0), output masked."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x * mask_at(x))
-        return y * mask_at(y)
+        return _masked(super().forward(_masked(x)))
+
+
+class MaskedAvgPool2d(nn.AvgPool2d):
+    """Average pool on the zero-filled map (hidden neighbours count as 0 and in the window), output masked."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _masked(super().forward(_masked(x)))
 
 
 class _MaskedGRNMixin:
@@ -190,6 +244,8 @@ def _kind(m: nn.Module, timm_classes: dict) -> str | None:
         return "syncbn"
     if t in (nn.MaxPool2d, SparseMaxPool2d, MaskedMaxPool2d):
         return "maxpool"
+    if t in (nn.AvgPool2d, SparseAvgPool2d, MaskedAvgPool2d):
+        return "avgpool"
     if t in (nn.LayerNorm, SparseLayerNorm) + timm_classes["ln"]:
         return "ln"
     if t is SparseLayerNorm2d or t in timm_classes["ln2d"]:
@@ -204,54 +260,49 @@ def _kind(m: nn.Module, timm_classes: dict) -> str | None:
 
 
 def _walk(module: nn.Module, visit, prefix: str = "") -> None:
+    """Visit every layer of a known kind; containers and unknown layers are walked into (never refused)."""
     timm_classes = _timm_classes()
-    unsupported = []
 
     def rec(m: nn.Module, name: str) -> None:
         kind = _kind(m, timm_classes)
         if kind is not None:
             visit(m, kind, name)
             return
-        children = list(m.named_children())
-        if not children:
-            unsupported.append(f"{name or '<root>'} ({type(m).__module__}.{type(m).__qualname__})")
-            return
-        for child_name, child in children:
+        for child_name, child in m.named_children():
             rec(child, f"{name}.{child_name}" if name else child_name)
 
     rec(module, prefix)
-    if unsupported:
-        raise UnsupportedLayerError(
-            "no sparse / dense-masked twin for these layers: " + ", ".join(unsupported) + ". Supported: Conv2d "
-            "(groups 1 or depthwise), BatchNorm2d/SyncBatchNorm, LayerNorm, timm LayerNorm2d, timm "
-            "GlobalResponseNorm, MaxPool2d, DropPath, Linear, Identity, Dropout and element-wise activations. "
-            "Remove or replace them (e.g. drop the classifier head / global pool) before converting.")
 
 
 def sparsify(module: nn.Module) -> nn.Module:
-    """Turn ``module`` (in place) into its sparse twin; returns it.
+    """Turn ``module`` (in place) into its sparse twin; returns it. Never refuses a layer type.
 
-    Every supported layer's class is switched to its sparse twin (a subclass
-    of the layer's class), sharing the same Parameter / buffer objects, so
-    ``state_dict()`` is unchanged. Raises `UnsupportedLayerError` naming every
-    layer without a twin. Containers (Sequential, blocks) are walked; their own
-    ``forward`` must only use supported layers, ``+`` / ``*`` and permutes.
+    Every layer of a known kind (Conv2d, BatchNorm2d / SyncBatchNorm, MaxPool2d,
+    AvgPool2d, LayerNorm, timm LayerNorm2d / GlobalResponseNorm / DropPath,
+    activations, Linear, Dropout, Identity) switches its class to its sparse
+    twin (a subclass of the layer's class), sharing the same Parameter / buffer
+    objects, so ``state_dict()`` is unchanged. Everything else (containers,
+    blocks, unknown layers) keeps its code and runs on `SparseMap`s through
+    torch dispatch (`dispatch`): per-site ops on the features, global
+    reductions exactly, spatial ops on sparse kernels where one exists, else
+    through the exact dense fallback, reported in `report` (``mac_report``).
     """
     sparse_class = {"conv": SparseConv2d, "bn": SparseBatchNorm2d, "syncbn": SparseSyncBatchNorm,
-                    "maxpool": SparseMaxPool2d, "ln": SparseLayerNorm, "ln2d": SparseLayerNorm2d,
-                    "droppath": SparseDropPath}
+                    "maxpool": SparseMaxPool2d, "avgpool": SparseAvgPool2d, "ln": SparseLayerNorm,
+                    "ln2d": SparseLayerNorm2d, "droppath": SparseDropPath}
 
     def visit(m: nn.Module, kind: str, name: str) -> None:
         if kind == "grn":
-            if not (isinstance(getattr(m, "weight", None), nn.Parameter) and hasattr(m, "eps")):
-                raise UnsupportedLayerError(f"{name}: GRN layer without `weight` / `bias` / `eps` (timm naming)")
-            m.__class__ = SparseGRN
+            if isinstance(getattr(m, "weight", None), nn.Parameter) and hasattr(m, "eps"):
+                m.__class__ = SparseGRN
+            # else: left as it is; its ops run through torch dispatch
         elif kind == "elementwise":
             m.__class__ = elementwise_twin(type(m))
         else:
             m.__class__ = sparse_class[kind]
 
     _walk(module, visit)
+    report.install_scopes(module, "sparse")
     return module
 
 
@@ -262,7 +313,7 @@ def dense_masked(module: nn.Module) -> nn.Module:
     all parameters and buffers with the original (only classes change).
     """
     masked_class = {"conv": MaskedConv2d, "bn": MaskedBatchNorm2d, "syncbn": MaskedSyncBatchNorm,
-                    "maxpool": MaskedMaxPool2d}
+                    "maxpool": MaskedMaxPool2d, "avgpool": MaskedAvgPool2d}
     timm_classes = _timm_classes()
 
     def visit(m: nn.Module, kind: str, name: str) -> None:
@@ -285,7 +336,61 @@ def dense_masked(module: nn.Module) -> nn.Module:
         # other per-site layers need no masking (see the module docstring)
 
     _walk(module, visit)
+    report.install_scopes(module, "masked")
     return module
+
+
+# ---------------------------------------------------------------------------------------------------- functional ops
+_OPAQUE = (MaskedConv2d, _MaskedBatchNormMixin, MaskedMaxPool2d, MaskedAvgPool2d, _MaskedGRNMixin)
+
+
+class _MaskedMode(torch.overrides.TorchFunctionMode):
+    """Inside a dense-masked model (scope role "masked"), mask around the ops its own code calls.
+
+    Mirrors the sparse dispatch (same `dispatch.classify` tables): per-site and
+    channel-structure ops run unchanged; reductions read the zero-filled map;
+    ``batch_norm`` on a 4-D map takes statistics over visible sites; every
+    other op masks its 4-D on-grid inputs and outputs (what the sparse side's
+    kernels or exact fallback compute at visible sites). Masked layers
+    (`MaskedConv2d`, ...) mask for themselves and are left alone.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        frame = report.current_scope()
+        if frame is None or frame.role != "masked" or isinstance(frame.module, _OPAQUE) \
+                or dispatch._first_map(args) is not None:
+            return func(*args, **kwargs)
+        kind = dispatch.classify(func)
+        if kind in ("per_site", "structural"):
+            return func(*args, **kwargs)
+        name = dispatch._name(func)
+        if name.endswith("_") and not name.endswith("__"):  # in-place: masking a copy would lose the write
+            return func(*args, **kwargs)
+        state = _ACTIVE.get()
+        if state is None:
+            return func(*args, **kwargs)
+
+        def mask(t):
+            if isinstance(t, Tensor) and t.dim() == 4 and t.is_floating_point() \
+                    and t.shape[0] == state.visible.shape[0]:
+                m = state.on_grid(int(t.shape[2]), int(t.shape[3]))
+                if m is not None:
+                    return t * m[:, None].to(t.dtype)
+            return t
+        if kind == "reduction":
+            return func(mask(args[0]), *args[1:], **kwargs)
+        if kind == "batch_norm":
+            x = args[0]
+            m = state.on_grid(int(x.shape[2]), int(x.shape[3])) if isinstance(x, Tensor) and x.dim() == 4 else None
+            if m is None or x.shape[0] != m.shape[0]:
+                return func(*args, **kwargs)
+            rows = func(x.permute(0, 2, 3, 1)[m], *args[1:], **kwargs)
+            out = rows.new_zeros((x.shape[0], x.shape[2], x.shape[3], rows.shape[1])).index_put((m,), rows)
+            return out.permute(0, 3, 1, 2)
+        args = dispatch._tree(args, mask)
+        kwargs = dispatch._tree(kwargs, mask)
+        return dispatch._tree(func(*args, **kwargs), mask)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

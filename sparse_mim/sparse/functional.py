@@ -494,8 +494,8 @@ def conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, p
     kernel, stride, padding, dilation = _geometry(weight, stride, padding, dilation)
     c_in = x.num_channels
     if groups != 1 and not (groups == c_in and weight.shape[0] == c_in and weight.shape[1] == 1):
-        raise NotImplementedError(f"sparse conv supports groups=1 or depthwise (groups == in == out channels); got "
-                                  f"groups={groups}, in={c_in}, weight {tuple(weight.shape)}")
+        from .kernels import grouped_conv2d  # other groups: per-group gather-GEMM (kernels.py)
+        return grouped_conv2d(x, weight, bias, stride, padding, dilation, groups)
     if groups == 1 and weight.shape[1] != c_in:
         raise ValueError(f"conv weight {tuple(weight.shape)} expects {weight.shape[1]} input channels, the sparse "
                          f"map has {c_in}")

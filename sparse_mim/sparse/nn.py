@@ -7,22 +7,34 @@ the dense model with ``strict=True``. `sparsify` (convert.py) turns a dense
 model into its sparse twin in place by switching each layer's class, so the
 Parameter objects themselves are shared.
 
-Element-wise layers (activations, Dropout, Identity, channels-last Linear /
-LayerNorm) also accept dense tensors, so heads and stems may mix both.
+Every layer also accepts a dense tensor and then runs its dense twin (the
+fully connected convs of a squeeze-excitation gate see a [B, C, 1, 1] tensor),
+so heads, gates and stems may mix both. A configuration without a sparse
+kernel (a conv or pool whose padding leaves the patch grid, reflect padding,
+``return_indices``) runs through the exact dense fallback of `dispatch`.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from . import dispatch, kernels, report
 from . import functional as SF
 from .tensor import SparseMap
 
 __all__ = [
     "SparseConv2d", "SparseBatchNorm2d", "SparseSyncBatchNorm", "SparseLayerNorm", "SparseLayerNorm2d", "SparseGRN",
-    "SparseMaxPool2d", "SparseDropPath", "SparseLinear", "SparseIdentity", "SparseReLU", "SparseReLU6", "SparseGELU",
+    "SparseMaxPool2d", "SparseAvgPool2d", "SparseDropPath", "SparseLinear", "SparseIdentity", "SparseReLU", "SparseReLU6", "SparseGELU",
     "SparseSiLU", "SparseDropout", "sparse_global_avg_pool", "SparseElementwise", "elementwise_twin",
 ]
+
+
+def _module_fallback(layer: nn.Module, x: SparseMap, dense_forward):
+    """Run ``dense_forward`` (the dense layer's own forward) through the exact fallback of `dispatch`."""
+    def module_forward(t):
+        return dense_forward(layer, t)
+    module_forward.__name__ = type(layer).__mro__[1].__name__
+    return dispatch.fallback(module_forward, (x,), {}, x)
 
 
 def _require_sparse(x, layer: nn.Module) -> SparseMap:
@@ -41,11 +53,19 @@ class SparseConv2d(nn.Conv2d):
     patch grid ('same' for odd k, 0 when kernel == stride).
     """
 
-    def forward(self, x: SparseMap) -> SparseMap:
-        x = _require_sparse(x, self)
-        if self.padding_mode != "zeros":
-            raise NotImplementedError(f"sparse conv supports padding_mode='zeros' only, got {self.padding_mode!r}")
-        return SF.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def forward(self, x):
+        if not isinstance(x, SparseMap):
+            out = super().forward(x)
+            report.record("conv2d", out.numel() * self.weight[0].numel(), "dense")
+            return out
+        if self.padding_mode == "zeros" and not x.channels_last:
+            try:
+                return kernels.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                      self.groups)
+            except ValueError as e:
+                if not kernels.off_grid(e):
+                    raise
+        return _module_fallback(self, x, nn.Conv2d.forward)
 
 
 class _SparseBatchNormMixin:
@@ -107,11 +127,33 @@ class SparseGRN(nn.Module):
 class SparseMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` on the zero-filled map, computed at the active (coarse) sites."""
 
-    def forward(self, x: SparseMap) -> SparseMap:
-        x = _require_sparse(x, self)
-        if self.ceil_mode or self.return_indices:
-            raise NotImplementedError("sparse max-pool supports ceil_mode=False, return_indices=False only")
-        return SF.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+    def forward(self, x):
+        if not isinstance(x, SparseMap):
+            return super().forward(x)
+        if not self.return_indices and not x.channels_last:
+            try:
+                return kernels.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                          self.ceil_mode)
+            except ValueError as e:
+                if not kernels.off_grid(e):
+                    raise
+        return _module_fallback(self, x, nn.MaxPool2d.forward)
+
+
+class SparseAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` on the zero-filled map (hidden sites read 0 and count), at the active sites."""
+
+    def forward(self, x):
+        if not isinstance(x, SparseMap):
+            return super().forward(x)
+        if not x.channels_last:
+            try:
+                return kernels.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                          self.count_include_pad, self.divisor_override)
+            except ValueError as e:
+                if not kernels.off_grid(e):
+                    raise
+        return _module_fallback(self, x, nn.AvgPool2d.forward)
 
 
 class SparseDropPath(nn.Module):
@@ -152,8 +194,14 @@ class SparseElementwise:
 
     def forward(self, x, *args, **kwargs):
         if isinstance(x, SparseMap):
-            return x.replace_features(super().forward(x.features, *args, **kwargs))
-        return super().forward(x, *args, **kwargs)
+            out = super().forward(x.features, *args, **kwargs)
+            if isinstance(self, nn.Linear):
+                report.record("linear", out.numel() * self.in_features, "sparse")
+            return x.replace_features(out)
+        out = super().forward(x, *args, **kwargs)
+        if isinstance(self, nn.Linear):
+            report.record("linear", out.numel() * self.in_features, "dense")
+        return out
 
 
 _TWINS: dict[type, type] = {}

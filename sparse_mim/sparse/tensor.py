@@ -14,7 +14,16 @@ so two maps with equal masks have row-aligned features and can be added.
 
 Maps that share their sites also share ``cache``: a dict where ops keep index
 tables (neighbour tables, spconv index pairs) built once per scale and reused
-by every layer at that scale.
+by every layer at that scale. A map made by `SparseMap.from_dense` also keeps
+the image's patch grid (``cache["scales"]``), so that every scale of that
+image (strided ops, and dense results turned back into maps) has one mask
+object and one cache.
+
+A map behaves like the dense [B, C, h, w] tensor it stands for (zeros at
+hidden sites) when model code calls torch on it: ``SparseMap.__torch_function__``
+and the tensor methods route every call to `dispatch`, which runs per-site
+ops on the features, reductions over H, W exactly, spatial ops with a sparse
+kernel on it, and anything else through an exact dense fallback.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["SparseMap", "upsample_mask", "check_visible_mask"]
+__all__ = ["SparseMap", "upsample_mask", "check_visible_mask", "Scales"]
 
 
 def upsample_mask(visible: Tensor, factor: int) -> Tensor:
@@ -65,15 +74,50 @@ def check_visible_mask(visible: Tensor, height: int, width: int, batch_size: int
     return height // h
 
 
+class Scales:
+    """The patch grid of one image batch and the (mask, cache) of every scale met so far."""
+
+    def __init__(self, visible: Tensor):
+        self.visible = visible
+        self.by_size: dict[tuple[int, int], tuple[Tensor, dict]] = {}
+
+    def at(self, height: int, width: int) -> tuple[Tensor, dict] | None:
+        """(mask, cache) at an ``height`` x ``width`` scale; None when that size is off the patch grid."""
+        entry = self.by_size.get((height, width))
+        if entry is None:
+            gh, gw = self.visible.shape[1:]
+            if height % gh or width % gw or height // gh != width // gw or height == 0:
+                return None
+            factor = height // gh
+            entry = (upsample_mask(self.visible, factor), {"patch_factor": factor, "scales": self})
+            self.by_size[(height, width)] = entry
+        return entry
+
+    def register(self, mask: Tensor, cache: dict) -> tuple[Tensor, dict]:
+        """Make (mask, cache) the entry of its scale unless one exists; returns the entry to use."""
+        key = (int(mask.shape[1]), int(mask.shape[2]))
+        entry = self.by_size.get(key)
+        if entry is None:
+            cache["scales"] = self
+            entry = self.by_size[key] = (mask, cache)
+        return entry
+
+
 class SparseMap:
-    """Features at the visible sites of a [B, C, h, w] map, in canonical (batch, y, x) row order."""
+    """Features at the visible sites of a [B, C, h, w] map, in canonical (batch, y, x) row order.
 
-    __slots__ = ("features", "mask", "cache")
+    ``channels_last``: the map stands for the NHWC permute of that tensor (set
+    by ``x.permute(0, 2, 3, 1)``; the features do not move).
+    """
 
-    def __init__(self, features: Tensor, mask: Tensor, cache: dict[str, Any] | None = None):
+    __slots__ = ("features", "mask", "cache", "channels_last")
+
+    def __init__(self, features: Tensor, mask: Tensor, cache: dict[str, Any] | None = None,
+                 channels_last: bool = False):
         self.features = features
         self.mask = mask
         self.cache = {} if cache is None else cache
+        self.channels_last = channels_last
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -97,15 +141,18 @@ class SparseMap:
                 raise ValueError(f"visible mask grid {tuple(visible.shape[1:])} does not fit a {H}x{W} image "
                                  f"with {patch_size}-pixel patches: expected {(H // patch_size, W // patch_size)}")
         factor = check_visible_mask(visible, H, W, batch_size=B, device=x.device)
+        from . import report
+        report.new_pass()
         mask = upsample_mask(visible, factor)
         # patch_factor: the mask is constant on aligned patch_factor^2 blocks (lets convs work per patch window)
-        return cls(x.permute(0, 2, 3, 1)[mask], mask, {"patch_factor": factor})
+        mask, cache = Scales(visible).register(mask, {"patch_factor": factor})
+        return cls(x.permute(0, 2, 3, 1)[mask], mask, cache)
 
     def replace_features(self, features: Tensor) -> "SparseMap":
         """A map at the same sites (sharing the index cache) with new features."""
         if features.shape[0] != self.features.shape[0]:
             raise ValueError(f"new features have {features.shape[0]} rows, the map has {self.features.shape[0]} sites")
-        return SparseMap(features, self.mask, self.cache)
+        return SparseMap(features, self.mask, self.cache, self.channels_last)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -119,6 +166,44 @@ class SparseMap:
     @property
     def num_channels(self) -> int:
         return self.features.shape[1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical dense shape: [B, C, h, w] ([B, h, w, C] when ``channels_last``)."""
+        B, (h, w) = self.batch_size, self.spatial_shape
+        if self.channels_last:
+            return torch.Size((B, h, w) + tuple(self.features.shape[1:]))
+        return torch.Size((B,) + tuple(self.features.shape[1:]) + (h, w))
+
+    @property
+    def ndim(self) -> int:
+        return self.features.dim() + 2
+
+    def dim(self) -> int:
+        return self.ndim
+
+    ndimension = dim
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.features.requires_grad
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.features.is_cuda
+
+    @property
+    def grad_fn(self):
+        return self.features.grad_fn
 
     @property
     def num_sites(self) -> int:
@@ -180,8 +265,8 @@ class SparseMap:
     def to(self, *args, **kwargs) -> "SparseMap":
         features = self.features.to(*args, **kwargs)
         if features.device == self.features.device:
-            return SparseMap(features, self.mask, self.cache)
-        return SparseMap(features, self.mask.to(features.device))
+            return SparseMap(features, self.mask, self.cache, self.channels_last)
+        return SparseMap(features, self.mask.to(features.device), None, self.channels_last)
 
     # ------------------------------------------------------------------ arithmetic
     def _check_partner(self, other: "SparseMap", op: str) -> None:
@@ -191,79 +276,95 @@ class SparseMap:
                 f"{tuple(other.mask.shape)}, {self.num_sites} vs {other.num_sites} sites). A residual branch must "
                 "keep the sites of its input: restrict strided outputs to the coarse mask before adding.")
 
-    def _as_row_operand(self, other: Tensor, op: str) -> Tensor:
-        """Bring a dense operand to something that broadcasts against the [N, C] features.
+    # ------------------------------------------------------------------ torch dispatch
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from .dispatch import torch_function
+        return torch_function(func, args, kwargs)
 
-        Accepted: a scalar / 0-d tensor, a per-channel [C], [1, C], [1, C, 1, 1] or
-        [1, 1, 1, C] tensor (e.g. ConvNeXt's layer-scale gamma), or a per-sample
-        per-channel [B, C] / [B, C, 1, 1] tensor (e.g. SE-block scales), which is
-        gathered to the rows by their batch index.
-        """
-        shape = tuple(other.shape)
-        C, B = self.num_channels, self.batch_size
-        if other.dim() == 4:
-            if shape[2:] == (1, 1):
-                other = other.flatten(1)
-            elif shape[1:3] == (1, 1) and shape[0] == 1:
-                other = other.reshape(1, shape[3])
-            else:
-                other = None
-        if other is not None and other.dim() <= 1:
-            return other
-        if other is not None and other.dim() == 2 and other.shape[1] in (C, 1):
-            if other.shape[0] == 1:
-                return other
-            if other.shape[0] == B:
-                return other[self.batch_index]
-        raise ValueError(f"can only {op} a sparse map (batch {B}, {C} channels) and a scalar, a per-channel [C] / "
-                         f"[1, C, 1, 1] tensor, a per-sample [B, C] / [B, C, 1, 1] tensor or another sparse map; "
-                         f"got a tensor of shape {shape}")
+    def __getattr__(self, name: str):
+        """Tensor methods (``x.mean``, ``x.sigmoid``, ``x.split``, ...) go through torch dispatch."""
+        if name.startswith("__") or name in SparseMap.__slots__:
+            raise AttributeError(name)
+        attr = getattr(Tensor, name, None)
+        if attr is None or not callable(attr):
+            raise AttributeError(f"'SparseMap' object has no attribute {name!r}")
 
-    def _binary(self, other, fn, op: str) -> "SparseMap":
-        if isinstance(other, SparseMap):
-            self._check_partner(other, op)
-            return self.replace_features(fn(self.features, other.features))
-        if isinstance(other, Tensor):
-            other = self._as_row_operand(other, op)
-        return self.replace_features(fn(self.features, other))
+        def method(*args, **kwargs):
+            from .dispatch import torch_function
+            return torch_function(attr, (self,) + args, kwargs)
+        method.__name__ = name
+        return method
 
-    def add(self, other) -> "SparseMap":
-        return self.__add__(other)
+    def add(self, other, alpha=1) -> "SparseMap":
+        return self._op(Tensor.add, other, alpha=alpha)
 
     def mul(self, other) -> "SparseMap":
-        return self.__mul__(other)
+        return self._op(Tensor.mul, other)
 
     def permute(self, *dims) -> "SparseMap":
-        """NCHW <-> NHWC permutes are no-ops: the features are [N, C] whichever way a dense block looks at them.
+        """``permute(0, 2, 3, 1)`` / ``(0, 3, 1, 2)``: NCHW <-> NHWC, a flag (the features are [N, C] either way).
 
         Lets dense blocks that switch to channels-last around a LayerNorm / MLP
-        (timm's ConvNeXtBlock) run unchanged on a sparse map.
+        (timm's ConvNeXtBlock) run unchanged on a sparse map. Other permutes go
+        through torch dispatch (channel-axis permutes stay sparse).
         """
-        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
-        if dims not in ((0, 2, 3, 1), (0, 3, 1, 2), (0, 1, 2, 3)):
-            raise ValueError(f"a sparse map only supports the NCHW <-> NHWC permutes, got {dims}")
-        return self
+        return self._op(Tensor.permute, *dims)
+
+    def _op(self, func, *args, **kwargs):
+        from .dispatch import torch_function
+        return torch_function(func, (self,) + args, kwargs)
 
     def __add__(self, other):
-        return self._binary(other, torch.add, "add")
+        return self._op(Tensor.__add__, other)
 
-    __radd__ = __add__
+    def __radd__(self, other):
+        return self._op(Tensor.__add__, other)
 
     def __iadd__(self, other):  # torchvision blocks write `out += identity`; keep it out-of-place for autograd
-        return self.__add__(other)
+        return self._op(Tensor.__add__, other)
 
     def __sub__(self, other):
-        return self._binary(other, torch.sub, "subtract")
+        return self._op(Tensor.__sub__, other)
+
+    def __rsub__(self, other):
+        return self._op(Tensor.__rsub__, other)
+
+    def __isub__(self, other):
+        return self._op(Tensor.__sub__, other)
 
     def __mul__(self, other):
-        return self._binary(other, torch.mul, "multiply")
+        return self._op(Tensor.__mul__, other)
 
-    __rmul__ = __mul__
+    def __rmul__(self, other):
+        return self._op(Tensor.__mul__, other)
+
+    def __imul__(self, other):
+        return self._op(Tensor.__mul__, other)
+
+    def __truediv__(self, other):
+        return self._op(Tensor.__truediv__, other)
+
+    def __rtruediv__(self, other):
+        return self._op(Tensor.__rtruediv__, other)
+
+    def __itruediv__(self, other):
+        return self._op(Tensor.__truediv__, other)
+
+    def __pow__(self, other):
+        return self._op(Tensor.__pow__, other)
 
     def __neg__(self):
         return self.replace_features(-self.features)
 
+    def __getitem__(self, index):
+        return self._op(Tensor.__getitem__, index)
+
+    def __setitem__(self, index, value):
+        return self._op(Tensor.__setitem__, index, value)
+
     def __repr__(self) -> str:
         B, (h, w), C = self.batch_size, self.spatial_shape, self.num_channels
-        return (f"SparseMap(batch={B}, channels={C}, grid={h}x{w}, sites={self.num_sites} "
+        layout = ", channels_last" if self.channels_last else ""
+        return (f"SparseMap(batch={B}, channels={C}{layout}, grid={h}x{w}, sites={self.num_sites} "
                 f"({self.num_sites / max(B * h * w, 1):.0%}), dtype={self.dtype}, device={self.device})")

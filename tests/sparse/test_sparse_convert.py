@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_mim.sparse import (SparseBatchNorm2d, SparseConv2d, SparseMap, SparseSyncBatchNorm, UnsupportedLayerError,
-                               active_mask, convert_sync_batchnorm, dense_masked, functional as SF, sparsify)
+from sparse_mim.sparse import (SparseBatchNorm2d, SparseConv2d, SparseMap, SparseSyncBatchNorm, active_mask,
+                               convert_sync_batchnorm, dense_masked, functional as SF, sparsify)
 from tests._sparse_helpers import assert_equivalent, patch_mask
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 F64 = torch.float64
 
@@ -81,23 +83,34 @@ def test_convert_sync_batchnorm_keeps_sparse():
     assert type(plain[1]) is nn.SyncBatchNorm
 
 
-def test_unsupported_layers_are_named():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.AvgPool2d(2)), nn.AdaptiveAvgPool2d(1))
-    for convert in (sparsify, dense_masked):
-        with pytest.raises(UnsupportedLayerError, match=r"1\.0 \(torch.nn.modules.pooling.AvgPool2d\).*2 "):
-            convert(copy.deepcopy(model))
+class _Custom(nn.Module):
+    """A layer the engine has never seen: no parameters it knows, its own forward."""
+
+    def forward(self, x):
+        return torch.tanh(x) + x.mean((2, 3), keepdim=True)
+
+
+def test_sparsify_never_refuses_a_layer_type():
+    """Pools, adaptive pools and unknown layers convert (the old engine refused them) and stay exact."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.AvgPool2d(2)), _Custom(),
+                          nn.AdaptiveAvgPool2d(1)).to(F64)
+    sparse_model = sparsify(copy.deepcopy(model))
+    assert type(sparse_model[1][0]).__name__ == "SparseAvgPool2d"
+    dense_masked(copy.deepcopy(model))
+    trunk = model[:3]
+    assert_equivalent(trunk, torch.randn(2, 3, 64, 96, dtype=F64), patch_mask(2, 2, 3, 0.5))
 
 
 def test_unsupported_conv_configurations():
     sm = SparseMap.from_dense(torch.randn(1, 8, 32, 32), torch.ones(1, 1, 1, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="groups"):
-        SF.conv2d(sm, torch.randn(8, 4, 3, 3), groups=2)
+    assert SF.conv2d(sm, torch.randn(8, 4, 3, 3), padding=1, groups=2).num_channels == 8  # grouped: supported now
     with pytest.raises(ValueError, match="patch grid"):
         SF.conv2d(sm, torch.randn(8, 8, 3, 3), padding=0)  # 'valid' padding would shrink the map
     with pytest.raises(ValueError, match="input channels"):
         SF.conv2d(sm, torch.randn(8, 4, 3, 3), padding=1)
-    with pytest.raises(TypeError, match="SparseMap"):
-        sparsify(nn.Conv2d(8, 8, 3, padding=1))(torch.randn(1, 8, 32, 32))
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    dense = torch.randn(1, 8, 32, 32)
+    assert torch.equal(sparsify(copy.deepcopy(conv))(dense), conv(dense))  # dense input: the dense layer
 
 
 def test_bad_input_messages():

@@ -4,6 +4,8 @@ import torch
 
 from sparse_mim.sparse import SparseMap
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _mask(B, h, w, keep, seed=0):
     g = torch.Generator().manual_seed(seed)
