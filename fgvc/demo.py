@@ -21,11 +21,14 @@ data with.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Dict
 
 import numpy as np
+
+from sparse_mim.utils.checkpoint import atomic_write_text
 
 __all__ = ["make_demo_dataset", "demo_data_config", "is_demo_dataset", "DEMO_META_GROUPS"]
 
@@ -119,12 +122,11 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
                     day, hour = int(rng.integers(1, 29)), int(rng.integers(0, 24))
                     rows.append((rel, label, f"{lat:.4f}", f"{lon:.4f}", f"2020-{month:02d}-{day:02d} {hour:02d}:00:00"))
         order = rng.permutation(len(rows))
-        tmp = os.path.join(root, f"{split}.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "lat", "lon", "date"])
-            w.writerows(rows[i] for i in order)
-        os.replace(tmp, os.path.join(root, f"{split}.csv"))
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", "label", "lat", "lon", "date"])
+        w.writerows(rows[i] for i in order)
+        atomic_write_text(os.path.join(root, f"{split}.csv"), buf.getvalue())
     with open(stamp, "w") as f:
         json.dump(settings, f)
     return demo_data_config(root)

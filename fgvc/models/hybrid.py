@@ -103,7 +103,8 @@ def _read_backbone_state(trunk: nn.Module, checkpoint) -> Dict[str, torch.Tensor
     ``model`` / ``state_dict`` / ``module.`` itself.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        from sparse_mim.utils.checkpoint import load_checkpoint
+        checkpoint = load_checkpoint(checkpoint, check_finite=True)
     if not isinstance(checkpoint, dict):
         raise TypeError(f"backbone weights must be a state dict or a checkpoint dict, got {type(checkpoint).__name__}")
     try:

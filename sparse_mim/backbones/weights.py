@@ -43,15 +43,10 @@ _CLASSIFIER_KEYS = re.compile(r"^(fc|head\.fc|head|classifier)\.(weight|bias)$")
 
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with a readable error."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError & co.: say what to do
-        raise RuntimeError(f"could not read {str(path)!r} with torch.load(weights_only=True): {e}. Only plain "
-                           "tensor/number/str containers are accepted; re-save the state_dict alone "
-                           "(torch.save(model.state_dict(), path)).") from e
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with a readable error (the one reader,
+    ``sparse_mim.utils.checkpoint.load_checkpoint``)."""
+    from ..utils.checkpoint import load_checkpoint
+    return load_checkpoint(path)
 
 
 def split_spark_checkpoint(checkpoint: Mapping[str, Any],
@@ -167,6 +162,9 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, 
     if not isinstance(obj, Mapping):
         raise ValueError(f"a backbone checkpoint must be a dict (state dict or wrapper), got {type(obj).__name__}")
     state = convert_state_dict(unwrap_state_dict(obj), model)
+    from ..utils.checkpoint import check_state_finite
+    source = f"{os.fspath(checkpoint)!r}" if isinstance(checkpoint, (str, os.PathLike)) else "the given state dict"
+    check_state_finite(state, f"backbone weights {source} are not usable")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -234,7 +234,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", check_fi
             why = "it is truncated or damaged (a writer killed mid-way, a partial copy or download)"
         else:
             why = "it is not a PyTorch file"
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {why} ({first})") from e
+        raise CheckpointError(f"cannot read checkpoint {path!r} (torch.load with weights_only=True): {why} "
+                              f"({first})") from e
     if check_finite:
         check_state_finite(obj, f"checkpoint {path!r} is not usable")
     return obj

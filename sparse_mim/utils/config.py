@@ -515,13 +515,5 @@ def save_config(cfg: Mapping, out_dir: str, name: str = "config.yaml") -> str:
     path = os.path.join(out_dir, name)
     data = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
     text = yaml.safe_dump(data, sort_keys=False)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    from .checkpoint import atomic_write_text  # temp file + fsync + rename; a full disk leaves nothing behind
+    return atomic_write_text(path, text)

@@ -158,9 +158,8 @@ class RunLogger:
         os.makedirs(self.image_dir, exist_ok=True)
         pil = to_pil(image)
         path = os.path.join(self.image_dir, f"{key.replace('/', '_')}_{int(step):08d}.png")
-        tmp = path + ".tmp.png"
-        pil.save(tmp)
-        os.replace(tmp, path)
+        from .checkpoint import atomic_write
+        atomic_write(path, lambda f: pil.save(f, format="PNG"))
         if self.run is not None:
             self.run.log({key: self._wandb.Image(pil, caption=caption)}, step=int(step))
         return path

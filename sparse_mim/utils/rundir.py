@@ -132,8 +132,6 @@ def prepare_run_dir(output_dir: str, resume: str = "", lock: bool = True,
         return RunDir(output_dir, bool(existing and resume), None)
     payload = {"pid": os.getpid(), "host": here, "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = f"{lock_path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, lock_path)
+    from .checkpoint import atomic_write_text
+    atomic_write_text(lock_path, json.dumps(payload))
     return RunDir(output_dir, bool(existing and resume), lock_path)
