@@ -1,0 +1,529 @@
+"""Benchmarks of the sparse engine (the logic behind ``tools/benchmark_sparse_ops.py`` and
+``tools/benchmark_pretrain.py``; the tools only parse arguments).
+
+Every benchmark measures the sparse code and its dense-masked twin in the same
+process, interleaved so that load from other processes hits both alike, and
+prints Markdown tables with ratios against the dense-masked baseline. The conv
+path choice is a *mode* (`sparse_mim.sparse.autotune`): ``autotune`` (time
+every exact implementation once per configuration, keep the fastest),
+``table`` (fixed rules) or one forced path; several modes run side by side.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .sparse import SparseMap, active_mask, autotune, dense_masked, mask_at, sparsify
+from .sparse import functional as SF
+
+__all__ = ["SPARSE_OP_CASES", "run_op_case", "sparse_ops_benchmark", "pretrain_benchmark", "AMP_DTYPES"]
+
+AMP_DTYPES = {"off": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ==================================================================================================== sparse ops
+class _ChannelsLast(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _grn(c):
+    from timm.layers.grn import GlobalResponseNorm
+    g = GlobalResponseNorm(c, channels_last=True)
+    nn.init.normal_(g.weight)
+    nn.init.normal_(g.bias)
+    return _ChannelsLast(g)
+
+
+def _ln(c):
+    return _ChannelsLast(nn.LayerNorm(c))
+
+
+# (name, input side at 224, input channels, layer factory): ResNet-50 (stem 112, stages 56/28/14/7) and ConvNeXt-S
+SPARSE_OP_CASES = [
+    ("conv3x3", 56, 64, lambda c: nn.Conv2d(c, 64, 3, padding=1, bias=False)),
+    ("conv3x3", 28, 128, lambda c: nn.Conv2d(c, 128, 3, padding=1, bias=False)),
+    ("conv3x3", 14, 256, lambda c: nn.Conv2d(c, 256, 3, padding=1, bias=False)),
+    ("conv3x3", 7, 512, lambda c: nn.Conv2d(c, 512, 3, padding=1, bias=False)),
+    ("conv1x1", 56, 64, lambda c: nn.Conv2d(c, 256, 1, bias=False)),
+    ("conv1x1", 56, 256, lambda c: nn.Conv2d(c, 64, 1, bias=False)),
+    ("conv1x1", 28, 128, lambda c: nn.Conv2d(c, 512, 1, bias=False)),
+    ("conv1x1", 14, 256, lambda c: nn.Conv2d(c, 1024, 1, bias=False)),
+    ("conv1x1", 7, 512, lambda c: nn.Conv2d(c, 2048, 1, bias=False)),
+    ("stem7x7s2", 224, 3, lambda c: nn.Conv2d(c, 64, 7, 2, 3, bias=False)),
+    ("conv3x3s2", 56, 128, lambda c: nn.Conv2d(c, 128, 3, 2, 1, bias=False)),
+    ("conv1x1s2", 56, 256, lambda c: nn.Conv2d(c, 512, 1, 2, bias=False)),
+    ("conv2x2s2", 56, 96, lambda c: nn.Conv2d(c, 192, 2, 2)),
+    ("stem4x4s4", 224, 3, lambda c: nn.Conv2d(c, 96, 4, 4)),
+    ("dw7x7", 56, 96, lambda c: nn.Conv2d(c, c, 7, padding=3, groups=c)),
+    ("dw7x7", 28, 192, lambda c: nn.Conv2d(c, c, 7, padding=3, groups=c)),
+    ("dw7x7", 14, 384, lambda c: nn.Conv2d(c, c, 7, padding=3, groups=c)),
+    ("dw7x7", 7, 768, lambda c: nn.Conv2d(c, c, 7, padding=3, groups=c)),
+    ("bn", 56, 256, lambda c: nn.BatchNorm2d(c)),
+    ("bn", 14, 1024, lambda c: nn.BatchNorm2d(c)),
+    ("ln", 56, 96, _ln),
+    ("grn", 56, 384, _grn),
+    ("maxpool3x3s2", 112, 64, lambda c: nn.MaxPool2d(3, 2, 1)),
+]
+# ops with more than one exact implementation (the modes differ there) and their forced paths
+TUNABLE = {"conv3x3": ("gather", "windows", "dense", "spconv"), "dw7x7": ("gather", "windows", "dense"),
+           "stem7x7s2": ("gather", "dense"), "conv3x3s2": ("gather", "dense"), "conv1x1s2": ("gather", "dense"),
+           "conv2x2s2": ("gather", "dense"), "stem4x4s4": ("gather", "dense")}
+
+
+def _saved_bytes(fn) -> tuple[int, object]:
+    """Bytes of the distinct storages autograd keeps for backward (activation memory of training)."""
+    seen = {}
+
+    def pack(t):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _time(fn, device, clock=time.perf_counter) -> float:
+    _sync(device)
+    t = clock()
+    fn()
+    _sync(device)
+    return clock() - t
+
+
+def _clock(clock: str, device: torch.device):
+    """Process CPU time (all threads; robust to other processes on a shared machine) or wall time."""
+    return time.process_time if clock == "cpu" or (clock == "auto" and device.type == "cpu") else time.perf_counter
+
+
+def run_op_case(name: str, side: int, channels: int, factory: Callable, batch: int = 16, size: int = 224,
+                mask_ratio: float = 0.6, repeats: int = 5, device: str | torch.device = "cpu",
+                mode: str = "autotune", clock: str = "auto") -> dict:
+    """One op, sparse (under conv mode ``mode``) vs dense-masked: median times, memory, errors, chosen path."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    grid = size // 32
+    keep = round(grid * grid * (1 - mask_ratio))
+    visible = torch.zeros(batch, grid * grid, dtype=torch.bool)
+    visible.scatter_(1, torch.rand(batch, grid * grid).argsort(1)[:, :keep], True)
+    visible = visible.view(batch, grid, grid).to(device)
+    factor = side // grid
+    up = visible.repeat_interleave(factor, 1).repeat_interleave(factor, 2)[:, None]
+    x = torch.randn(batch, channels, side, side, device=device)
+    if name.startswith("maxpool"):
+        x = x.relu()
+    x = x * up
+
+    layer = factory(channels).to(device).train()
+    sparse_layer = sparsify(copy.deepcopy(layer))
+    masked_layer = dense_masked(copy.deepcopy(layer))
+    previous = SF.set_conv_backend(mode)
+    try:
+        # the sparse input is built once, so its index tables are built by the first call and reused, as every
+        # later layer at the same scale of a model reuses them
+        base = SparseMap.from_dense(x, visible)
+        xs = base.features.clone().requires_grad_()
+        xd = x.clone().requires_grad_()
+
+        def sparse_map():
+            return sparse_layer(base.replace_features(xs))
+
+        def sparse_fwd():
+            return sparse_map().features
+
+        def dense_fwd():
+            with active_mask(visible):
+                if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
+                    y = type(layer).forward(masked_layer, xd)  # dense op on the zero-filled input, then the mask
+                else:
+                    y = masked_layer(xd)
+                return y * mask_at(y)
+
+        def fwd_bwd(fwd):
+            def run():
+                y = fwd()
+                y.backward(torch.ones_like(y))
+            return run
+
+        def no_grad(fwd):
+            def run():
+                with torch.no_grad():
+                    fwd()
+            return run
+
+        # equivalence, and warm-up: index tables built, the fwd+bwd configuration tuned (autotune)
+        tuned_before = autotune.tuning_seconds()
+        autotune._S.last_path = None
+        out_s = sparse_map().dense()
+        path = autotune.last_path() or "-"
+        tune_ms = (autotune.tuning_seconds() - tuned_before) * 1000
+        out_d = dense_fwd()
+        g = torch.randn_like(out_d)
+        (out_s * g).sum().backward()
+        (out_d * g).sum().backward()
+
+        def err(a, b):
+            return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+        fwd_err = err(out_s.detach(), out_d.detach())
+        grad_errs = [err(xs.grad, xd.grad.permute(0, 2, 3, 1)[up[:, 0]])]  # compared at the visible sites
+        for ps, pd in zip(sparse_layer.parameters(), masked_layer.parameters()):
+            grad_errs.append(err(ps.grad, pd.grad))
+
+        sparse_mem, _ = _saved_bytes(sparse_fwd)
+        dense_mem, _ = _saved_bytes(dense_fwd)
+        timings = {k: [] for k in ("sf", "df", "sb", "db")}
+        fns = {"sf": no_grad(sparse_fwd), "df": no_grad(dense_fwd), "sb": fwd_bwd(sparse_fwd),
+               "db": fwd_bwd(dense_fwd)}
+        for fn in fns.values():  # (the forward-only configuration is tuned here)
+            fn()
+        tune_ms = (autotune.tuning_seconds() - tuned_before) * 1000
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            fns["sb"]()
+            sparse_mem = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fns["db"]()
+            dense_mem = torch.cuda.max_memory_allocated()
+        for _ in range(repeats):  # interleaved, so load changes hit both sides alike
+            for key, fn in fns.items():
+                timings[key].append(_time(fn, device, _clock(clock, device)) * 1000)
+    finally:
+        SF.set_conv_backend(previous)
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    return {"op": name, "shape": f"{side}x{side}x{channels}", "mode": mode, "path": path, "tune_ms": tune_ms,
+            **med, "mem_s": sparse_mem / 2 ** 20, "mem_d": dense_mem / 2 ** 20, "fwd_err": fwd_err,
+            "grad_err": max(grad_errs)}
+
+
+def sparse_ops_benchmark(batch: int = 16, size: int = 224, mask_ratio: float = 0.6, repeats: int = 5,
+                         device: str = "cpu", only: Sequence[str] | None = None,
+                         modes: Sequence[str] = ("autotune", "table"), all_paths: bool = False,
+                         clock: str = "auto", print_fn: Callable[[str], object] = print) -> list[dict]:
+    """Every op of `SPARSE_OP_CASES` against its dense-masked twin, under each conv mode; prints a table."""
+    only = set(only) if only else None
+    scale = size / 224
+    autotune.reset()
+    print_fn(f"# sparse vs dense-masked: batch {batch}, {size}px, mask ratio {mask_ratio}, device {device}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {repeats}; "
+             f"{'process CPU' if _clock(clock, torch.device(device)) is time.process_time else 'wall'} ms; "
+             f"autotune cache {autotune.cache_file(device) or 'off'}")
+    print_fn("| op | input (HxWxC) | mode | path | fwd sparse ms | fwd dense ms | fwd ratio | fwd+bwd sparse ms | "
+             "fwd+bwd dense ms | fwd+bwd ratio | act. mem sparse / dense MB | tuning ms | fwd err | grad err |")
+    print_fn("|" + "---|" * 14)
+    rows = []
+    for name, side, channels, factory in SPARSE_OP_CASES:
+        if only and name not in only:
+            continue
+        side = int(round(side * scale))
+        run_modes = list(modes) if name in TUNABLE else [modes[0] if modes else "autotune"]
+        if all_paths and name in TUNABLE:
+            run_modes += [p for p in TUNABLE[name] if p not in run_modes]
+        for mode in run_modes:
+            try:
+                r = run_op_case(name, side, channels, factory, batch, size, mask_ratio, repeats, device, mode,
+                                clock)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other ops
+                print_fn(f"| {name} | {side}x{side}x{channels} | {mode} | failed: {type(e).__name__}: {e} |")
+                continue
+            rows.append(r)
+            label = mode if name in TUNABLE else "-"
+            print_fn(f"| {r['op']} | {r['shape']} | {label} | {r['path']} | {r['sf']:.1f} | {r['df']:.1f} | "
+                     f"{r['sf'] / r['df']:.2f} | {r['sb']:.1f} | {r['db']:.1f} | **{r['sb'] / r['db']:.2f}** | "
+                     f"{r['mem_s']:.0f} / {r['mem_d']:.0f} | {r['tune_ms']:.0f} | {r['fwd_err']:.1e} | "
+                     f"{r['grad_err']:.1e} |")
+    if autotune.choices():
+        print_fn("")
+        print_fn(autotune.format_table())
+    return rows
+
+
+# ==================================================================================================== pre-training step
+PARTS = ("encoder", "densify", "decoder")
+
+
+class _SavedBytes:
+    """Bytes of the tensors autograd saves for backward (activation memory), parameters excluded."""
+
+    def __init__(self, model):
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages = {}
+
+    def pack(self, t):
+        try:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self.param_ptrs:
+                self.storages[ptr] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    @contextlib.contextmanager
+    def track(self):
+        self.storages = {}
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+            yield
+
+    @property
+    def total(self):
+        return sum(self.storages.values())
+
+
+def _detach_maps(maps):
+    return [m.replace_features(m.features.detach().requires_grad_()) if isinstance(m, SparseMap)
+            else m.detach().requires_grad_() for m in maps]
+
+
+def _tensors(maps):
+    return [m.features if isinstance(m, SparseMap) else m for m in maps]
+
+
+def timed_step(model, optimizer, scaler, images, visible, device, amp_dtype, clock=time.perf_counter):
+    """One step, split at the encoder/densify and densify/decoder boundaries. Returns times (s), bytes, loss."""
+    saved = _SavedBytes(model)
+    times, mem = {}, {}
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t = clock()
+    with autocast:
+        with saved.track():
+            features = model.forward_encoder(images, visible)
+        mem["encoder"] = saved.total
+        _sync(device)
+        times["fwd_encoder"] = clock() - t
+        t = clock()
+        features_in = _detach_maps(features)
+        with saved.track():
+            to_decoder = model.densify(features_in, visible)
+        mem["densify"] = saved.total
+        _sync(device)
+        times["fwd_densify"] = clock() - t
+        t = clock()
+        to_decoder_in = [x.detach().requires_grad_() for x in to_decoder]
+        with saved.track():
+            reconstruction = model.forward_decoder(to_decoder_in)
+            loss = model.forward_loss(images, reconstruction.float(), visible)
+        mem["decoder"] = saved.total
+        _sync(device)
+        times["fwd_decoder"] = clock() - t
+    t = clock()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    _sync(device)
+    times["bwd_decoder"] = clock() - t
+    t = clock()
+    torch.autograd.backward(to_decoder, [x.grad for x in to_decoder_in])
+    _sync(device)
+    times["bwd_densify"] = clock() - t
+    t = clock()
+    torch.autograd.backward(_tensors(features), [x.grad for x in _tensors(features_in)])
+    _sync(device)
+    times["bwd_encoder"] = clock() - t
+    t = clock()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    _sync(device)
+    times["optimizer"] = clock() - t
+    times["step"] = sum(times.values())
+    if device.type == "cuda":
+        mem["peak_cuda"] = torch.cuda.max_memory_allocated(device)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss.item()}")
+    return times, mem, loss.item()
+
+
+def count_macs(model, size, device) -> dict:
+    """Multiply-adds per image of the dense model's forward, split by part (FlopCounterMode counts 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    images = torch.randn(1, 3, *size, device=device)
+    visible = model.mask(1, device, generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images, visible)
+    counts = counter.get_flop_counts()
+
+    def total(pattern):
+        return sum(sum(ops.values()) for name, ops in counts.items() if re.fullmatch(pattern, name)) / 2 / 1e9
+    return {"encoder": total(r"SparK\.sparse_encoder\.sp_cnn"), "densify": total(r"SparK\.densify_(projs|norms)\.\d+"),
+            "decoder": total(r"SparK\.dense_decoder"), "total": total(r"Global")}
+
+
+def _fmt_s(x):
+    return f"{x:.3f}" if x < 10 else f"{x:.2f}"
+
+
+def _fmt_mb(x):
+    return f"{x / 2 ** 20:.0f}"
+
+
+def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small"), batch: int = 16,
+                       input_size: Sequence[int] = (224,), mask_ratio: float = 0.6, decoder_width: int = 768,
+                       steps: int = 3, warmup: int = 1, device: str = "cpu",
+                       modes: Sequence[str] = ("autotune", "table", "dense"), amp: Sequence[str] = ("off",),
+                       channels_last: bool = False, flops: bool = False, seed: int = 0, clock: str = "auto",
+                       autotune_cache: str | bool = False, print_fn: Callable[[str], object] = print,
+                       progress: Callable[[str], object] | None = None) -> dict:
+    """Full SparK steps (fwd, bwd, LAMB) under each conv mode and the dense-masked twin, interleaved.
+
+    ``modes``: conv modes of the sparse model (``autotune``, ``table``, ``gather``, ...) and ``dense`` (the
+    dense-masked twin, the baseline of every ratio). ``amp``: precisions (``off`` | ``bf16`` | ``fp16``), each
+    a block of rows. The autotuner starts empty for every backbone (``autotune_cache=False``) so its tuning
+    overhead is measured: the extra time of its first step over the table's first step, and how many steps
+    of its gain pay it back. Returns the medians and the summaries.
+    """
+    from timm.optim import Lamb
+    from .spark import SparK, param_groups
+
+    if progress is None:
+        def progress(line):
+            print(line, file=sys.stderr, flush=True)
+    device = torch.device(device)
+    use_cpu_clock = clock == "cpu" or (clock == "auto" and device.type == "cpu")
+    clk = _clock(clock, device)
+    for m in modes:
+        if m != "dense" and autotune.ALIASES.get(m, m) not in autotune.MODES:
+            raise ValueError(f"unknown mode {m!r}: use dense or a conv mode {autotune.MODES}")
+    for a in amp:
+        if a not in AMP_DTYPES:
+            raise ValueError(f"unknown amp setting {a!r}: use one of {tuple(AMP_DTYPES)}")
+    size = tuple(input_size) * (2 if len(input_size) == 1 else 1)
+    previous_cache = autotune._S.cache_setting
+    autotune.set_cache(autotune_cache)
+    print_fn(f"# SparK pre-training step: batch {batch}, {size[0]}x{size[1]}, mask ratio {mask_ratio}, decoder "
+             f"width {decoder_width}, device {device}"
+             f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, channels_last {channels_last}; "
+             f"{'process CPU' if use_cpu_clock else 'wall'} seconds, median of {steps} steps after {warmup} "
+             f"warm-up; autotune cache {autotune.cache_file(device) or 'off'}")
+    header = ("| backbone | amp | mode | fwd enc | fwd densify | fwd dec+loss | bwd dec+loss | bwd densify | bwd enc | "
+              "optim | step (s) | step ratio | first step (s) | act. MB enc / densify / dec | enc act. ratio |"
+              + (" peak MB |" if device.type == "cuda" else ""))
+    rows, summaries, results_all = [], [], {}
+    previous_mode = autotune.get_mode()
+    try:
+        for name in backbones:
+            autotune.reset()
+            torch.manual_seed(seed)
+            base = SparK(name, input_size=size, mask_ratio=mask_ratio, decoder_width=decoder_width)
+            models = {}
+            for mode in modes:
+                models[mode] = base.dense_reference() if mode == "dense" else copy.deepcopy(base)
+            for a in amp:
+                autotune.reset()
+                dtype = AMP_DTYPES[a]
+                opts, scalers = {}, {}
+                run_models = {m: copy.deepcopy(model) for m, model in models.items()} if len(amp) > 1 else models
+                for mode, model in run_models.items():
+                    model.to(device).train()
+                    if channels_last:
+                        model.dense_decoder.to(memory_format=torch.channels_last)
+                        model.densify_projs.to(memory_format=torch.channels_last)
+                    beta2 = 0.95 if "resnet" in name else 0.999
+                    opts[mode] = Lamb(param_groups(model, 0.04), lr=2e-4 * batch / 256, betas=(0.9, beta2),
+                                      max_grad_norm=5.0)
+                    scalers[mode] = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+                results = {mode: [] for mode in run_models}
+                first = {}
+                tuning_s = 0.0
+                gen = torch.Generator().manual_seed(seed)
+                for step in range(warmup + steps):
+                    images = torch.randn(batch, 3, *size, generator=gen).to(device)
+                    visible = base.mask(batch, device, generator=gen)
+                    for mode, model in run_models.items():
+                        if mode != "dense":
+                            autotune.set_mode(mode)
+                        before = autotune.tuning_seconds()
+                        times, mem, loss = timed_step(model, opts[mode], scalers[mode], images, visible, device,
+                                                      dtype, clk)
+                        if mode == "autotune":
+                            tuning_s += autotune.tuning_seconds() - before
+                        if step == 0:
+                            first[mode] = times["step"]
+                        if step >= warmup:
+                            results[mode].append((times, mem))
+                        progress(f"  {name} {a} {mode} step {step}: {times['step']:.2f}s loss {loss:.4f}")
+                med = {mode: {k: statistics.median(r[0][k] for r in res) for k in res[0][0]}
+                       for mode, res in results.items()}
+                mem = {mode: res[-1][1] for mode, res in results.items()}
+                results_all[(name, a)] = {"median": med, "first": first, "tuning_s": tuning_s,
+                                          "choices": autotune.choices()}
+                for mode in run_models:
+                    t, m = med[mode], mem[mode]
+                    ratio = t["step"] / med["dense"]["step"] if "dense" in med else float("nan")
+                    enc_ratio = m["encoder"] / mem["dense"]["encoder"] if "dense" in mem else float("nan")
+                    label = "dense-masked" if mode == "dense" else f"sparse, {mode}"
+                    row = (f"| {name} | {a} | {label} | " + " | ".join(_fmt_s(t[k]) for k in (
+                        "fwd_encoder", "fwd_densify", "fwd_decoder", "bwd_decoder", "bwd_densify", "bwd_encoder",
+                        "optimizer", "step")) + f" | **{ratio:.2f}x** | {_fmt_s(first[mode])} | "
+                        f"{_fmt_mb(m['encoder'])} / {_fmt_mb(m['densify'])} / {_fmt_mb(m['decoder'])} | "
+                        f"{enc_ratio:.2f}x |")
+                    if device.type == "cuda":
+                        row += f" {_fmt_mb(m['peak_cuda'])} |"
+                    rows.append(row)
+                if "autotune" in med and "table" in med:
+                    saved = med["table"]["step"] - med["autotune"]["step"]
+                    overhead = first["autotune"] - first["table"]
+                    line = (f"{name} ({a}): autotune step {med['autotune']['step']:.2f}s vs table "
+                            f"{med['table']['step']:.2f}s ({med['autotune']['step'] / med['table']['step']:.3f}x); "
+                            f"tuning {tuning_s:.1f}s wall, first step {overhead:+.2f}s over the table's "
+                            f"({overhead / med['autotune']['step']:.1f} steps)")
+                    line += (f"; paid back after {max(overhead, 0) / saved:.1f} steps" if saved > 0 else
+                             "; no gain to pay it back on this machine (same or slower choices)")
+                    summaries.append(line)
+                if "autotune" in run_models:
+                    summaries.append(f"{name} ({a}) autotune choices:\n\n" + autotune.format_table() + "\n")
+                keep = base.num_visible / (base.patch_grid[0] * base.patch_grid[1])
+                if "dense" in med:
+                    d = med["dense"]
+                    enc_time = d["fwd_encoder"] + d["bwd_encoder"]
+                    bound = (d["step"] - enc_time * (1 - keep)) / d["step"]
+                    summaries.append(f"{name} ({a}): encoder share of the dense step {enc_time / d['step']:.0%}; a "
+                                     f"sparse encoder at {keep:.0%} of the sites bounds the step at {bound:.2f}x "
+                                     "(time-based)")
+                del opts, run_models
+            if flops:
+                macs = count_macs(base.dense_reference().to(device).eval(), size, device)
+                keep = base.num_visible / (base.patch_grid[0] * base.patch_grid[1])
+                bound = (macs["encoder"] * keep + macs["total"] - macs["encoder"]) / macs["total"]
+                summaries.append(f"{name}: dense-masked GMACs per image: encoder {macs['encoder']:.2f}, densify "
+                                 f"{macs['densify']:.2f}, decoder {macs['decoder']:.2f}, total {macs['total']:.2f}; "
+                                 f"MAC bound of a sparse encoder {bound:.2f}x")
+            del models, base
+    finally:
+        autotune.set_mode(previous_mode)
+        autotune.set_cache(previous_cache)
+    print_fn(header)
+    print_fn("|" + "---|" * (header.count("|") - 1))
+    for row in rows:
+        print_fn(row)
+    print_fn("")
+    for line in summaries:
+        print_fn(f"- {line}")
+    return {"results": results_all, "summaries": summaries, "rows": rows}
