@@ -90,11 +90,7 @@ def export_program(predictor, path: str, batch: int = 2) -> torch.export.Exporte
     return program
 
 
-def export_onnx(predictor, path: str, batch: int = 2, opset: int = 18) -> str:
-    """ONNX file of the predictor's model (dynamic batch; inputs named images / meta / meta_present).
-
-    Needs ``onnx`` and ``onnxscript`` (``torch.onnx.export(dynamo=True)``); raises ImportError otherwise.
-    """
+def _require_onnx() -> None:
     missing = []
     for mod in ("onnx", "onnxscript"):
         try:
@@ -104,6 +100,14 @@ def export_onnx(predictor, path: str, batch: int = 2, opset: int = 18) -> str:
     if missing:
         raise ImportError(f"ONNX export needs the {' and '.join(missing)} package(s), which are not installed: "
                           f"pip install {' '.join(missing)} (the .pt2 export works without them)")
+
+
+def export_onnx(predictor, path: str, batch: int = 2, opset: int = 18) -> str:
+    """ONNX file of the predictor's model (dynamic batch; inputs named images / meta / meta_present).
+
+    Needs ``onnx`` and ``onnxscript`` (``torch.onnx.export(dynamo=True)``); raises ImportError otherwise.
+    """
+    _require_onnx()
     model = predictor.model.float().eval().to("cpu")
     wrapper = MetaFormerExportWrapper(model).eval()
     example = _example_inputs(predictor, batch)
@@ -148,6 +152,8 @@ def export_checkpoint(checkpoint: str, out: str, formats: Sequence[str] = ("pt2"
     bad = [f for f in formats if f not in ("pt2", "onnx")]
     if bad:
         raise ValueError(f"unknown export format(s) {bad}; choose pt2 and/or onnx")
+    if "onnx" in formats:
+        _require_onnx()  # before any work
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu", amp="off")
     stem = out[:-4] if out.endswith(".pt2") else (out[:-5] if out.endswith(".onnx") else out)
     os.makedirs(os.path.dirname(os.path.abspath(stem)) or ".", exist_ok=True)

@@ -327,7 +327,8 @@ class Predictor:
         return vec, np.asarray(present, bool), used, notes
 
     # -- prediction --------------------------------------------------------------------------
-    def _image_tensor(self, image) -> torch.Tensor:
+    def preprocess(self, image) -> torch.Tensor:
+        """The evaluation transform of one image (a path, a PIL image or an HxWx3 uint8 array) -> [3, H, W]."""
         from PIL import Image
         if isinstance(image, (str, os.PathLike)):
             from .data.dataset import load_image
@@ -380,7 +381,7 @@ class Predictor:
                 label = os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"image {i}"
                 vec, present, used, _ = self.encode_meta(**dict((metas[i] if metas is not None else None) or {}))
                 try:
-                    tensors.append(self._image_tensor(src))
+                    tensors.append(self.preprocess(src))
                 except (OSError, ValueError) as e:
                     if not skip_unreadable:
                         raise ValueError(f"cannot read image {label}: {e}") from e
