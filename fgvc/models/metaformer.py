@@ -682,15 +682,11 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, skip_li
 # ---------------------------------------------------------------------------------------------
 
 def _unwrap_state_dict(checkpoint) -> Dict[str, torch.Tensor]:
+    """The weights inside an official / training checkpoint (the toolkit's one unwrapper)."""
+    from sparse_mim.utils.checkpoint import unwrap_state_dict
     if not isinstance(checkpoint, dict):
         raise TypeError(f"expected a state dict or a checkpoint dict, got {type(checkpoint).__name__}")
-    for key in ("model", "state_dict_ema", "state_dict", "model_ema"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            checkpoint = checkpoint[key]
-            break
-    if checkpoint and all(k.startswith("module.") for k in checkpoint):
-        checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
-    return checkpoint
+    return unwrap_state_dict(checkpoint)
 
 
 def _grid_from_rows(rows: int, like: Tuple[int, int]) -> Tuple[int, int]:
