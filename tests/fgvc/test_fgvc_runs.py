@@ -252,3 +252,46 @@ def test_diverging_run_never_writes_a_non_finite_checkpoint(demo_root, tmp_path)
         if os.path.exists(path):
             load_checkpoint(path, check_finite=True)
     assert not os.path.exists(os.path.join(out, LOCK_NAME))
+
+
+def test_hard_kill_loses_at_most_the_steps_since_the_last_checkpoint(demo_root, tmp_path):
+    """A real process killed with SIGKILL mid-training (no chance to save): resume=auto continues from the
+    last periodic checkpoint and ends with the uninterrupted weights (bounded: one kill, 120 s cap)."""
+    import json
+    import subprocess
+    import sys
+    import time
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["train.epochs=1", "aug.mixup=0.8", "model.drop_path_rate=0.1", "checkpoint.every_steps=1", "log.every=1",
+              "train.cpu_threads=1"]
+    train(_cfg(demo_root, a, *common), **QUIET)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "fgvc.cli", "train", "-c", DEMO_YAML, *_args(demo_root, b, *common)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline, killed_at = os.path.join(b, "metrics.jsonl"), time.time() + 120, None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isfile(metrics):
+                steps = [json.loads(line)["step"] for line in open(metrics) if line.strip()]
+                if steps and max(steps) >= 3:
+                    proc.kill()
+                    killed_at = max(steps)
+                    break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=30)
+    if killed_at is None:
+        pytest.skip(f"the run ended before it could be killed (rc {proc.returncode}): {err[-300:]}")
+    assert proc.returncode == -signal.SIGKILL
+    ck = torch.load(os.path.join(b, "last.pth"), weights_only=True)
+    assert ck["train_state"]["step"] >= killed_at - 1 > 0                  # at most one step lost
+    train(_cfg(demo_root, b, *common, "resume=auto"), **QUIET)
+    ca = torch.load(os.path.join(a, "last.pth"), weights_only=True)
+    cb = torch.load(os.path.join(b, "last.pth"), weights_only=True)
+    assert ca["train_state"] == cb["train_state"]
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
