@@ -87,10 +87,13 @@ def train_one_epoch(
         log_fn: Optional[Callable[[dict, int], None]] = None,
         log_every: int = 10,
         progress: bool = False,
+        peer_timeout: Optional[float] = None,
 ) -> dict:
     """Train until the loader is exhausted or ``should_stop(state)`` says so; returns epoch averages.
 
-    ``stats["stopped"]`` tells whether ``should_stop`` ended the epoch early.
+    ``stats["stopped"]`` tells whether ``should_stop`` ended the epoch early. ``peer_timeout``
+    (multi-process runs): every rank checks in at the start of each optimizer step; a rank that
+    does not within that many seconds is named in a ``DeadPeerError``.
     """
     from .utils.amp import optimizer_step
     train_model = model if train_model is None else train_model
@@ -110,6 +113,8 @@ def train_one_epoch(
     micro, step_failed, step_images, stopped = 0, 0, 0, False
     step_loss = torch.zeros((), device=device)
     for images, seeds, n_failed in loader:
+        if micro == 0 and peer_timeout:
+            dist_utils.check_peers(peer_timeout, f"step {state.step + 1}")
         images = images.to(device, non_blocking=True)
         visible = model.masks_from_seeds(seeds, device)
         seed_step_stream(seed, rank, state.step, micro)

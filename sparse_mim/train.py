@@ -63,7 +63,7 @@ DEFAULTS = {
     "device": K("auto", "auto (CUDA if available) | cuda | cpu", choices=("auto", "cuda", "cpu")),
     "resume": K("", "'' fresh run | auto (newest loadable checkpoint in output_dir, if any) | path to a .pth"),
     "model": {
-        "backbone": K("resnet18", "encoder: a name from sparse_mim.list_backbones()"),
+        "backbone": K("resnet18", "encoder: a name from sparse_mim.list_backbones() or any timm convnet name"),
         "backbone_kwargs": K({}, "extra create_backbone arguments, e.g. {depths: [1, 1, 1, 1]}"),
         "sparse": K(True, "true sparse encoder; false: the dense-masked simulation (official SparK's computation)"),
         "img_size": K([64, 64], "input size, int or [height, width], multiples of 32", check=_img_size),
@@ -139,8 +139,8 @@ DEFAULTS = {
 
 def validate_config(cfg: Config) -> None:
     """Cross-key checks (called by ``load_config``): things no single key can know."""
-    from .backbones import list_backbones
-    if cfg.model.backbone not in list_backbones():
+    from .backbones import is_backbone, list_backbones
+    if not is_backbone(cfg.model.backbone):  # a registered name or any timm convnet name
         import difflib
         close = difflib.get_close_matches(cfg.model.backbone, list_backbones(), n=3)
         raise ConfigError(f"model.backbone={cfg.model.backbone!r}: unknown backbone"
@@ -202,13 +202,16 @@ def pretrain(cfg: Config, guard=None) -> dict:
     if guard is None:
         with PreemptionGuard() as g:
             return pretrain(cfg, guard=g)
+    holder: dict = {}
     try:
-        return _pretrain(cfg, guard)
+        return _pretrain(cfg, guard, holder)
     finally:
+        if holder.get("run_dir") is not None:
+            holder["run_dir"].release()
         dist_utils.cleanup()
 
 
-def _pretrain(cfg: Config, guard) -> dict:
+def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     from .data import ResumableBatchSampler, build_pretrain_dataset, sample_seed
     from .engine_pretrain import TrainState, train_one_epoch
     from .export import export_backbone
@@ -228,7 +231,8 @@ def _pretrain(cfg: Config, guard) -> dict:
     say = print if is_main else (lambda *a, **k: None)
     out_dir = cfg.output_dir
     if is_main:
-        os.makedirs(out_dir, exist_ok=True)
+        from .utils.rundir import prepare_run_dir
+        holder["run_dir"] = prepare_run_dir(out_dir, cfg.resume, log=say)  # never overwrite a run; one per folder
         orphans = remove_orphan_temps(out_dir)
         if orphans:
             say(f"removed {len(orphans)} temporary file(s) left by an interrupted write in {out_dir}")
@@ -400,7 +404,8 @@ def _pretrain(cfg: Config, guard) -> dict:
                 model, loader, optimizer, lr_schedule, state, wd_schedule=wd_schedule, train_model=train_model,
                 amp=amp, scaler=scaler, accum_steps=cfg.optim.accum_steps, clip_grad=cfg.optim.clip_grad,
                 seed=cfg.seed, rank=info.rank, steps_this_epoch=remaining, should_stop=should_stop,
-                on_step=on_step, log_fn=logger.log, log_every=cfg.log.every, progress=cfg.log.progress and is_main)
+                on_step=on_step, log_fn=logger.log, log_every=cfg.log.every, progress=cfg.log.progress and is_main,
+                peer_timeout=cfg.train.dist_timeout if info.distributed else None)
             if guard.requested:
                 preempted = True
                 save("last")

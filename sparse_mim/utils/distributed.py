@@ -10,12 +10,19 @@ training loop never branches on "distributed or not".
   MASTER_ADDR becomes the first host of the node list (parsed here, no scontrol),
   MASTER_PORT defaults to 29500 + (SLURM_JOB_ID mod 1000) unless already set.
 - On CUDA, ``torch.cuda.set_device(local_rank)`` runs before anything else touches
-  CUDA (spconv assumes the current device; spconv.md item 11); backend nccl.
+  CUDA (spconv assumes the current device; see docs/sparse_engine.md); backend nccl.
   On CPU: gloo.
+
+Dead peers: ``timeout_s`` (config ``train.dist_timeout``, default 600 s instead of torch's
+1800 s) bounds every collective, and ``check_peers`` (called by the trainers at the start
+of every optimizer step) is a monitored barrier on a gloo group: when a rank hangs or dies,
+the others stop within the timeout with ``DeadPeerError`` naming the rank(s) that did not
+answer, instead of waiting silently.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import random
 import re
@@ -26,8 +33,14 @@ import torch.distributed as dist
 __all__ = [
     "DistInfo", "init_distributed", "parse_slurm_nodelist", "launcher_env", "get_rank", "get_world_size",
     "is_main_process", "is_distributed", "barrier", "all_reduce_mean", "all_reduce_sum", "seed_everything",
-    "cleanup",
+    "cleanup", "check_peers", "DeadPeerError",
 ]
+
+_MONITOR: dict = {"group": None, "timeout_s": 1800.0}
+
+
+class DeadPeerError(RuntimeError):
+    """Some ranks did not reach a synchronisation point within the timeout (the message names them)."""
 
 
 @dataclasses.dataclass
@@ -121,7 +134,7 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda requested but torch sees no GPU; use device=cpu (or auto)")
-        # must happen before spconv / NCCL touch CUDA (spconv.md item 11)
+        # must happen before spconv / NCCL touch CUDA (see docs/sparse_engine.md)
         torch.cuda.set_device(info["local_rank"] % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
@@ -135,7 +148,6 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
         os.environ.setdefault("RANK", str(out.rank))
         os.environ.setdefault("WORLD_SIZE", str(out.world_size))
         os.environ.setdefault("LOCAL_RANK", str(out.local_rank))
-        import datetime
         kwargs = dict(backend=backend, init_method="env://", rank=out.rank, world_size=out.world_size,
                       timeout=datetime.timedelta(seconds=timeout_s))
         if dev.type == "cuda":
@@ -143,7 +155,32 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
         dist.init_process_group(**kwargs)
     if dist.is_initialized():
         out.backend = dist.get_backend()
+        _MONITOR["timeout_s"] = float(timeout_s)
+        # monitored_barrier needs gloo: a side group when the main one is NCCL (collective: every rank makes it)
+        _MONITOR["group"] = None if out.backend == "gloo" else dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return out
+
+
+def check_peers(timeout_s: float | None = None, where: str = "") -> None:
+    """Every rank meets here within ``timeout_s`` (default: the process group's), or ``DeadPeerError``.
+
+    A gloo ``monitored_barrier``: rank 0 waits for each rank in turn and names those that
+    did not arrive; the other ranks learn that rank 0 did not answer. No-op with one process.
+    """
+    if not is_distributed():
+        return
+    t = float(timeout_s if timeout_s is not None else _MONITOR["timeout_s"])
+    try:
+        dist.monitored_barrier(group=_MONITOR["group"], timeout=datetime.timedelta(seconds=t), wait_all_ranks=True)
+    except RuntimeError as e:
+        text = str(e)
+        m = re.search(r"[Rr]anks? ([\d, ]+?) failed to pass", text) or re.search(r"[Rr]ank (\d+)", text)
+        who = f"rank(s) {m.group(1).strip()}" if m else "some rank"
+        raise DeadPeerError(
+            f"{who} did not answer within train.dist_timeout={t:g} s{' at ' + where if where else ''} (this is rank "
+            f"{get_rank()}): the process is hung or dead (check its log: data loading stuck, out of memory, node "
+            f"lost). Restart the job; resume=auto continues from the last checkpoint") from e
 
 
 def is_distributed() -> bool:
@@ -190,5 +227,6 @@ def seed_everything(seed: int, rank: int | None = None) -> int:
 
 
 def cleanup() -> None:
+    _MONITOR["group"] = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -212,3 +212,30 @@ def test_slurm_variables_start_a_real_process_group(tmp_path):
         assert p.returncode == 0, err[-2000:]
     lines = sorted(out.strip().splitlines()[-1] for out, _ in outs)
     assert lines == ["slurm 0 2 0 gloo 3 2", "slurm 1 2 1 gloo 3 2"]
+
+
+def _hung_peer_worker(rank, init_file, out_dir):
+    import time
+    from sparse_mim.utils import distributed as du
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    du.check_peers(30, "start")  # both arrive
+    if rank == 1:
+        time.sleep(8)  # hung
+        return
+    try:
+        du.check_peers(2, "step 7")
+        msg = "no error"
+    except du.DeadPeerError as e:
+        msg = str(e)
+    with open(os.path.join(out_dir, "rank0.txt"), "w") as f:
+        f.write(msg)
+
+
+def test_dead_peer_named_within_timeout(tmp_path):
+    """A hung rank: the others stop after train.dist_timeout with an error naming it (gloo, 2 CPU processes)."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_hung_peer_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="spawn", join=True)
+    msg = (tmp_path / "rank0.txt").read_text()
+    assert "rank(s) 1 did not answer within train.dist_timeout=2 s at step 7" in msg, msg
