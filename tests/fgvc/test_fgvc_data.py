@@ -281,10 +281,8 @@ def test_text_meta_caption_choice(tmp_path):
 
 
 def test_prepare_text_meta_layout_and_errors(tmp_path):
-    sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools")
-    import sys
-    sys.path.insert(0, sys_path)
-    import prepare_text_meta as ptm
+    from fgvc.data import text_meta as ptm
+    from sparse_mim.utils.cli import UsageError
     root = str(tmp_path / "cub")
     _make_cub(root, n_classes=2, per_class=2)
     rels = [line.split()[1] for line in open(os.path.join(root, "images.txt"))]
@@ -294,16 +292,18 @@ def test_prepare_text_meta_layout_and_errors(tmp_path):
     def fake_embed(captions, max_len):  # deterministic stand-in for BERT: caption length in every slot
         return np.stack([np.full((max_len, 5), len(c), np.float32) for c in captions])
 
-    counts = ptm.prepare(root, fake_embed, num_captions=3, max_len=4, progress=False)
+    counts = ptm.prepare_text_meta(root, fake_embed, num_captions=3, max_len=4, progress=False)
     assert counts == {"written": 3, "kept": 0, "missing_captions": 1}
     arr = np.load(os.path.join(root, "text_emb", os.path.splitext(rels[0])[0] + ".npy"))
     assert arr.shape == (3, 4, 5) and arr.dtype == np.float16
     assert arr[:, 0, 0].tolist() == [10, 11, 10]                      # 2 captions, the first repeated to 3
-    assert ptm.prepare(root, fake_embed, num_captions=3, max_len=4, progress=False)["kept"] == 3
+    assert ptm.prepare_text_meta(root, fake_embed, num_captions=3, max_len=4, progress=False)["kept"] == 3
     rec = read_cub(root, "test", text_dir="text_emb", num_classes=2)
     assert rec.meta_present[:, 0].tolist() == [True, False] and rec.issues.total("missing text") == 1
-    with pytest.raises(SystemExit, match="pip install transformers"):
+    with pytest.raises(UsageError, match="pip install transformers"):
         ptm.load_bert(str(tmp_path / "no_bert_here"))
+    with pytest.raises(FileNotFoundError, match="must be the CUB_200_2011 folder"):
+        ptm.prepare_text_meta(str(tmp_path), fake_embed, progress=False)
 
 
 def test_text_meta_feeds_the_model(tmp_path):
