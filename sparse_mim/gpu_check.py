@@ -1,0 +1,313 @@
+"""Numerical and speed checks of the sparse engine and SparK on a GPU (or, to test them, on the CPU).
+
+Run by ``tools/gpu_check.sh`` (or ``python tools/gpu_check.py``). Each check prints
+PASS / WARN / FAIL / SKIP with the measured numbers and never stops the others:
+
+* ``env``: versions, the device, whether spconv imports.
+* ``backbone[<conv mode>]``: a sparse ResNet-18 and ConvNeXt-V2-atto on the device
+  under each conv mode (``autotune``, ``table`` and every forced path; ``spconv`` =
+  implicit GEMM on CUDA), against the dense-masked twin on the device and the
+  sparse model on the CPU (train-mode outputs; eval-mode outputs and parameter
+  gradients).
+* ``spark``: SparK-ResNet-50 at 224: sparse vs dense-masked loss and gradients.
+* ``amp``: fp16 autocast + GradScaler step: loss close to fp32, finite gradients,
+  parameters updated.
+* ``autotune``: full SparK pre-training steps (ResNet-50 and ConvNeXt-S at 224)
+  under fp16 and bf16 autocast: the autotuner's choice per scale with every
+  candidate's time, and the step time of ``autotune``, ``table`` and the
+  dense-masked twin (the ratio that says whether the sparse engine pays on this
+  GPU). Tables go to ``<out>/autotune.md``.
+
+TF32 is switched off for the equivalence checks (it would change the dense
+reference by ~1e-3) and back on (torch's default for cuDNN) for the timings.
+Tolerances: PASS <= 1e-4 relative, WARN <= 1e-2 (reported, e.g. a TF32 kernel
+inside spconv), FAIL above.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+PASS_TOL, WARN_TOL = 1e-4, 1e-2
+RESULTS: list[dict] = []
+
+
+def record(name: str, status: str, detail: str, **numbers) -> None:
+    RESULTS.append({"check": name, "status": status, "detail": detail, **numbers})
+    print(f"[{status}] {name}: {detail}", flush=True)
+
+
+def grade(err: float) -> str:
+    if err != err:  # NaN
+        return "FAIL"
+    return "PASS" if err <= PASS_TOL else "WARN" if err <= WARN_TOL else "FAIL"
+
+
+def worst(*grades: str) -> str:
+    order = ["PASS", "SKIP", "WARN", "FAIL"]
+    return max(grades, key=order.index)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_check(name, fn, *args):
+    t = time.perf_counter()
+    try:
+        fn(name, *args)
+    except Exception as e:  # noqa: BLE001 - a failing check must not stop the others
+        record(name, "FAIL", f"{type(e).__name__}: {e}".splitlines()[0][:400])
+        traceback.print_exc()
+    print(f"    ({time.perf_counter() - t:.1f}s)", flush=True)
+
+
+# ---------------------------------------------------------------------------- checks
+def check_env(name, device):
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            record(name, "FAIL", f"CUDA not available (torch {torch.__version__})", **info)
+            return
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    for module in ("torchvision", "timm", "spconv", "cumm", "yaml", "PIL", "tqdm"):
+        try:
+            info[module] = getattr(__import__(module), "__version__", "ok")
+        except Exception as e:  # noqa: BLE001
+            info[module] = f"missing ({type(e).__name__})"
+    try:
+        from .sparse.spconv_backend import spconv_available
+        info["spconv_usable"] = spconv_available()
+    except Exception as e:  # noqa: BLE001
+        info["spconv_usable"] = f"no ({e})"
+    status = "PASS" if info.get("spconv_usable") is True or device.type == "cpu" else "WARN"
+    record(name, status, ", ".join(f"{k}={v}" for k, v in info.items()), **{k: str(v) for k, v in info.items()})
+
+
+def _conv_backends(device, quick):
+    if quick:
+        return ["autotune"]
+    return ["autotune", "table", "spconv", "gather", "windows", "dense"]
+
+
+class _backend:
+    def __init__(self, name):
+        self.name, self.previous = name, None
+
+    def __enter__(self):
+        if self.name is not None:
+            from .sparse.functional import set_conv_backend
+            self.previous = set_conv_backend(self.name)
+
+    def __exit__(self, *exc):
+        if self.name is not None:
+            from .sparse.functional import set_conv_backend
+            set_conv_backend(self.previous)
+
+
+def _backbone_run(model, images, visible, weights):
+    outs = model(images, visible)
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outs], grads
+
+
+def check_backbone(name, device, backend, quick):
+    from .backbones import create_backbone
+    if backend == "spconv":
+        from .sparse.spconv_backend import spconv_available
+        if not spconv_available():
+            record(name, "SKIP", "spconv is not importable here")
+            return
+    grades, parts = [], []
+    nets = [("resnet18", (64, 96))] if quick else [("resnet18", (96, 128)), ("convnextv2_atto", (128, 96))]
+    for net, size in nets:
+        torch.manual_seed(0)
+        sparse = create_backbone(net, sparse=True, drop_path_rate=0.0)
+        dense = create_backbone(net, sparse=False, drop_path_rate=0.0)
+        dense.load_state_dict(sparse.state_dict())
+        sparse_cpu = create_backbone(net, sparse=True, drop_path_rate=0.0)
+        sparse_cpu.load_state_dict(sparse.state_dict())
+        sparse.to(device), dense.to(device)
+        B = 4
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(B, 3, *size, generator=g)
+        keep = round(size[0] * size[1] / 1024 * 0.4)
+        visible = torch.zeros(B, size[0] * size[1] // 1024, dtype=torch.bool)
+        visible.scatter_(1, torch.rand(B, visible.shape[1], generator=g).argsort(1)[:, :keep], True)
+        visible = visible.view(B, size[0] // 32, size[1] // 32)
+        weights = [torch.randn(B, c, size[0] // s, size[1] // s, generator=g)
+                   for c, s in zip(sparse.channels, (4, 8, 16, 32))]
+        dev = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+        with _backend(backend):
+            # train mode: batch statistics over visible sites (forward compared; see the SparK tests on
+            # why train-mode gradients are compared in float64 only)
+            for m in (sparse, dense, sparse_cpu):
+                m.train()
+            with torch.no_grad():
+                out_s = sparse(images.to(device), visible.to(device))
+                out_d = dense(images.to(device), visible.to(device))
+                out_c = sparse_cpu(images, visible)
+            e_train = max(rel(a, b) for a, b in zip(out_s, out_d))
+            e_train_cpu = max(rel(a, b) for a, b in zip(out_s, out_c))
+            for m in (sparse, dense, sparse_cpu):
+                m.eval()
+            out_s, g_s = _backbone_run(sparse, images.to(device), visible.to(device), dev(weights))
+            out_d, g_d = _backbone_run(dense, images.to(device), visible.to(device), dev(weights))
+            out_c, g_c = _backbone_run(sparse_cpu, images, visible, weights)
+        e_eval = max(rel(a, b) for a, b in zip(out_s, out_d))
+        e_grad = max(rel(g_s[n], g_d[n]) for n in g_d)
+        e_grad_cpu = max(rel(g_s[n], g_c[n]) for n in g_c)
+        e = max(e_train, e_train_cpu, e_eval, e_grad, e_grad_cpu)
+        grades.append(grade(e))
+        parts.append(f"{net} {size[0]}x{size[1]}: vs dense-masked train {e_train:.1e} eval {e_eval:.1e} "
+                     f"grads {e_grad:.1e}; vs CPU sparse train {e_train_cpu:.1e} grads {e_grad_cpu:.1e}")
+    record(name, worst(*grades), "; ".join(parts))
+
+
+def check_spark(name, device, quick):
+    from .spark import SparK
+    net, size, B = ("resnet18", (64, 64), 2) if quick else ("resnet50", (224, 224), 4)
+    torch.manual_seed(0)
+    sparse = SparK(net, input_size=size, drop_path_rate=0.0).to(device)
+    dense = sparse.dense_reference()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, *size, generator=g).to(device)
+    visible = sparse.mask(B, device, generator=g)
+    results = {}
+    for mode in ("train", "eval"):
+        for key, m in (("sparse", sparse), ("dense", dense)):
+            m.train(mode == "train")
+            m.zero_grad(set_to_none=True)
+            loss, rec, _ = m(images, visible)
+            loss.backward()
+            results[mode, key] = (loss.detach(), rec.detach(),
+                                  {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    e_loss = max(abs(results[m, "sparse"][0] - results[m, "dense"][0]).item() / results[m, "dense"][0].item()
+                 for m in ("train", "eval"))
+    e_rec = max(rel(results[m, "sparse"][1], results[m, "dense"][1]) for m in ("train", "eval"))
+    gs, gd = results["eval", "sparse"][2], results["eval", "dense"][2]
+    e_grad = max(rel(gs[n], gd[n]) for n in gd)
+    gs_t, gd_t = results["train", "sparse"][2], results["train", "dense"][2]
+    e_grad_train = max(rel(gs_t[n], gd_t[n]) for n in gd_t)
+    status = worst(grade(e_loss), grade(e_rec), grade(e_grad))
+    record(name, status, f"SparK-{net} {size[0]}x{size[1]} batch {B}: loss {e_loss:.1e}, reconstruction "
+           f"{e_rec:.1e}, eval grads {e_grad:.1e} (train-mode grads {e_grad_train:.1e}, informative only: "
+           f"ill-conditioned BN statistics at small batch)")
+
+
+def check_amp(name, device, quick):
+    if device.type != "cuda":
+        record(name, "SKIP", "fp16 autocast + GradScaler is the CUDA recipe; nothing to check on CPU")
+        return
+    from timm.optim import Lamb
+    from .spark import SparK, param_groups
+    parts, grades = [], []
+    for net in (["resnet18"] if quick else ["resnet50", "convnextv2_atto"]):
+        torch.manual_seed(0)
+        model = SparK(net, input_size=224 if net == "resnet50" else 128, drop_path_rate=0.0).to(device).train()
+        ref = model.dense_reference().train()  # keeps the fp32 weights for the fp32 loss below
+        g = torch.Generator().manual_seed(0)
+        B = 8
+        images = torch.randn(B, 3, *model.input_size, generator=g).to(device)
+        visible = model.mask(B, device, generator=g)
+        with torch.no_grad():
+            loss32, _, _ = ref(images, visible)
+        opt = Lamb(param_groups(model, 0.04), lr=1e-3, betas=(0.9, 0.95))
+        scaler = torch.amp.GradScaler("cuda")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss16, rec, _ = model(images, visible)
+        scaler.scale(loss16).backward()
+        scaler.unscale_(opt)
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        scaler.step(opt)
+        scaler.update()
+        changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None)
+        e = abs(loss16.float() - loss32).item() / loss32.item()
+        ok = finite and changed > 0 and e <= 1e-2 and rec.dtype == torch.float16
+        grades.append("PASS" if ok else "FAIL")
+        parts.append(f"{net}: fp16 loss {loss16.item():.5f} vs fp32 {loss32.item():.5f} (rel {e:.1e}), grads "
+                     f"finite {finite}, {changed} params updated, scale {scaler.get_scale():g}, output {rec.dtype}")
+    record(name, worst(*grades), "; ".join(parts))
+
+
+def check_autotune(name, device, quick, out_dir=None):
+    """Autotuned full steps vs the fixed table vs dense-masked, under fp16 and bf16 autocast."""
+    from .benchmark import pretrain_benchmark
+    from .sparse import autotune
+    lines = []
+    torch.backends.cuda.matmul.allow_tf32 = True  # timings with torch's default cuDNN settings
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    try:
+        if quick:
+            kwargs = dict(backbones=["resnet18"], batch=2, input_size=[64], steps=1, warmup=1, decoder_width=64)
+            amps = ["off"] if device.type == "cpu" else ["fp16"]
+        else:
+            kwargs = dict(backbones=["resnet50", "convnext_small"], batch=32, input_size=[224], steps=3, warmup=1)
+            amps = ["fp16", "bf16"] if device.type == "cuda" and torch.cuda.is_bf16_supported() else ["fp16"]
+        result = pretrain_benchmark(device=str(device), modes=("autotune", "table", "dense"), amp=amps,
+                                    print_fn=lines.append, autotune_cache=False, **kwargs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "autotune.md"), "w") as f:
+            f.write(text + "\n")
+    parts = []
+    for (net, amp), r in result["results"].items():
+        med = r["median"]
+        chosen = {}
+        for c in r["choices"].values():
+            chosen[c["path"]] = chosen.get(c["path"], 0) + 1
+        parts.append(f"{net} {amp}: step autotune/dense {med['autotune']['step'] / med['dense']['step']:.2f}x, "
+                     f"table/dense {med['table']['step'] / med['dense']['step']:.2f}x, tuning {r['tuning_s']:.1f}s, "
+                     f"paths {chosen}")
+    record(name, "PASS", "; ".join(parts), log=autotune.log_dict())
+
+
+def run_checks(device: str | torch.device = "cuda", quick: bool = False, out: str | None = None,
+               only: list[str] | None = None) -> int:
+    """Run the checks (``only`` a subset of env backbone spark amp autotune); returns 1 if any FAILed, else 0."""
+    device = torch.device(device)
+    RESULTS.clear()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    wanted = set(only or ["env", "backbone", "spark", "amp", "autotune"])
+    t0 = time.perf_counter()
+    if "env" in wanted:
+        run_check("env", check_env, device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        record("all", "FAIL", "no CUDA device: nothing else can run")
+    else:
+        if "backbone" in wanted:
+            for backend in _conv_backends(device, quick):
+                run_check(f"backbone[{backend or 'default'}]", check_backbone, device, backend, quick)
+        if "spark" in wanted:
+            run_check("spark", check_spark, device, quick)
+        if "amp" in wanted:
+            run_check("amp", check_amp, device, quick)
+        if "autotune" in wanted:
+            run_check("autotune", check_autotune, device, quick, out)
+    print(f"\n=== gpu_check.py ({time.perf_counter() - t0:.0f}s) ===")
+    for r in RESULTS:
+        print(f"{r['status']:5s} {r['check']}")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+    return 1 if any(r["status"] == "FAIL" for r in RESULTS) else 0
