@@ -10,8 +10,10 @@ For each model it measures, on the same weights, images and SparK mask:
   process;
 * the peak memory of one step. On CPU: the growth of the resident set in a fresh
   subprocess (``python -m sparse_mim.backbones.benchmark --child ...``) that builds the
-  model, runs one warm-up step, resets the kernel's RSS high-water mark
-  (``/proc/self/clear_refs`` <- 5) and reports ``VmHWM - VmRSS(before)``. On CUDA:
+  model, runs one warm-up step (the conv autotuner times its candidates there), returns
+  freed memory to the kernel (fixed glibc mmap threshold, ``malloc_trim``), resets the
+  kernel's RSS high-water mark (``/proc/self/clear_refs`` <- 5), runs one step and
+  reports ``VmHWM - VmRSS(before)``. On CUDA:
   ``torch.cuda.max_memory_allocated`` growth in this process.
 
 `run_benchmark` returns one row per model; `format_table` renders them as a Markdown
@@ -23,6 +25,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -100,6 +103,16 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (peak memory on CPU needs Linux)")
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the kernel (glibc), so that RSS growth counts the measured step only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _child(argv: Sequence[str]) -> None:
     """Fresh-process peak memory of one step of one variant; prints {"peak_mib": ...} as JSON."""
     p = argparse.ArgumentParser()
@@ -117,6 +130,7 @@ def _child(argv: Sequence[str]) -> None:
     train_step(model, images, visible)  # warm-up: autotuner, caches
     model.zero_grad(set_to_none=True)
     gc.collect()
+    _release_free_memory()
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the RSS high-water mark
@@ -141,7 +155,10 @@ def peak_memory(name: str, variant: str, input_size: int, batch_size: int, mask_
     cmd = [sys.executable, "-m", "sparse_mim.backbones.benchmark", "--child", "--model", name, "--variant", variant,
            "--input-size", str(input_size), "--batch-size", str(batch_size), "--mask-ratio", str(mask_ratio),
            "--threads", str(threads or torch.get_num_threads())]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed mmap threshold: glibc returns every large freed block at once (no growing threshold that
+    # keeps the warm-up step's blocks in the heap, which would hide the measured step's peak).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"peak-memory subprocess for {name} ({variant}) failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
