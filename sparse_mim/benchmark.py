@@ -423,7 +423,8 @@ def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small")
              f"{'process CPU' if use_cpu_clock else 'wall'} seconds, median of {steps} steps after {warmup} "
              f"warm-up; autotune cache {autotune.cache_file(device) or 'off'}")
     header = ("| backbone | amp | mode | fwd enc | fwd densify | fwd dec+loss | bwd dec+loss | bwd densify | bwd enc | "
-              "optim | step (s) | step ratio | first step (s) | act. MB enc / densify / dec | enc act. ratio |"
+              "optim | step (s) | step ratio | vs fp32 dense-masked | first step (s) | act. MB enc / densify / dec | "
+              "enc act. ratio |"
               + (" peak MB |" if device.type == "cuda" else ""))
     rows, summaries, results_all = [], [], {}
     previous_mode = autotune.get_mode()
@@ -477,11 +478,15 @@ def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small")
                 for mode in run_models:
                     t, m = med[mode], mem[mode]
                     ratio = t["step"] / med["dense"]["step"] if "dense" in med else float("nan")
+                    # against the fp32 dense-masked step of this backbone (the `off` block, when it ran)
+                    fp32_dense = results_all.get((name, "off"), results_all.get((name, "fp32"), {}))
+                    fp32_dense = fp32_dense.get("median", {}).get("dense", {}).get("step")
+                    vs_fp32 = f"{t['step'] / fp32_dense:.2f}x" if fp32_dense else "-"
                     enc_ratio = m["encoder"] / mem["dense"]["encoder"] if "dense" in mem else float("nan")
                     label = "dense-masked" if mode == "dense" else f"sparse, {mode}"
                     row = (f"| {name} | {a} | {label} | " + " | ".join(_fmt_s(t[k]) for k in (
                         "fwd_encoder", "fwd_densify", "fwd_decoder", "bwd_decoder", "bwd_densify", "bwd_encoder",
-                        "optimizer", "step")) + f" | **{ratio:.2f}x** | {_fmt_s(first[mode])} | "
+                        "optimizer", "step")) + f" | **{ratio:.2f}x** | {vs_fp32} | {_fmt_s(first[mode])} | "
                         f"{_fmt_mb(m['encoder'])} / {_fmt_mb(m['densify'])} / {_fmt_mb(m['decoder'])} | "
                         f"{enc_ratio:.2f}x |")
                     if device.type == "cuda":
