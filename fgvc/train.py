@@ -128,6 +128,8 @@ DEFAULTS = {
     },
     "checkpoint": {
         "every_steps": K(0, "also write last.pth every N optimizer steps (0 = at epoch ends only)", min=0),
+        "keep_every_steps": K(0, "also keep a copy checkpoint-<step>.pth every N optimizer steps (0 = none); "
+                                 "resume=auto falls back to the newest one when last.pth is damaged", min=0),
     },
 }
 
@@ -329,7 +331,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     from fgvc.engine import (RandomStreams, ResumableSampler, SeededDataset, TrainState, evaluate,
                              meta_dropout_prob, train_one_epoch)
     from sparse_mim.utils.amp import load_scaler_state, resolve_amp
-    from sparse_mim.utils.checkpoint import find_resumable, load_checkpoint, save_checkpoint, unwrap_model
+    from sparse_mim.utils.checkpoint import (checkpoint_name, find_resumable, load_checkpoint, save_checkpoint,
+                                             unwrap_model)
     from sparse_mim.utils.config import save_config
     from sparse_mim.utils.distributed import barrier
     from sparse_mim.utils.logger import RunLogger
@@ -454,7 +457,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         return {"model": weights if weights is not None else unwrap_model(model).state_dict(),
                 "config": cfg.to_dict(), "train_state": state.state_dict(), **meta_info}
 
-    def save_last():
+    def save_last(path=None):
         if not is_main:
             return
         st = checkpoint_state()
@@ -463,13 +466,15 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
             st["scaler"] = scaler.state_dict()
         if ema is not None:
             st["model_ema"] = ema.module.state_dict()
-        save_checkpoint(st, os.path.join(out_dir, "last.pth"))
+        save_checkpoint(st, path or os.path.join(out_dir, "last.pth"))
 
-    every = cfg.checkpoint.every_steps
+    every, keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps
 
     def on_step(s):
         if every and s.step % every == 0:
             save_last()
+        if keep and s.step % keep == 0:
+            save_last(os.path.join(out_dir, checkpoint_name(s.step)))
 
     preempt = PreemptionGuard()
     stop_at = cfg.train.stop_at_step
