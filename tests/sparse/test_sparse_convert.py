@@ -11,6 +11,15 @@ from tests._sparse_helpers import assert_equivalent, patch_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
+@pytest.fixture(autouse=True)
+def _table_paths():
+    """One fixed path (gather), no autotuning: timing runs (and the spconv import the path choice needs)
+    would dominate these tiny tests; every path is exact, `test_sparse_ops` checks each."""
+    previous = SF.set_conv_backend("gather")
+    yield
+    SF.set_conv_backend(previous)
+
 F64 = torch.float64
 
 
