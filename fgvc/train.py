@@ -415,6 +415,10 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     total_steps = updates_per_epoch * cfg.train.epochs
     lr_schedule = WarmupCosine(lr, min_lr, total_steps, min(updates_per_epoch * cfg.train.warmup_epochs, total_steps),
                                warmup_start=warmup_lr)
+    if state.step > total_steps:
+        raise ConfigError(f"the checkpoint {resume_path} is at step {state.step}, beyond the {total_steps} steps of "
+                          f"train.epochs={cfg.train.epochs} at this batch size; resume with the run's own "
+                          f"train.epochs / data.batch_size / optim.accum_steps")
     optimizer = build_optimizer(model, cfg.optim, lr)
     amp = resolve_amp(cfg.train.amp, device)
     scaler = amp.make_scaler()

@@ -295,3 +295,10 @@ def test_hard_kill_loses_at_most_the_steps_since_the_last_checkpoint(demo_root, 
     assert ca["train_state"] == cb["train_state"]
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
+
+
+def test_resume_into_a_shorter_schedule_is_refused(demo_root, tmp_path):
+    out = str(tmp_path / "run")
+    train(_cfg(demo_root, out, "train.epochs=2", "train.stop_at_step=10"), **QUIET)   # 8 steps per epoch
+    with pytest.raises(ConfigError, match="beyond"):
+        train(_cfg(demo_root, out, "train.epochs=1", "resume=auto"), **QUIET)
