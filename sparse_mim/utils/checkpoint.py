@@ -137,8 +137,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
             what = "the previous file is intact" if os.path.exists(path) else "nothing was written"
             if os.path.exists(path) and path.endswith(".pth"):
                 what = "the previous checkpoint is intact"
-            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {path}; {what}. "
-                                "Free space (or point output_dir elsewhere) and resume with resume=auto") from e
+            err = DiskFullError(f"no space left on device while writing {path}; {what}. "
+                                "Free space (or point output_dir elsewhere) and resume with resume=auto")
+            err.errno = errno.ENOSPC
+            raise err from e
         raise
     _fsync_dir(folder)
     remove_orphan_temps(folder, os.path.basename(path))

@@ -1,0 +1,470 @@
+"""Fault injection for both trainers: kill, pre-empt, corrupt, fill the disk, diverge, misconfigure; then resume.
+
+``run_fault_injection(workdir, trainers=("pretrain", "fgvc"))`` runs every scenario on a tiny
+CPU configuration of each trainer (SparK ResNet-18 on generated images; the fgvc demo recipe)
+in subprocesses started like a user would (``spark-pretrain`` / ``fgvc-train`` entry points),
+and returns one ``Result`` per scenario: passed or not, and whether data was lost. The command
+line is ``tools/fault_injection.py`` (prints the table; docs/pretraining.md has the figures).
+
+Definitions. A scenario *passes* when the trainer behaves as promised: the fault is reported
+in one line with the right exit status, nothing non-finite or partial is left as a checkpoint,
+and ``resume=auto`` (where the scenario continues) finishes with weights bit-identical to an
+uninterrupted run. *Data lost* means progress that had been checkpointed was gone afterwards
+(an intact checkpoint became unusable, a resume started earlier than the newest good
+checkpoint, or the resumed run ended with different weights). Steps redone after a SIGKILL
+since the last periodic checkpoint are expected and reported, not counted as lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+__all__ = ["Result", "Target", "TARGETS", "run_fault_injection", "format_report"]
+
+# a child process that runs one trainer CLI, optionally with a fault patched in first
+_CHILD = r"""
+import errno, os, sys
+fault, limit = os.environ.get("FI_FAULT", ""), int(os.environ.get("FI_LIMIT", "0"))
+if fault == "disk_full":
+    import torch
+    _save, calls = torch.save, [0]
+    def save(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] > limit:
+            f.write(b"partial") if hasattr(f, "write") else None
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return _save(obj, f, *a, **k)
+    torch.save = save
+elif fault == "non_finite":
+    import sparse_mim.utils.amp as amp
+    _step, calls = amp.optimizer_step, [0]
+    def optimizer_step(loss, optimizer, **k):
+        r = _step(loss, optimizer, **k)
+        if r.stepped:
+            calls[0] += 1
+            if calls[0] == limit:  # a moment of the optimizer state overflows; weights and loss stay finite
+                for st in optimizer.state.values():
+                    if "exp_avg_sq" in st:
+                        st["exp_avg_sq"].fill_(float("inf"))
+                        break
+        return r
+    amp.optimizer_step = optimizer_step
+module, fn = sys.argv[1].split(":")
+import importlib
+sys.exit(getattr(importlib.import_module(module), fn)(sys.argv[2:]))
+"""
+
+
+@dataclass
+class Result:
+    trainer: str
+    scenario: str
+    passed: bool
+    data_lost: bool = False
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Target:
+    """How to run one trainer in its smallest configuration."""
+    name: str
+    entry: str                          # "module:function" of the CLI
+    args: list[str]                     # a tiny, fast, deterministic configuration
+    kill_step: int                      # kill / signal once this many steps are logged
+    bad_configs: list[tuple[str, str]] = field(default_factory=list)  # (override, text the error must hold)
+    supports_ddp: bool = False
+
+
+TARGETS = {
+    "pretrain": Target(
+        "pretrain", "sparse_mim.cli:pretrain",
+        ["train.cpu_threads=1", "model.backbone=resnet18", "model.backbone_kwargs={depths: [1, 1, 1, 1]}",
+         "model.img_size=64", "model.decoder_width=64", "model.drop_path_rate=0.1", "data.builtin_images=24",
+         "data.batch_size=2", "optim.accum_steps=2", "train.epochs=2", "train.warmup_epochs=0.5", "train.amp=off",
+         "log.every=1", "log.progress=false", "log.vis_every=0", "log.vis_images=2", "checkpoint.every_steps=2",
+         "checkpoint.keep_every_steps=4", "wandb.enabled=false", "optim.lr=0.05"],
+        kill_step=5, supports_ddp=True,
+        bad_configs=[("data.batch_size=0", "data.batch_size=0"), ("optim.accum_steps=0", "optim.accum_steps=0"),
+                     ("log.every=0", "log.every=0"), ("optim.betas=[0.9]", "optim.betas"),
+                     ("optim.betas=[0.9,1.5]", "optim.betas"), ("aug.scale=[1.0,0.5]", "aug.scale"),
+                     ("model.decoder_width=0", "model.decoder_width"), ("model.mask_ratio=0.0", "model.mask_ratio"),
+                     ("train.epochs=0", "train.epochs"), ("train.epochs=-1", "train.epochs"),
+                     ("train.stop_at_step=-1", "train.stop_at_step"), ("log.vis_images=-1", "log.vis_images"),
+                     ("model.img_size=[70,100]", "model.img_size"), ("data.atributes=1", "unknown config key"),
+                     ("model.backbone=resnet05", "resnet50")]),
+    "fgvc": Target(
+        "fgvc", "fgvc.cli:train",
+        ["-c", "fgvc/demo.yaml", "train.epochs=2", "checkpoint.every_steps=2", "log.every=1", "log.progress=false",
+         "wandb.enabled=false"],
+        kill_step=5,
+        bad_configs=[("data.batch_size=0", "data.batch_size=0"), ("train.eval_every=0", "train.eval_every"),
+                     ("aug.smoothing=1.5", "aug.smoothing"), ("data.val_split=-0.5", "data.val_split"),
+                     ("optim.betas=[0.9,1.5]", "optim.betas"), ("train.epochs=0", "train.epochs"),
+                     ("data.atributes=1", "unknown config key")]),
+}
+
+
+# ---------------------------------------------------------------------------- helpers
+def _env() -> dict:
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "FI_FAULT", "FI_LIMIT"):
+        env.pop(k, None)
+    return env
+
+
+def _start(target: Target, out: str, extra: Sequence[str] = (), fault: str = "", limit: int = 0,
+           log_path: str | None = None) -> subprocess.Popen:
+    env = _env()
+    if fault:
+        env.update(FI_FAULT=fault, FI_LIMIT=str(limit))
+    log = open(log_path or os.path.join(os.path.dirname(out), os.path.basename(out) + ".log"), "a")
+    cmd = [sys.executable, "-c", _CHILD, target.entry, *target.args, f"output_dir={out}", *extra]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _run(target: Target, out: str, extra: Sequence[str] = (), fault: str = "", limit: int = 0,
+         timeout: float = 900) -> tuple[int, str]:
+    log_path = out + ".log"
+    p = _start(target, out, extra, fault, limit, log_path)
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        rc = p.wait()
+    with open(log_path) as f:
+        return rc, f.read()
+
+
+def _steps_logged(out: str) -> int:
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return max([json.loads(line).get("step", 0) for line in f if line.strip()] or [0])
+    except (OSError, ValueError):
+        return 0
+
+
+def _wait_steps(p: subprocess.Popen, out: str, steps: int, timeout: float = 600) -> int:
+    end = time.time() + timeout
+    while time.time() < end and p.poll() is None:
+        n = _steps_logged(out)
+        if n >= steps:
+            return n
+        time.sleep(0.05)
+    return _steps_logged(out)
+
+
+def _ckpt(path: str):
+    from .utils.checkpoint import load_checkpoint
+    try:
+        return load_checkpoint(path, check_finite=True)
+    except Exception:  # noqa: BLE001 - any unusable file counts as unusable
+        return None
+
+
+def _step_of(ck) -> int | None:
+    return None if ck is None else int(ck["train_state"]["step"])
+
+
+def _same_weights(a_path: str, b_path: str) -> tuple[bool, str]:
+    a, b = _ckpt(a_path), _ckpt(b_path)
+    if a is None or b is None:
+        return False, "final checkpoint missing or unusable"
+    diff = [k for k in a["model"] if not _equal(a["model"][k], b["model"].get(k))]
+    return not diff, (f"{len(diff)} of {len(a['model'])} tensors differ" if diff else "bit-identical to the "
+                      "uninterrupted run")
+
+
+def _equal(x, y) -> bool:
+    import torch
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+
+
+def _non_finite_files(out: str) -> list[str]:
+    from .utils.checkpoint import load_checkpoint, non_finite_tensors
+    bad = []
+    for p in glob.glob(os.path.join(out, "*.pth")):
+        try:
+            if non_finite_tensors(load_checkpoint(p)):
+                bad.append(os.path.basename(p))
+        except Exception:  # noqa: BLE001
+            bad.append(os.path.basename(p) + " (unreadable)")
+    return bad
+
+
+def _temps(out: str) -> list[str]:
+    return [os.path.basename(p) for p in glob.glob(os.path.join(out, ".*.tmp"))]
+
+
+def _last_error_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if "error" in ln.lower()]
+    return lines[-1].strip() if lines else (text.strip().splitlines() or [""])[-1]
+
+
+# ---------------------------------------------------------------------------- scenarios
+def _resume_and_compare(target: Target, out: str, ref: str, before_step: int | None) -> tuple[bool, bool, str]:
+    """resume=auto to the end; (passed, data_lost, detail)."""
+    rc, text = _run(target, out, ["resume=auto"])
+    if rc != 0:
+        return False, True, f"resume failed (rc {rc}): {_last_error_line(text)}"
+    same, how = _same_weights(os.path.join(ref, "last.pth"), os.path.join(out, "last.pth"))
+    orphans = _temps(out)
+    lost = not same
+    detail = how + (f"; orphan temp files left: {orphans}" if orphans else "")
+    return same and not orphans, lost, detail
+
+
+def _kill(target: Target, work: str, ref: str, sig: int, name: str, delay: float = 0.0) -> Result:
+    out = os.path.join(work, f"{target.name}-{name}")
+    p = _start(target, out)
+    reached = _wait_steps(p, out, target.kill_step)
+    if delay:
+        time.sleep(delay)
+    if p.poll() is not None:
+        return Result(target.name, name, False, False, f"the run ended before the fault (rc {p.returncode})")
+    os.kill(p.pid, sig)
+    try:
+        rc = p.wait(300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return Result(target.name, name, False, False, "did not stop within 300 s of the signal")
+    ck = _ckpt(os.path.join(out, "last.pth"))
+    saved = _step_of(ck)
+    notes = [f"signal after step {reached}, last.pth at step {saved}"]
+    ok = True
+    if sig in (signal.SIGTERM, signal.SIGUSR1):
+        from .utils.preemption import PREEMPTED_EXIT_CODE
+        if rc != PREEMPTED_EXIT_CODE:
+            ok = False
+            notes.append(f"exit status {rc}, expected {PREEMPTED_EXIT_CODE}")
+        if saved is None or saved < reached:
+            ok = False
+            notes.append("the checkpoint does not hold the steps done before the signal")
+    else:
+        notes.append(f"orphan temp files after the kill: {len(_temps(out))}")
+    passed, lost, detail = _resume_and_compare(target, out, ref, saved)
+    return Result(target.name, name, ok and passed, lost, "; ".join(notes + [detail]))
+
+
+def _truncated_last(target: Target, work: str, ref: str) -> Result:
+    out = os.path.join(work, f"{target.name}-truncated_last")
+    rc, text = _run(target, out, ["train.stop_at_step=" + str(target.kill_step)])
+    last = os.path.join(out, "last.pth")
+    if not os.path.isfile(last):
+        return Result(target.name, "truncated last.pth", False, True, f"no last.pth after the first part (rc {rc})")
+    data = open(last, "rb").read()
+    with open(last, "wb") as f:
+        f.write(data[: len(data) // 2])
+    keeps = sorted(glob.glob(os.path.join(out, "checkpoint-*.pth")))
+    rc, text = _run(target, out, ["resume=auto"])
+    said = "skipping" in text and ("truncated" in text or "damaged" in text)
+    if rc != 0:
+        return Result(target.name, "truncated last.pth", False, True, f"resume failed (rc {rc}): "
+                      f"{_last_error_line(text)}")
+    same, how = _same_weights(os.path.join(ref, "last.pth"), last)
+    return Result(target.name, "truncated last.pth", same and (said or not keeps), not same,
+                  f"keeps available: {len(keeps)}; fallback announced: {said}; {how}")
+
+
+def _disk_full(target: Target, work: str, ref: str) -> Result:
+    out = os.path.join(work, f"{target.name}-disk_full")
+    rc, text = _run(target, out, fault="disk_full", limit=2)
+    line = _last_error_line(text)
+    ck_before = _ckpt(os.path.join(out, "last.pth"))
+    ok = rc == 1 and "no space left on device while writing" in line and not _temps(out)
+    intact = ck_before is not None or not os.path.exists(os.path.join(out, "last.pth"))
+    notes = [f"rc {rc}: {line[:160]}", f"previous last.pth intact: {intact}", f"temp files: {len(_temps(out))}"]
+    passed, lost, detail = _resume_and_compare(target, out, ref, _step_of(ck_before))
+    return Result(target.name, "disk full while checkpointing", ok and intact and passed, lost or not intact,
+                  "; ".join(notes + [detail]))
+
+
+def _non_finite(target: Target, work: str, ref: str) -> Result:
+    out = os.path.join(work, f"{target.name}-non_finite")
+    rc, text = _run(target, out, fault="non_finite", limit=3)
+    line = _last_error_line(text)
+    bad = _non_finite_files(out)
+    ok = rc == 1 and not bad and ("non-finite" in line or "NaN" in line or "nan" in line)
+    notes = [f"rc {rc}: {line[:160]}", f"checkpoints with NaN/inf on disk: {bad or 'none'}"]
+    passed, lost, detail = _resume_and_compare(target, out, ref, None)
+    return Result(target.name, "non-finite optimizer state", ok and passed, lost, "; ".join(notes + [detail]))
+
+
+def _bad_configs(target: Target, work: str) -> list[Result]:
+    import importlib
+    module, fn = target.entry.split(":")
+    cli = getattr(importlib.import_module(module), fn)
+    results = []
+    for override, must in target.bad_configs:
+        out = os.path.join(work, f"{target.name}-badcfg-{len(results)}")
+        err = io.StringIO()
+        t0 = time.time()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = cli([*target.args, f"output_dir={out}", override])
+        text = err.getvalue().strip()
+        ok = rc == 2 and must in text and len(text.splitlines()) == 1 and "Traceback" not in text \
+            and not os.path.exists(os.path.join(out, "last.pth"))
+        results.append(Result(target.name, f"bad config {override}", ok, False, text[:160], time.time() - t0))
+    return results
+
+
+def _ddp_one_rank_signalled(target: Target, work: str) -> Result:
+    """torchrun, 2 processes: SIGTERM to rank 1 only; both must stop after the same step, rank 0 writes."""
+    out = os.path.join(work, f"{target.name}-ddp_sigterm")
+    port = str(random.randint(20000, 40000))
+    log = open(out + ".log", "a")
+    code = "import sys; from sparse_mim.cli import pretrain; sys.exit(pretrain(sys.argv[1:]))"
+    script = os.path.join(work, "_pretrain_entry.py")
+    with open(script, "w") as f:
+        f.write(code + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", script,
+           *target.args, "data.batch_size=1", f"output_dir={out}"]
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    reached = _wait_steps(p, out, target.kill_step)
+    ranks = _children_running(p.pid, "_pretrain_entry.py")
+    if p.poll() is not None or len(ranks) != 2:
+        p.wait()
+        return Result(target.name, "DDP: SIGTERM to one rank", False, False, f"could not find the 2 ranks ({ranks})")
+    os.kill(sorted(ranks)[1], signal.SIGTERM)
+    try:
+        rc = p.wait(300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return Result(target.name, "DDP: SIGTERM to one rank", False, False, "ranks did not stop together")
+    saved = _step_of(_ckpt(os.path.join(out, "last.pth")))
+    ok = rc != 0 and saved is not None and saved >= reached
+    text = open(out + ".log").read()
+    agreed = "pre-empted" in text
+    return Result(target.name, "DDP: SIGTERM to one rank", ok and agreed, saved is None,
+                  f"signal after step {reached}; torchrun rc {rc}; last.pth at step {saved}; ranks agreed: {agreed}")
+
+
+def _children_running(pid: int, needle: str) -> list[int]:
+    found = []
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(os.path.join(d, "cmdline"), "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(os.path.join(d, "stat")) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and needle in cmd:
+            found.append(int(os.path.basename(d)))
+    return found
+
+
+def _hostile_data(target: Target, work: str) -> Result:
+    """A folder with a symlink loop, a 16-bit PNG, an oversized image and a corrupt file: trained, counted."""
+    import numpy as np
+    from PIL import Image
+    from .data import generate_image
+    root = os.path.join(work, "hostile_images")
+    os.makedirs(os.path.join(root, "a"), exist_ok=True)
+    for i in range(8):
+        Image.fromarray(generate_image(i, 72)).save(os.path.join(root, "a", f"{i}.png"))
+    Image.fromarray((np.arange(72 * 72).reshape(72, 72) * 12).astype(np.uint16)).save(os.path.join(root, "deep.png"))
+    Image.new("L", (900, 900)).save(os.path.join(root, "huge.png"))
+    with open(os.path.join(root, "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+    for link, dest in (("loop", root), ("again", os.path.join(root, "a"))):
+        if not os.path.lexists(os.path.join(root, "a", link)):
+            os.symlink(dest, os.path.join(root, "a", link))
+    out = os.path.join(work, f"{target.name}-hostile_data")
+    rc, text = _run(target, out, [f"data.root={root}", "data.max_pixels=500000", "train.epochs=1"])
+    counted = "11 images" in text
+    ok = rc == 0 and counted
+    return Result(target.name, "hostile data folder", ok, False,
+                  f"rc {rc}; 11 files counted once despite 2 link loops: {counted}; "
+                  + (_last_error_line(text)[:120] if rc else "finished"))
+
+
+# ---------------------------------------------------------------------------- driver
+def run_fault_injection(workdir: str, trainers: Sequence[str] = ("pretrain", "fgvc"), quick: bool = False,
+                        log: Callable[[str], None] = print) -> list[Result]:
+    """Run every scenario for each trainer under ``workdir`` (created; left for inspection)."""
+    os.makedirs(workdir, exist_ok=True)
+    results: list[Result] = []
+
+    def record(fn, *a):
+        t0 = time.time()
+        out = fn(*a)
+        for r in (out if isinstance(out, list) else [out]):
+            r.seconds = r.seconds or time.time() - t0
+            results.append(r)
+            log(f"[{r.trainer}] {'PASS' if r.passed else 'FAIL'}{' DATA LOST' if r.data_lost else ''} "
+                f"{r.scenario}: {r.detail} ({r.seconds:.0f} s)")
+
+    for name in trainers:
+        target = TARGETS[name]
+        work = os.path.join(workdir, name)
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        ref = os.path.join(work, f"{name}-reference")
+        rc, text = _run(target, ref)
+        if rc != 0:
+            results.append(Result(name, "uninterrupted reference run", False, False, _last_error_line(text)))
+            log(f"[{name}] reference run failed (rc {rc}); skipping its scenarios:\n{text[-2000:]}")
+            continue
+        log(f"[{name}] reference run done ({_step_of(_ckpt(os.path.join(ref, 'last.pth')))} steps)")
+        record(_bad_configs, target, work)
+        record(_kill, target, work, ref, signal.SIGTERM, "SIGTERM mid-run")
+        record(_kill, target, work, ref, signal.SIGKILL, "SIGKILL mid-run")
+        if not quick:
+            record(_kill, target, work, ref, signal.SIGUSR1, "SIGUSR1 mid-run")
+            for i, delay in enumerate((0.05, 0.2, 0.4)):
+                record(_kill, target, work, ref, signal.SIGKILL, f"SIGKILL at a random point {i + 1}", delay)
+            record(_truncated_last, target, work, ref)
+            record(_disk_full, target, work, ref)
+            record(_non_finite, target, work, ref)
+            if name == "pretrain":
+                record(_hostile_data, target, work)
+                record(_ddp_one_rank_signalled, target, work)
+    return results
+
+
+def format_report(results: Sequence[Result]) -> str:
+    lines = ["| trainer | scenario | result | data lost | detail |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.trainer} | {r.scenario} | {'pass' if r.passed else 'FAIL'} | "
+                     f"{'yes' if r.data_lost else 'no'} | {r.detail.replace('|', '/')} |")
+    lines.append("")
+    for name in dict.fromkeys(r.trainer for r in results):
+        rs = [r for r in results if r.trainer == name]
+        lines.append(f"{name}: {len(rs)} scenarios tried, {sum(r.passed for r in rs)} passed, "
+                     f"{sum(r.data_lost for r in rs)} with data lost")
+    lines.append(f"total: {len(results)} tried, {sum(r.passed for r in results)} passed, "
+                 f"{sum(r.data_lost for r in results)} with data lost")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tools/fault_injection.py``: run the scenarios, print the table; status 1 if any failed or lost data."""
+    import argparse
+    import tempfile
+    p = argparse.ArgumentParser(description="Fault injection for the pre-training and fgvc trainers.")
+    p.add_argument("--trainers", nargs="+", default=["pretrain", "fgvc"], choices=sorted(TARGETS))
+    p.add_argument("--quick", action="store_true", help="only bad configs, one SIGTERM and one SIGKILL per trainer")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fault_injection"),
+                   help="scratch folder (runs are left there for inspection)")
+    p.add_argument("--report", default="", help="also write the table to this Markdown file")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    results = run_fault_injection(args.workdir, args.trainers, quick=args.quick)
+    table = format_report(results)
+    print("\n" + table + f"\n({(time.time() - t0) / 60:.1f} min)")
+    if args.report:
+        from .utils.checkpoint import atomic_write_text
+        atomic_write_text(args.report, table + "\n")
+    return 0 if all(r.passed and not r.data_lost for r in results) else 1
