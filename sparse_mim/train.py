@@ -28,6 +28,7 @@ import warnings
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .utils import distributed as dist_utils
 from .utils.config import Config, ConfigError, K
@@ -87,8 +88,8 @@ DEFAULTS = {
         "builtin_size": K(96, "side of the generated images", min=32),
         "max_pixels": K(178956970, "images with more pixels are skipped and counted (decompression-bomb guard; "
                         "PIL's default)", gt=0),
-        "mean": K([0.485, 0.456, 0.406], "normalisation mean (ImageNet)", length=3),
-        "std": K([0.229, 0.224, 0.225], "normalisation std (ImageNet)", length=3, item_gt=0.0),
+        "mean": K(list(IMAGENET_DEFAULT_MEAN), "normalisation mean (ImageNet)", length=3),
+        "std": K(list(IMAGENET_DEFAULT_STD), "normalisation std (ImageNet)", length=3, item_gt=0.0),
     },
     "aug": {
         "scale": K([0.67, 1.0], "RandomResizedCrop scale range (official)", length=2, item_gt=0.0, item_max=1.0,

@@ -113,3 +113,15 @@ def test_unwrap_state_dict_forms():
     assert float(ckpt.unwrap_state_dict(both)["x"]) == 0 and float(ckpt.unwrap_state_dict(both, prefer_ema=True)["x"]) == 1
     with pytest.raises(ValueError, match="no weights"):
         ckpt.unwrap_state_dict({"config": {}})
+
+
+def test_full_disk_at_start_leaves_no_config_temp(tmp_path, monkeypatch):
+    from sparse_mim.utils.config import save_config
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(ckpt.DiskFullError, match=r"config.yaml; nothing was written"):
+        save_config({"seed": 0}, str(tmp_path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []

@@ -202,3 +202,14 @@ def test_decompression_bomb_skipped_and_counted(tmp_path):
     big = [i for i, p in enumerate(ds.paths) if p.endswith("big.png")][0]
     img, _, failed = ds[(big, 3)]
     assert failed == 1 and img.shape == (3, 32, 32)
+
+
+def test_fault_injection_bad_config_scenarios_and_report(tmp_path):
+    """The fault-injection driver's in-process part (the subprocess scenarios run in tools/fault_injection.py)."""
+    from sparse_mim.fault_injection import TARGETS, Result, _bad_configs, format_report
+    results = _bad_configs(TARGETS["pretrain"], str(tmp_path))
+    assert len(results) == len(TARGETS["pretrain"].bad_configs) and all(r.passed for r in results), \
+        [r for r in results if not r.passed]
+    report = format_report(results + [Result("fgvc", "x", False, True, "a|b")])
+    assert "pretrain: 15 scenarios tried, 15 passed, 0 with data lost" in report
+    assert "total: 16 tried, 15 passed, 1 with data lost" in report and "a/b" in report
