@@ -148,10 +148,9 @@ def save_confusion_png(cm: np.ndarray, classes: List[str], path: str, title: str
         ax.set_yticklabels(classes, fontsize=max(4, 9 - k // 10))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    from sparse_mim.utils.checkpoint import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def top_confusions(cm: np.ndarray, classes: List[str], n: int):
@@ -195,12 +194,13 @@ def prediction_rows(rec, classes, groups, index, labels, pred, conf, pred0, max_
 
 
 def _write_csv(path: str, rows: List[Dict], fieldnames: List[str]):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fieldnames)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    import io
+    from sparse_mim.utils.checkpoint import atomic_write_text
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fieldnames)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_predictions_csv(path: str, paths: Sequence[str], labels: np.ndarray, probs: torch.Tensor,
@@ -253,9 +253,9 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
             log(f"[data] {rec.name}: {len(rec.issues)} issue(s):\n{rec.issues.summary()}")
     classes = stored_classes if ours else list(rec.classes)
     if ours:  # one line naming both sides: "checkpoint has 200 classes (CUB), data has 555 (NABirds: nabirds/test)"
-        from .predict import _dataset_label, check_same_classes
-        check_same_classes(classes, rec.classes, _dataset_label(ckpt["config"]),
-                           f"{_dataset_label({'data': data_cfg})}: {rec.name}")
+        from .predict import dataset_label, check_same_classes
+        check_same_classes(classes, rec.classes, dataset_label(ckpt["config"]),
+                           f"{dataset_label({'data': data_cfg})}: {rec.name}")
     groups = rec.meta_groups
     if ours and "meta_groups" in ckpt:
         want = [(g["name"], int(g["dim"]), int(g["tokens"])) for g in ckpt["meta_groups"]]
@@ -318,9 +318,8 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     if "meta_zeroed" in results:
         summary["meta_gain_top1"] = results["with_meta"]["top1"] - results["meta_zeroed"]["top1"]
         log(f"[eval] meta gain (with meta - meta zeroed): {summary['meta_gain_top1']:+.2f} top-1 points")
-    with open(os.path.join(out_dir, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(out_dir, "summary.json.tmp"), os.path.join(out_dir, "summary.json"))
+    from sparse_mim.utils.checkpoint import atomic_write_text
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     log(f"[eval] wrote {out_dir}/summary.json, predictions.csv, per_class.csv, top_confusions.csv"
         + (", confusion.png" if len(classes) <= e.max_confusion_classes else ""))
 

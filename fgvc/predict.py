@@ -33,7 +33,7 @@ import torch
 from .data.meta import (SPATIAL_DIM, TEMPORAL_DIM, MetaGroup, decode_spatial, decode_temporal, encode_lat_lon,
                         encode_month_hour, guess_kind, parse_date)
 
-__all__ = ["Predictor", "Prediction", "read_fgvc_checkpoint", "check_same_classes", "image_files",
+__all__ = ["Predictor", "Prediction", "read_fgvc_checkpoint", "check_same_classes", "dataset_label", "image_files",
            "read_meta_csv", "write_predictions_csv", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -70,7 +70,7 @@ def read_fgvc_checkpoint(path: str) -> Dict[str, Any]:
     return ckpt
 
 
-def _dataset_label(cfg: Mapping) -> str:
+def dataset_label(cfg: Mapping) -> str:
     data = cfg.get("data", {}) if isinstance(cfg, Mapping) else {}
     if data.get("demo"):
         return "demo"
