@@ -4,15 +4,14 @@ Everything a user-written backbone needs (documented in docs/backbones.md):
 
 1. subclass `HierarchicalBackbone`; set ``self.channels`` (one width per map, stride 4
    first) and ``self.downsample_ratio`` (32);
-2. build it from layers the engine converts: ``nn.Conv2d`` (any kernel; strided or
-   depthwise too), ``nn.BatchNorm2d`` / ``SyncBatchNorm``, ``nn.LayerNorm`` (channels
-   last), timm ``LayerNorm2d`` / ``GlobalResponseNorm`` / ``DropPath``,
-   ``nn.MaxPool2d`` (after a ReLU), ``nn.Linear`` (per site, or on pooled [B, C]),
-   ``nn.Identity`` / ``nn.Dropout`` and element-wise activations;
-3. write ``forward_features(x)`` with layer calls, ``+`` / ``*`` and the helpers
-   `global_avg_pool` / `scale_channels` / `to_channels_last` / `to_channels_first`
-   (no ``x.mean``, ``x.permute``, ``torch.cat``: ``x`` is a `SparseMap` in the sparse
-   model), returning the maps at strides 4, 8, 16, 32;
+2. build it from standard layers: convs (any kernel, stride, groups), BatchNorm /
+   SyncBatchNorm, LayerNorm, timm ``LayerNorm2d`` / ``GlobalResponseNorm`` /
+   ``DropPath``, max / average pooling, ``nn.Linear`` and element-wise activations have
+   sparse twins; other layers run through the engine's exact dense fallback (reported);
+3. write ``forward_features(x)`` as ordinary tensor code (``x`` is a `SparseMap` in the
+   sparse model, which takes part in torch's dispatch), returning the maps at strides
+   4, 8, 16, 32. This example uses the helpers `global_avg_pool` (mean over the
+   *visible* sites) and `scale_channels`;
 4. register a factory that accepts ``drop_path_rate`` and build it with
    ``sparse_mim.create_backbone(name)``.
 """
