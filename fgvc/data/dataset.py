@@ -24,12 +24,16 @@ __all__ = ["FGVCDataset", "collate_skip_bad", "load_image", "ShardSampler"]
 
 
 def load_image(path: str):
-    """Open an image as RGB (fully decoded, so a truncated file fails here, not later)."""
-    from PIL import Image
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-        return img.convert("RGB")
+    """Open an image as 8-bit RGB, fully decoded (a truncated file fails here, not later).
+
+    The toolkit's one image reader (``sparse_mim.data.load_rgb``): 16-bit and float greyscale
+    images are scaled to 8 bits, not clipped to white; an image with more pixels than
+    ``sparse_mim.data.DEFAULT_MAX_PIXELS`` (PIL's decompression-bomb limit, ~179 Mpixel) is
+    refused from its header before any pixel is decoded (``ImageTooLargeError``); the dataset
+    skips and counts it like any unreadable image.
+    """
+    from sparse_mim.data import load_rgb
+    return load_rgb(path)
 
 
 class FGVCDataset(Dataset):

@@ -352,3 +352,18 @@ def test_describe_meta_decodes_by_encoder_not_by_name(tmp_path):
     meta = np.concatenate([encode_month_hour(3, None), encode_lat_lon(48.5, -2.25)])
     assert describe_meta(groups, meta, [True, True]) == {"when": "month 3", "where": "lat 48.50, lon -2.25"}
     assert describe_meta(groups, meta, [False, True])["when"] == "missing"
+
+
+def test_16bit_png_and_pixel_limit(tmp_path, monkeypatch):
+    from PIL import Image
+    from fgvc.data.dataset import load_image
+    arr = np.full((6, 5), 30000, dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(load_image(str(tmp_path / "deep.png")))
+    assert rgb.shape == (6, 5, 3) and abs(int(rgb[0, 0, 0]) - round(30000 / 257)) <= 1  # scaled, not clipped to 255
+    import sparse_mim.data as sd
+    monkeypatch.setattr(sd, "DEFAULT_MAX_PIXELS", 20)
+    monkeypatch.setattr(sd.load_rgb, "__defaults__", (20,))
+    with pytest.raises(ValueError, match="pixels"):
+        load_image(str(tmp_path / "deep.png"))
