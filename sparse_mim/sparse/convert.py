@@ -126,18 +126,21 @@ def mask_at(x: Tensor, channels_last: bool = False) -> Tensor:
 
 
 def _grid_mask(x: Tensor) -> Tensor | None:
-    """The active mask at ``x``'s NCHW size, or None for a tensor smaller than the patch grid (a pooled
-    [B, C, 1, 1] gate input); raises like `mask_at` for other sizes that do not fit."""
+    """The active mask at ``x``'s NCHW size (shaped [B, 1, h, w], x's dtype), or None when the size is off the
+    patch grid: a pooled [B, C, 1, 1] gate input, or a map a 'valid' conv / a pad moved off the grid (the
+    sparse side keeps those dense too)."""
     state = _ACTIVE.get()
     if state is None:
         raise RuntimeError("a dense-masked layer ran outside `with active_mask(visible):`; the simulation needs "
                            "the visible-patch mask")
-    if x.dim() != 4:
+    if x.dim() != 4 or x.shape[0] != state.visible.shape[0]:
         return None
-    gh, gw = state.visible.shape[1:]
-    if x.shape[2] < gh or x.shape[3] < gw or x.shape[0] != state.visible.shape[0]:
+    m = state.on_grid(int(x.shape[2]), int(x.shape[3]))
+    if m is None:
         return None
-    return mask_at(x)
+    if m.device != x.device:
+        raise ValueError(f"active mask is on {m.device} but the tensor is on {x.device}; move both to one device")
+    return m[:, None].to(x.dtype)
 
 
 def _masked(x: Tensor) -> Tensor:

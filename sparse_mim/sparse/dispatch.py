@@ -285,7 +285,7 @@ def resparsify_output(output, ref: SparseMap):
             return s
         return o
     if isinstance(output, SparseMap):
-        return None, True
+        return output, True
     out = _tree(output, fn)
     return out, complete[0]
 

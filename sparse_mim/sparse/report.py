@@ -103,7 +103,7 @@ def mark_dense(ref) -> None:
     frame = _STACK[-1]
     if frame.dense_ref is None:
         frame.dense_ref = ref
-        frame.counter = DenseCounter()
+        frame.counter = DenseCounter(ref)
         frame.counter.__enter__()
 
 
@@ -261,14 +261,36 @@ def dense_macs(name: str, args, out) -> int:
 
 
 class DenseCounter(torch.overrides.TorchFunctionMode):
-    """Counts the MACs of conv / linear / matmul ops on dense tensors as fallback MACs of the current module."""
+    """Active while a module holds a dense tensor off the patch grid (after e.g. an asymmetric ``pad``).
+
+    Counts the MACs of conv / linear / matmul ops on dense tensors as fallback
+    MACs of the module, and brings the data back to the sparse side as soon as
+    it can: a spatial op, reduction or ``batch_norm`` whose input is a dense 4-D
+    tensor on the patch grid gets that input as a sparse map (its active sites,
+    as the dense-masked simulation masks it), and a spatial op's dense 4-D
+    outputs on the grid become maps.
+    """
+
+    def __init__(self, ref):
+        super().__init__()
+        self.ref = ref
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        from . import dispatch
+        kwargs = kwargs or {}
+        kind = dispatch.classify(func)
+        if kind in ("spatial", "reduction", "batch_norm") and args and isinstance(args[0], torch.Tensor) \
+                and dispatch._first_map(args) is None and dispatch._first_map(kwargs) is None:
+            s = dispatch._sparsify_dense(args[0], self.ref)
+            if s is not None:
+                return func(s, *args[1:], **kwargs)
+        out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         if name in _MAC_OPS:
             try:
                 record(name, dense_macs(name, args, out), "fallback")
             except Exception:  # counting must never break the model
                 pass
+        if kind == "spatial" and dispatch._first_map(args) is None:
+            out, _ = dispatch.resparsify_output(out, self.ref)
         return out

@@ -354,6 +354,33 @@ class SparseMap:
     def __pow__(self, other):
         return self._op(Tensor.__pow__, other)
 
+    def __rpow__(self, other):
+        return self._op(Tensor.__rpow__, other)
+
+    def __gt__(self, other):
+        return self._op(Tensor.__gt__, other)
+
+    def __ge__(self, other):
+        return self._op(Tensor.__ge__, other)
+
+    def __lt__(self, other):
+        return self._op(Tensor.__lt__, other)
+
+    def __le__(self, other):
+        return self._op(Tensor.__le__, other)
+
+    def __abs__(self):
+        return self._op(Tensor.__abs__)
+
+    def __invert__(self):
+        return self._op(Tensor.__invert__)
+
+    def __and__(self, other):
+        return self._op(Tensor.__and__, other)
+
+    def __or__(self, other):
+        return self._op(Tensor.__or__, other)
+
     def __neg__(self):
         return self.replace_features(-self.features)
 
