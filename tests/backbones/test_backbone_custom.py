@@ -73,3 +73,17 @@ def test_unsupported_layers_and_wrong_outputs_are_clear_errors():
     with pytest.raises(TypeError, match="not a sparse_mim.backbones.HierarchicalBackbone"):
         register_backbone("test_plain_module", lambda **_: nn.Conv2d(3, 8, 1))
         sparse_mim.create_backbone("test_plain_module")
+
+
+def test_registry_api_matches_fgvc():
+    """Bare decorator (the function's name), glob or substring listing, is_backbone, families."""
+    from sparse_mim.backbones import backbone_family, is_backbone, list_backbones
+
+    @register_backbone
+    def test_bare_decorated(drop_path_rate=None, **kw):
+        return TinySENet(**kw)
+
+    assert list_backbones("test_bare_*") == ["test_bare_decorated"] == list_backbones("bare_deco")
+    assert is_backbone("test_bare_decorated") and backbone_family("test_bare_decorated") == "custom"
+    assert backbone_family("resnet50") == "resnet" and backbone_family("resnet50d") == "timm"
+    assert sparse_mim.create_backbone("test_bare_decorated").channels == [32, 64, 128, 256]
