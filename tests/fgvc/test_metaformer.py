@@ -349,18 +349,21 @@ def test_is_a_metaformer():
     assert isinstance(_meta_model("metaformer_1"), MetaFormer)
 
 
-def test_benchmark_tool_runs(capsys):
-    """tools/benchmark_fgvc.py end to end on a tiny input: table rows for both paths, equal logits."""
-    spec = importlib.util.spec_from_file_location("benchmark_fgvc", Path(__file__).parents[2] / "tools" /
-                                                  "benchmark_fgvc.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--models", "metaformer_0", "--sizes", "64", "--batch", "1", "--repeats", "1", "--warmup", "0",
-                "--attn-repeats", "1", "--no-train", "--device", "cpu",
-                "--model-kwargs", json.dumps(TINY)])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| metaformer_0")]
-    assert len(rows) == 4  # model + attention layer, explicit + sdpa
-    assert all(float(r.split("|")[-2]) < 1e-4 for r in rows)  # max abs difference between the paths
+def test_benchmark_runs():
+    """fgvc.benchmark (tools/benchmark_fgvc.py) end to end on a tiny input: rows for both attention paths and
+    both precisions, equal logits between the paths in fp32, bf16 logits close to fp32."""
+    from fgvc.benchmark import metaformer_benchmark
+    lines = []
+    rows = metaformer_benchmark(models=["metaformer_0"], sizes=[64], batch=1, repeats=1, warmup=0, attn_repeats=1,
+                                train=False, device="cpu", amp=["off", "bf16"], model_kwargs=TINY, print_fn=lines.append)
+    assert len(rows) == 8 and sum(line.startswith("| metaformer_0") for line in lines) == 8
+    by = {(r["kind"], r["attn"], r["amp"]): r for r in rows}
+    for kind in ("model", "attention layer"):
+        assert by[(kind, "sdpa", "off")]["max_diff"] == 0.0
+        assert by[(kind, "sdpa", "off")]["diff_vs_explicit"] < 1e-4  # the two attention paths agree in fp32
+        assert by[(kind, "sdpa", "bf16")]["max_diff"] < 0.1  # bf16 against fp32: a few roundings of O(1) logits
+    out = {impl: by[("model", impl, "off")] for impl in ("sdpa", "explicit")}
+    assert out["sdpa"]["infer_vs_explicit"] > 0 and out["explicit"]["infer_vs_explicit"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------
