@@ -2,6 +2,7 @@
 
     python -m tests.fgvc.fault_injection            # from the repository root; ~5-10 min on 2 CPU cores
     python -m tests.fgvc.fault_injection --quick    # one case per class
+    python -m tests.fgvc.fault_injection --only kill  # only the classes whose name contains "kill"
 
 Every scenario runs a small training on generated data (the tiny MetaFormer, 32 px) in a scratch
 folder and checks the promise of its class; runs that are resumed are compared tensor by tensor with
@@ -235,6 +236,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one case per class")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--only", default="", help="run only the scenario classes containing this text (e.g. 'kill')")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from fgvc.demo import make_demo_dataset
@@ -255,6 +257,7 @@ def main(argv=None) -> int:
                   ("diverging run", "lr 1e30", diverging, ()),
                   ("demo into user folder", "data.root=user folder", demo_into_user_folder, ())]
     scenarios += [("bad config", o, bad_config, (o,)) for o in (BAD_CONFIGS[:3] if q else BAD_CONFIGS)]
+    scenarios = [sc for sc in scenarios if args.only in sc[0]]
     results = []
     for cls, case, fn, fargs in scenarios:
         t = time.time()
