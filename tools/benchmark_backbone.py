@@ -2,7 +2,7 @@
 
 Per model: share of the forward multiply-adds on sparse kernels, fwd+bwd time of a
 training step (median of --repeats after a warm-up, both twins interleaved in this
-process) and peak memory of one step (fresh subprocess per variant on CPU). The logic
+process) and peak memory of one step (RSS high-water-mark growth on CPU). The logic
 is `sparse_mim.backbones.benchmark`; see docs/backbones.md for the measured table.
 
     python tools/benchmark_backbone.py                                   # every family, 128 px, batch 4
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
           f"{args.mask_ratio}, device {args.device}, {args.threads} threads, torch {torch.__version__}")
     print(f"# time: median of {args.repeats} runs after 1 warm-up, same process; MAC share: one forward; peak "
           "memory: " + ("CUDA max_memory_allocated growth" if args.device.startswith("cuda") else
-                        "RSS high-water-mark growth of one step after a warm-up, fresh subprocess per variant"))
+                        "RSS high-water-mark growth of one step after the timed runs, same process"))
     print(TABLE_HEADER, flush=True)
     run_benchmark(args.models, args.input_size, args.batch_size, args.mask_ratio, args.repeats, args.device,
                   memory=not args.no_memory, on_row=lambda r: print(format_row(r), flush=True))

@@ -8,27 +8,21 @@ For each model it measures, on the same weights, images and SparK mask:
 * the forward + backward time of a training step (train mode, as in pre-training) of
   both twins, median of ``repeats`` runs after one warm-up, the two interleaved in one
   process;
-* the peak memory of one step. On CPU: the growth of the resident set in a fresh
-  subprocess (``python -m sparse_mim.backbones.benchmark --child ...``) that builds the
-  model, runs one warm-up step (the conv autotuner times its candidates there), returns
-  freed memory to the kernel (fixed glibc mmap threshold, ``malloc_trim``), resets the
-  kernel's RSS high-water mark (``/proc/self/clear_refs`` <- 5), runs one step and
-  reports ``VmHWM - VmRSS(before)``. On CUDA:
-  ``torch.cuda.max_memory_allocated`` growth in this process.
+* the peak memory of one step, after the timed runs, in the same process. On CPU: the
+  growth of the resident set during the step, read from the kernel's RSS high-water mark
+  (``/proc/self/clear_refs`` <- 5, then ``VmHWM - VmRSS(before)``), with glibc set to
+  hand every large freed block back to the kernel (``M_MMAP_THRESHOLD`` fixed at
+  128 KiB, ``malloc_trim``) so that memory freed by an earlier step cannot hide the
+  peak. On CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
 `run_benchmark` returns one row per model; `format_table` renders them as a Markdown
 table. ``tools/benchmark_backbone.py`` is the command line.
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -103,65 +97,58 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status (peak memory on CPU needs Linux)")
 
 
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the kernel (glibc), so that RSS growth counts the measured step only."""
+def _libc():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
-def _child(argv: Sequence[str]) -> None:
-    """Fresh-process peak memory of one step of one variant; prints {"peak_mib": ...} as JSON."""
-    p = argparse.ArgumentParser()
-    for key in ("--model", "--variant"):
-        p.add_argument(key, required=True)
-    p.add_argument("--input-size", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--mask-ratio", type=float, required=True)
-    p.add_argument("--threads", type=int, required=True)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    sparse, dense, images, visible = build_twins(a.model, a.input_size, a.batch_size, a.mask_ratio)
-    model = sparse if a.variant == "sparse" else dense
-    del sparse, dense
-    train_step(model, images, visible)  # warm-up: autotuner, caches
-    model.zero_grad(set_to_none=True)
+def _fix_mmap_threshold() -> None:
+    """glibc: serve every block >= 128 KiB by mmap and return it to the kernel when freed (M_MMAP_THRESHOLD).
+
+    Without this the threshold grows as blocks are freed and the heap keeps them, so a
+    step that reuses memory freed by an earlier one would not show in the RSS.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
+def _release_free_memory() -> None:
     gc.collect()
-    _release_free_memory()
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the RSS high-water mark
-    train_step(model, images, visible)
-    print(json.dumps({"peak_mib": (_status_kb("VmHWM") - before) / 1024}))
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-def peak_memory(name: str, variant: str, input_size: int, batch_size: int, mask_ratio: float, device: str = "cpu",
-                threads: Optional[int] = None) -> float:
-    """Peak memory (MiB) of one training step of the ``variant`` ("sparse" / "dense") twin."""
+def peak_memory(model, images, visible, device: str = "cpu") -> float:
+    """Peak memory (MiB) that one training step of ``model`` adds to what is allocated before it.
+
+    CPU: growth of the resident set, measured with the kernel's RSS high-water mark
+    (reset through ``/proc/self/clear_refs``) after freed memory went back to the kernel;
+    needs Linux / glibc. CUDA: ``torch.cuda.max_memory_allocated`` growth.
+    """
+    model.zero_grad(set_to_none=True)
     if str(device).startswith("cuda"):
-        sparse, dense, images, visible = build_twins(name, input_size, batch_size, mask_ratio, device)
-        model = sparse if variant == "sparse" else dense
-        train_step(model, images, visible)
-        model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         train_step(model, images, visible)
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    cmd = [sys.executable, "-m", "sparse_mim.backbones.benchmark", "--child", "--model", name, "--variant", variant,
-           "--input-size", str(input_size), "--batch-size", str(batch_size), "--mask-ratio", str(mask_ratio),
-           "--threads", str(threads or torch.get_num_threads())]
-    # A fixed mmap threshold: glibc returns every large freed block at once (no growing threshold that
-    # keeps the warm-up step's blocks in the heap, which would hide the measured step's peak).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise RuntimeError(f"peak-memory subprocess for {name} ({variant}) failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        _fix_mmap_threshold()
+        _release_free_memory()
+        before = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the RSS high-water mark
+        train_step(model, images, visible)
+        peak = (_status_kb("VmHWM") - before) / 1024
+    model.zero_grad(set_to_none=True)
+    return peak
 
 
 def run_benchmark(models: Sequence[str] = FAMILIES, input_size: int = 128, batch_size: int = 4,
@@ -175,11 +162,11 @@ def run_benchmark(models: Sequence[str] = FAMILIES, input_size: int = 128, batch
         sparse, dense, images, visible = build_twins(name, input_size, batch_size, mask_ratio, device)
         share, fallbacks = sparse_mac_share(sparse, images, visible)
         t_sparse, t_dense = time_twins(sparse, dense, images, visible, repeats, device)
-        del sparse, dense, images, visible
         m_sparse = m_dense = math.nan
-        if memory:
-            m_sparse = peak_memory(name, "sparse", input_size, batch_size, mask_ratio, device)
-            m_dense = peak_memory(name, "dense", input_size, batch_size, mask_ratio, device)
+        if memory:  # after the timed runs: caches and the conv autotuner are warm
+            m_sparse = peak_memory(sparse, images, visible, device)
+            m_dense = peak_memory(dense, images, visible, device)
+        del sparse, dense, images, visible
         row = {"model": name, "sparse_mac_share": share, "fallbacks": fallbacks, "time_sparse": t_sparse,
                "time_dense": t_dense, "time_ratio": t_sparse / t_dense, "mem_sparse": m_sparse,
                "mem_dense": m_dense, "mem_ratio": m_sparse / m_dense if m_dense else math.nan}
@@ -202,5 +189,3 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join([TABLE_HEADER] + [format_row(r) for r in rows])
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
-    _child(sys.argv[2:])
