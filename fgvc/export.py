@@ -179,7 +179,10 @@ def export_checkpoint(checkpoint: str, out: str, formats: Sequence[str] = ("pt2"
             got = sess.run(None, feeds)[0]
             with torch.no_grad():
                 ref = MetaFormerExportWrapper(predictor.model).eval()(*example).numpy()
-            msg += f"; max |logit diff| vs eager {float(np.abs(got - ref).max()):.2e} (onnxruntime)"
+            diff = float(np.abs(got - ref).max())
+            msg += f"; max |logit diff| vs eager {diff:.2e} (onnxruntime)"
+            if not diff < 1e-3:
+                raise RuntimeError(f"the ONNX model's logits differ from the eager model's by {diff:.3g}")
         except ImportError:
             msg += " (onnxruntime not installed: not run here)"
         log(msg)

@@ -51,6 +51,18 @@ def test_onnx_export_needs_its_packages_or_matches(tmp_path):
         return
     paths = export_checkpoint(str(ckpt), str(tmp_path / "m.pt2"), formats=["onnx"], log=lambda *_: None)
     assert paths[0].endswith(".onnx")
+    ort = pytest.importorskip("onnxruntime")
+    # another batch size than the traced one, meta present / partly absent / absent per sample
+    predictor = Predictor.from_checkpoint(str(ckpt), device="cpu", amp="off")
+    g = torch.Generator().manual_seed(3)
+    images, metas = torch.randn(5, 3, 32, 32, generator=g), torch.randn(5, 7, generator=g)
+    present = torch.tensor([[1, 1], [1, 0], [0, 1], [0, 0], [1, 1]], dtype=torch.bool)
+    sess = ort.InferenceSession(paths[0], providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["images", "meta", "meta_present"]
+    got = sess.run(None, {"images": images.numpy(), "meta": metas.numpy(), "meta_present": present.numpy()})[0]
+    with torch.no_grad():
+        eager = predictor.model(images, metas, present)
+    torch.testing.assert_close(torch.from_numpy(got), eager, rtol=1e-4, atol=1e-4)
 
 
 def test_export_refuses_unknown_formats(tmp_path):
