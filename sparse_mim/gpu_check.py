@@ -10,8 +10,10 @@ PASS / WARN / FAIL / SKIP with the measured numbers and never stops the others:
   sparse model on the CPU (train-mode outputs; eval-mode outputs and parameter
   gradients).
 * ``spark``: SparK-ResNet-50 at 224: sparse vs dense-masked loss and gradients.
-* ``amp``: fp16 autocast + GradScaler step: loss close to fp32, finite gradients,
-  parameters updated.
+* ``amp``: what ``amp=auto`` picks on the device, then bf16 and fp16 (where the
+  device runs them; fp16 with a GradScaler): one SparK step through the trainers'
+  ``optimizer_step``: loss against fp32, sparse vs dense-masked under the same
+  autocast, fp32 gradients, parameters updated.
 * ``autotune``: full SparK pre-training steps (ResNet-50 and ConvNeXt-S at 224)
   under fp16 and bf16 autocast: the autotuner's choice per scale with every
   candidate's time, and the step time of ``autotune``, ``table`` and the
@@ -206,39 +208,55 @@ def check_spark(name, device, quick):
 
 
 def check_amp(name, device, quick):
-    if device.type != "cuda":
-        record(name, "SKIP", "fp16 autocast + GradScaler is the CUDA recipe; nothing to check on CPU")
-        return
+    """Every ``amp`` setting on the device (sparse_mim.utils.amp): what ``auto`` picks, then one SparK step per
+    precision through the trainers' ``optimizer_step``: loss against fp32, sparse vs dense-masked under the same
+    autocast, finite fp32 gradients, parameters updated, output dtype."""
     from timm.optim import Lamb
     from .spark import SparK, param_groups
-    parts, grades = [], []
-    for net in (["resnet18"] if quick else ["resnet50", "convnextv2_atto"]):
-        torch.manual_seed(0)
-        model = SparK(net, input_size=224 if net == "resnet50" else 128, drop_path_rate=0.0).to(device).train()
-        ref = model.dense_reference().train()  # keeps the fp32 weights for the fp32 loss below
-        g = torch.Generator().manual_seed(0)
-        B = 8
-        images = torch.randn(B, 3, *model.input_size, generator=g).to(device)
-        visible = model.mask(B, device, generator=g)
-        with torch.no_grad():
-            loss32, _, _ = ref(images, visible)
-        opt = Lamb(param_groups(model, 0.04), lr=1e-3, betas=(0.9, 0.95))
-        scaler = torch.amp.GradScaler("cuda")
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss16, rec, _ = model(images, visible)
-        scaler.scale(loss16).backward()
-        scaler.unscale_(opt)
-        finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-        scaler.step(opt)
-        scaler.update()
-        changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None)
-        e = abs(loss16.float() - loss32).item() / loss32.item()
-        ok = finite and changed > 0 and e <= 1e-2 and rec.dtype == torch.float16
-        grades.append("PASS" if ok else "FAIL")
-        parts.append(f"{net}: fp16 loss {loss16.item():.5f} vs fp32 {loss32.item():.5f} (rel {e:.1e}), grads "
-                     f"finite {finite}, {changed} params updated, scale {scaler.get_scale():g}, output {rec.dtype}")
-    record(name, worst(*grades), "; ".join(parts))
+    from .utils.amp import AmpError, optimizer_step, resolve_amp
+    parts, grades = [f"auto -> {resolve_amp('auto', device).describe()}"], []
+    for setting in ("bf16", "fp16"):
+        try:
+            policy = resolve_amp(setting, device)
+        except AmpError as e:
+            parts.append(f"{setting}: not run ({e})")
+            continue
+        if device.type == "cpu" and setting == "fp16":
+            parts.append("fp16: skipped on CPU (bf16 is the CPU precision)")
+            continue
+        eps = torch.finfo(policy.dtype).eps
+        for net in (["resnet18"] if quick or device.type == "cpu" else ["resnet50", "convnextv2_atto"]):
+            size = 64 if device.type == "cpu" else (224 if net == "resnet50" else 128)
+            torch.manual_seed(0)
+            model = SparK(net, input_size=size, drop_path_rate=0.0).to(device).eval()
+            ref = model.dense_reference().eval()  # same weights, dense-masked
+            g = torch.Generator().manual_seed(0)
+            B = 2 if device.type == "cpu" else 8
+            images = torch.randn(B, 3, size, size, generator=g).to(device)
+            visible = model.mask(B, device, generator=g)
+            with torch.no_grad():
+                loss32, _, _ = model(images, visible)
+                with policy.autocast():
+                    loss_ref, rec_ref, _ = ref(images, visible)
+            opt = Lamb(param_groups(model, 0.04), lr=1e-3, betas=(0.9, 0.95))
+            scaler = policy.make_scaler()
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with policy.autocast():
+                loss, rec, _ = model(images, visible)
+            res = optimizer_step(loss, opt, scaler=scaler, clip_grad=5.0, zero_grad=False)
+            grads_fp32 = all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+            changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.grad is not None)
+            e32 = abs(loss.float() - loss32).item() / loss32.item()
+            e_twin = abs(loss.float() - loss_ref.float()).item() / loss_ref.float().item()
+            e_rec = rel(rec.float(), rec_ref.float())
+            ok = (not res.skipped and changed > 0 and grads_fp32 and rec.dtype == policy.dtype
+                  and loss.dtype == torch.float32 and e32 <= 1e-2 and e_twin <= 2 * eps and e_rec <= 8 * eps)
+            grades.append("PASS" if ok else "FAIL")
+            parts.append(f"{net} {setting}: loss {loss.item():.5f} vs fp32 {loss32.item():.5f} (rel {e32:.1e}), sparse vs "
+                         f"dense-masked loss {e_twin:.1e} / reconstruction {e_rec:.1e} (eps {eps:.1e}), grad norm "
+                         f"{res.grad_norm:.3g}, {'skipped' if res.skipped else 'stepped'}, {changed} params updated, "
+                         f"scale {res.scale:g}, output {rec.dtype}")
+    record(name, worst(*grades) if grades else "SKIP", "; ".join(parts))
 
 
 def check_autotune(name, device, quick, out_dir=None):
