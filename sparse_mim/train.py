@@ -315,6 +315,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project, name=cfg.wandb.name,
                        entity=cfg.wandb.entity or None, run_id=run_id, enabled=is_main, job_type="pretrain",
                        use_wandb=cfg.wandb.enabled)
+    logger.log_config({"amp_resolved": amp.as_dict()})  # what train.amp picked on this hardware (bf16/fp16/fp32)
     prefix = _backbone_prefix(model)
     spark_args = model.init_args()
     last_path = os.path.join(out_dir, "last.pth")
