@@ -451,6 +451,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project, name=cfg.wandb.name or None,
                        entity=cfg.wandb.entity or None, run_id=wandb_id, enabled=is_main, use_wandb=cfg.wandb.enabled,
                        job_type="fgvc-train", log_model=cfg.wandb.log_model)
+    logger.log_config({"amp_resolved": amp.as_dict()})  # what train.amp picked on this hardware (bf16/fp16/fp32)
     meta_info = {"classes": list(train_rec.classes), "meta_groups": model_meta_spec(groups)}
     streams = RandomStreams(cfg.seed, rank)
 
