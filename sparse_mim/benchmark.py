@@ -124,10 +124,8 @@ def run_op_case(name: str, side: int, channels: int, factory: Callable, batch: i
     device = torch.device(device)
     torch.manual_seed(0)
     grid = size // 32
-    keep = round(grid * grid * (1 - mask_ratio))
-    visible = torch.zeros(batch, grid * grid, dtype=torch.bool)
-    visible.scatter_(1, torch.rand(batch, grid * grid).argsort(1)[:, :keep], True)
-    visible = visible.view(batch, grid, grid).to(device)
+    from .spark import random_visible_mask  # the one SparK mask generator
+    visible = random_visible_mask(batch, (grid, grid), round(grid * grid * (1 - mask_ratio)), device=device)
     factor = side // grid
     up = visible.repeat_interleave(factor, 1).repeat_interleave(factor, 2)[:, None]
     x = torch.randn(batch, channels, side, side, device=device)

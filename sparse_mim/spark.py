@@ -506,10 +506,13 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: Sequence
     from timm.optim import param_groups_weight_decay
     extra = [name for name, _ in model.named_parameters()
              if any(key in name for key in no_decay_names) or name.rsplit(".", 1)[-1] == "gamma"]
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=extra)
-    for g in groups:  # timm returns [no decay, decay]; flag them for the weight-decay schedule
-        g["apply_weight_decay"] = g["weight_decay"] != 0.0
-    return sorted(groups, key=lambda g: not g["apply_weight_decay"])
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=extra)  # 1.0: only to split the two sets
+    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
+    return [  # flagged for the weight-decay schedule (sparse_mim.utils.schedules.set_optimizer_values)
+        {"params": decay, "weight_decay": weight_decay, "apply_weight_decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False},
+    ]
 
 
 # ---------------------------------------------------------------------- checkpoints

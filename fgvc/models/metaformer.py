@@ -663,17 +663,14 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float, skip_li
     relative-position tables (2-D) ARE decayed; pass
     ``no_decay_keywords=("relative_position_bias_table",)`` for the Swin habit.
     """
+    from timm.optim import param_groups_weight_decay  # the one group builder (SparK's param_groups uses it too)
     skip = set(skip_list)
     if hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip or any(k in name for k in no_decay_keywords):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    skip |= {name for name, _ in model.named_parameters() if any(k in name for k in no_decay_keywords)}
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=skip)  # 1.0: only to split the two sets
+    decay = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    no_decay = [p for g in groups if not g["weight_decay"] for p in g["params"]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.}]
 
 
