@@ -187,8 +187,6 @@ def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         return _to_rgb(img)
 
 
-_load_rgb = load_rgb
-
 
 class ImageFileDataset(Dataset):
     """Unlabelled images from a list of paths; unreadable files are replaced and counted.
