@@ -83,3 +83,18 @@ def test_small_timm_nets_equal_dense_masked(name, H, W, fallback_ops):
     rep = _compare(name, H, W, fallback_ops)
     if not fallback_ops:
         assert rep.macs("sparse") / rep.total_macs > 0.8, rep.format()
+
+
+def test_survey_functions():
+    """The library behind tools/sparse_survey.py: MAC shares and the distance to the dense-masked twin."""
+    from torch import nn
+
+    from sparse_mim.sparse.survey import compare_with_dense_masked, mac_shares, random_patch_mask
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.BatchNorm2d(8), nn.GroupNorm(2, 8),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=2)).to(F64).train()
+    x, vis = torch.randn(2, 3, 64, 96, dtype=F64), random_patch_mask(2, 2, 3, 0.5)
+    r = compare_with_dense_masked(model, x, vis)
+    assert r["sparse_output"] and max(r["output"], r["input_grad"], r["param_grad_vs_largest"]) < 1e-12
+    assert [row["op"] for row in r["report"].fallback_rows()] == ["group_norm"]
+    rep = mac_shares(model, x, vis)
+    assert rep.macs("sparse") > 0 and 0 < rep.fallback_share < 0.1
