@@ -296,6 +296,10 @@ def test_loads_official_withdecoder_file(tmp_path, name, norm):
     fresh = SparK(name, input_size=64, decoder_width=model.dense_decoder.width)
     report = load_spark_checkpoint(fresh, path)
     assert sorted(report["ignored_keys"]) == ["imn_m", "imn_s", "norm_black"]
+    rebuilt = SparK.from_checkpoint(path)  # the official file describes its model too (arch, input size, config)
+    assert (rebuilt.backbone_name, rebuilt.input_size, rebuilt.dense_decoder.width, rebuilt.densify_norm_type) == \
+        (name, (64, 64), model.dense_decoder.width, norm)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in rebuilt.state_dict().items())
     assert report["config"]["densify_norm_str"] == norm
     loaded = fresh.state_dict()
     for k, v in ours.items():
