@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -414,11 +413,8 @@ def _save_disk(device: torch.device, key: str, choice: Choice) -> None:
                     entries = {**data.get("entries", {}), **entries}
             except (OSError, ValueError):
                 pass
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-        with os.fdopen(fd, "w") as f:
-            json.dump({"meta": _meta(device), "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        from ..utils.checkpoint import atomic_write_text  # the one atomic writer (a full disk leaves no temp file)
+        atomic_write_text(path, json.dumps({"meta": _meta(device), "entries": entries}, indent=1, sort_keys=True))
         _S.disk = entries
     except OSError as e:
         if not _S.warned_write:
