@@ -70,8 +70,8 @@ def check_finite(value, name: str = "loss", step: int | None = None, hint: str =
         where = f" at step {step}" if step is not None else ""
         raise NonFiniteLossError(
             f"{name} is {v}{where}: training stopped. {hint or ''}".rstrip() +
-            " Usual fixes: lower the learning rate, keep gradient clipping on, or turn fp16 off "
-            "(amp=false); then resume from the last good checkpoint with resume=auto.")
+            " Usual fixes: lower the learning rate (optim.lr), keep gradient clipping on (optim.clip_grad), or "
+            "train.amp=off; then resume from the last good checkpoint with resume=auto.")
     return v
 
 
