@@ -197,3 +197,20 @@ def test_scaler_state_resume_across_settings():
     other.scale(torch.ones(()))
     assert load_scaler_state(fp16, other.state_dict()) is True
     assert fp16.get_scale() == 1024.0
+
+
+def test_step_without_loss_after_separate_backward():
+    """fgvc's pattern: micro-batches through optimizer_step(boundary=False), then optimizer_step(None) steps."""
+    model, x, y = _model_and_data()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for xc, yc in zip(x.chunk(2), y.chunk(2)):
+        assert not optimizer_step(torch.nn.functional.mse_loss(model(xc), yc), opt, accum_steps=2, boundary=False).stepped
+    res = optimizer_step(None, opt, clip_grad=1.0)
+    optimizer_step(torch.nn.functional.mse_loss(ref(x), y), ref_opt, clip_grad=1.0)
+    assert res.stepped and not res.skipped
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="accum_steps"):
+        optimizer_step(None, opt, accum_steps=0)
