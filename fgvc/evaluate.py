@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from sparse_mim.utils.config import Config, ConfigError, K, flatten, load_config, split_schema
+from sparse_mim.utils.config import Config, ConfigError, K, load_config
 
 __all__ = ["EVAL_DEFAULTS", "eval_schema", "evaluate_checkpoint", "load_eval_config", "per_class_table",
            "confusion_matrix", "top_confusions", "prediction_rows", "write_predictions_csv", "default_eval_dir"]
@@ -97,8 +97,7 @@ def load_eval_config(checkpoint: str, ckpt: Mapping, config_file: Optional[str] 
     if ours:
         stored = {k: v for k, v in ckpt["config"].items() if k != "eval"}
         schema = _with_defaults(schema, stored)
-    cfg = load_config(schema, config_file, list(overrides))
-    # the demo's data: its own folder next to the checkpoint (never a user's data.root)
+    cfg = load_config(schema, config_file, list(overrides), validate=validate_config)
     return cfg, ours
 
 
