@@ -45,8 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch, report
-from .nn import (SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseElementwise, SparseGRN,
-                 SparseLayerNorm, SparseLayerNorm2d, SparseMaxPool2d, SparseSyncBatchNorm, elementwise_twin)
+from .nn import (SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseConv2dSameMixin, SparseDropPath,
+                 SparseElementwise, SparseGRN, SparseLayerNorm, SparseLayerNorm2d, SparseMaxPool2d, SparseSyncBatchNorm,
+                 conv_same_twin, elementwise_twin)
 from .tensor import SparseMap, check_visible_mask, upsample_mask
 
 __all__ = ["sparsify", "dense_masked", "active_mask", "current_mask", "mask_at", "convert_sync_batchnorm",
@@ -232,9 +233,14 @@ def _timm_classes() -> dict[str, tuple[type, ...]]:
         from timm.layers.drop import DropPath
         from timm.layers.grn import GlobalResponseNorm
     except ImportError:  # timm is optional for the engine itself
-        return {"ln": (), "ln2d": (), "grn": (), "droppath": (), "act_modules": ()}
+        return {"ln": (), "ln2d": (), "grn": (), "droppath": (), "act_modules": (), "conv_same": ()}
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        conv_same = (Conv2dSame,)
+    except ImportError:
+        conv_same = ()
     return {"ln": (norm.LayerNorm,), "ln2d": (norm.LayerNorm2d,), "grn": (GlobalResponseNorm,),
-            "droppath": (DropPath,), "act_modules": (activations.__name__,)}
+            "droppath": (DropPath,), "act_modules": (activations.__name__,), "conv_same": conv_same}
 
 
 def _kind(m: nn.Module, timm_classes: dict) -> str | None:
@@ -249,6 +255,8 @@ def _kind(m: nn.Module, timm_classes: dict) -> str | None:
         return "maxpool"
     if t in (nn.AvgPool2d, SparseAvgPool2d, MaskedAvgPool2d):
         return "avgpool"
+    if t in timm_classes["conv_same"] or isinstance(m, SparseConv2dSameMixin):
+        return "conv_same"
     if t in (nn.LayerNorm, SparseLayerNorm) + timm_classes["ln"]:
         return "ln"
     if t is SparseLayerNorm2d or t in timm_classes["ln2d"]:
@@ -301,6 +309,8 @@ def sparsify(module: nn.Module) -> nn.Module:
             # else: left as it is; its ops run through torch dispatch
         elif kind == "elementwise":
             m.__class__ = elementwise_twin(type(m))
+        elif kind == "conv_same":
+            m.__class__ = conv_same_twin(type(m))
         else:
             m.__class__ = sparse_class[kind]
 

@@ -28,7 +28,7 @@ from . import functional as SF
 from . import report
 from .tensor import SparseMap
 
-__all__ = ["off_grid", "conv2d", "grouped_conv2d", "grouped_gather", "avg_pool2d", "max_pool2d", "spatial_reduce",
+__all__ = ["off_grid", "conv2d", "conv2d_same", "grouped_conv2d", "grouped_gather", "avg_pool2d", "max_pool2d", "spatial_reduce",
            "is_depthwise"]
 
 
@@ -98,6 +98,52 @@ def grouped_conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, str
     out = grouped_gather(features, weight, table, groups)
     if bias is not None:
         out = out + bias.to(dtype)
+    return target.replace_features(out)
+
+
+def _same_pad_before(size: int, k: int, s: int, d: int) -> tuple[int, int]:
+    """TF 'same' padding (as timm's ``pad_same``): (before, after) for one side."""
+    total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d_same(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, dilation=1,
+                groups: int = 1) -> SparseMap:
+    """TF-'same' conv (timm's ``Conv2dSame``: asymmetric zero padding, then a 'valid' conv) on the active sites.
+
+    With sides divisible by the stride the output has H/stride x W/stride sites, the coarse mask; the
+    padding only shifts the window (``before`` sites), and taps beyond the map read 0, so the neighbour
+    table with that offset gives the dense-masked numbers, strided, grouped and depthwise alike.
+    """
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    stride, dilation = SF._pair(stride), SF._pair(dilation)
+    h, w = x.spatial_shape
+    if h % stride[0] or w % stride[1]:
+        raise ValueError(f"a TF-'same' conv with stride {stride} keeps the patch grid only for sides divisible by "
+                         f"the stride, got {h}x{w}")
+    pads = [_same_pad_before(n, k, s, d) for n, k, s, d in zip((h, w), kernel, stride, dilation)]
+    before = (pads[0][0], pads[1][0])
+    if all(b == a for b, a in pads):  # symmetric: the ordinary sparse conv
+        return conv2d(x, weight, bias, stride, before, dilation, groups)
+    SF._check_devices(x, weight, bias)
+    target = x if stride == (1, 1) else SF.coarse_map(x, stride)
+    table = SF.neighbour_table(x, target, kernel, stride, before, dilation)
+    dtype = SF._compute_dtype(x.features, weight)
+    features, weight = x.features.to(dtype), weight.to(dtype)
+    c_in = x.num_channels
+    if groups == 1:
+        if weight.shape[1] != c_in:
+            raise ValueError(f"conv weight {tuple(weight.shape)} expects {weight.shape[1]} input channels, the "
+                             f"sparse map has {c_in}")
+        weight2d = weight.permute(2, 3, 1, 0).reshape(kernel[0] * kernel[1] * c_in, weight.shape[0])
+        out = SF._GatherGemmConv.apply(features, weight2d, table, False)
+    elif is_depthwise(c_in, weight, groups):
+        out = SF._DepthwiseConv.apply(features, weight.flatten(1).t(), table.t().contiguous(), False)
+    else:
+        out = grouped_gather(features, weight, table, groups)
+    if bias is not None:
+        out = out + bias.to(dtype)
+    report.record("conv2d", out.shape[0] * weight[0].numel() * weight.shape[0], "sparse")
     return target.replace_features(out)
 
 

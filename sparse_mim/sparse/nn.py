@@ -68,6 +68,32 @@ class SparseConv2d(nn.Conv2d):
         return _module_fallback(self, x, nn.Conv2d.forward)
 
 
+class SparseConv2dSameMixin:
+    """Sparse twin of timm's ``Conv2dSame`` (TF 'same' padding): `kernels.conv2d_same` on a sparse map."""
+
+    def forward(self, x):
+        if isinstance(x, SparseMap) and self.padding_mode == "zeros" and not x.channels_last:
+            try:
+                return kernels.conv2d_same(x, self.weight, self.bias, self.stride, self.dilation, self.groups)
+            except ValueError as e:
+                if not kernels.off_grid(e):
+                    raise
+        return super().forward(x)  # dense input, or through torch dispatch (pad + conv: the exact fallback)
+
+
+def conv_same_twin(cls: type) -> type:
+    """The sparse twin class of a TF-'same' conv class (created once, cached, importable by name)."""
+    if issubclass(cls, SparseConv2dSameMixin):
+        return cls
+    twin = _TWINS.get(cls)
+    if twin is None:
+        name = f"Sparse{cls.__name__}"
+        twin = type(name, (SparseConv2dSameMixin, cls), {"__module__": __name__})
+        _TWINS[cls] = twin
+        globals()[name] = twin
+    return twin
+
+
 class _SparseBatchNormMixin:
     """BatchNorm over the [N, C] visible rows (statistics over visible sites only)."""
 

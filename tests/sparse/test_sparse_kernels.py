@@ -128,3 +128,21 @@ def test_spatial_reduce_sees_hidden_zeros(op):
     sm = SparseMap.from_dense(x, vis)
     ref = getattr(torch, op)(x * sm.mask[:, None].to(F64), dim=(2, 3))
     assert rel_err(kernels.spatial_reduce(sm, op), ref) < 1e-13
+
+
+SAME = [  # (in, out, kernel, stride, groups): timm's Conv2dSame (TF 'same' padding, asymmetric when strided)
+    (3, 8, 3, 2, 1), (8, 8, 5, 2, 8), (8, 16, 3, 2, 2), (8, 8, 3, 1, 1), (8, 8, 4, 1, 1), (8, 8, 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", SAME, ids=_ids)
+@pytest.mark.parametrize("mask", MASKS[:2], ids=_ids)
+def test_tf_same_conv(case, mask):
+    from timm.layers.conv2d_same import Conv2dSame
+    cin, cout, k, s, g = case
+    B, gh, gw, ratio = mask
+    conv = Conv2dSame(cin, cout, k, s, groups=g).to(F64)
+    with mac_report() as rep:
+        r = assert_equivalent(conv, _input(B, gh, gw, cin), patch_mask(B, gh, gw, ratio))
+    assert type(r["sparse_model"]).__name__ == "SparseConv2dSame"
+    assert rep.fallback_rows() == [] and rep.sparse_share == 1.0

@@ -77,7 +77,7 @@ def _compare(name, H, W, fallback_ops=()):
 @pytest.mark.parametrize("name,H,W,fallback_ops", [
     ("regnetx_002", 64, 96, ()),  # grouped convs, strided grouped convs
     ("mobilenetv3_small_050", 96, 64, ()),  # SE gates, strided depthwise, hard-swish
-    ("tf_mobilenetv3_small_minimal_100", 64, 64, ("pad", "conv2d")),  # TF 'same' padding: the dense fallback
+    ("tf_mobilenetv3_small_minimal_100", 64, 64, ()),  # TF 'same' padding (timm Conv2dSame)
 ])
 def test_small_timm_nets_equal_dense_masked(name, H, W, fallback_ops):
     rep = _compare(name, H, W, fallback_ops)
