@@ -226,12 +226,11 @@ def test_wandb_files_stay_in_the_run_folder(tmp_path, monkeypatch):
     log = logger_mod.RunLogger(str(out), {"a": 1}, project="t", run_id="keep0001")
     assert os.environ["WANDB_DATA_DIR"].startswith(str(out / "wandb"))
     assert log.log_model(str(model_file), "m") is None                  # auto + offline: not logged
-    log.finish()
-    log = logger_mod.RunLogger(str(out), {"a": 1}, project="t", run_id="keep0001", log_model="reference")
+    log.log_model_policy = "reference"
     assert log.log_model(str(model_file), "m") == "reference"
     log.finish()
     runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run")]
-    assert runs and all(r.endswith("keep0001") for r in runs)           # a resumed logger continues the run
+    assert runs and all(r.endswith("keep0001") for r in runs)           # the id a resumed run passes back
     assert not (tmp_path / "home" / ".local" / "share" / "wandb").exists()
     staged = [f for _, _, fs in os.walk(out / "wandb") for f in fs if f.endswith(".pth")]
     assert not staged                                                    # no copy of the model anywhere
