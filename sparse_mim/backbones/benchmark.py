@@ -12,8 +12,8 @@ For each model it measures, on the same weights, images and SparK mask:
   growth of the resident set during the step, read from the kernel's RSS high-water mark
   (``/proc/self/clear_refs`` <- 5, then ``VmHWM - VmRSS(before)``), with glibc set to
   hand every large freed block back to the kernel (``M_MMAP_THRESHOLD`` fixed at
-  128 KiB, ``malloc_trim``) so that memory freed by an earlier step cannot hide the
-  peak. On CUDA: ``torch.cuda.max_memory_allocated`` growth.
+  128 KiB when the benchmark starts) so that memory freed by an earlier step cannot
+  hide the peak. On CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
 `run_benchmark` returns one row per model; `format_table` renders them as a Markdown
 table. ``tools/benchmark_backbone.py`` is the command line.
@@ -117,19 +117,14 @@ def _fix_mmap_threshold() -> None:
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
-def _release_free_memory() -> None:
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def peak_memory(model, images, visible, device: str = "cpu") -> float:
     """Peak memory (MiB) that one training step of ``model`` adds to what is allocated before it.
 
     CPU: growth of the resident set, measured with the kernel's RSS high-water mark
-    (reset through ``/proc/self/clear_refs``) after freed memory went back to the kernel;
-    needs Linux / glibc. CUDA: ``torch.cuda.max_memory_allocated`` growth.
+    (reset through ``/proc/self/clear_refs``); with glibc's mmap threshold fixed (as
+    `run_benchmark` does) freed large blocks are back with the kernel. Needs Linux. CUDA: ``torch.cuda.max_memory_allocated`` growth.
     """
     model.zero_grad(set_to_none=True)
     if str(device).startswith("cuda"):
@@ -140,8 +135,7 @@ def peak_memory(model, images, visible, device: str = "cpu") -> float:
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
-        _fix_mmap_threshold()
-        _release_free_memory()
+        gc.collect()
         before = _status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the RSS high-water mark
@@ -157,6 +151,8 @@ def run_benchmark(models: Sequence[str] = FAMILIES, input_size: int = 128, batch
     """One row per model: MAC share, times, peak memories and their sparse / dense-masked ratios."""
     from tqdm import tqdm
 
+    if not str(device).startswith("cuda"):
+        _fix_mmap_threshold()  # once, before the models are built
     rows = []
     for name in tqdm(models, desc="backbones", disable=on_row is not None and len(models) < 2):
         sparse, dense, images, visible = build_twins(name, input_size, batch_size, mask_ratio, device)
