@@ -33,3 +33,31 @@ def test_training_doc_recipes_and_keys_exist():
     root = shipped_recipes_dir()
     for rel in set(re.findall(r"configs/(fgvc/[\w/]+\.yaml)", text)) | set(re.findall(r"-c (fgvc/[\w/]+\.yaml)", text)):
         assert os.path.isfile(os.path.join(root, rel)), rel
+
+
+
+def _train_commands(text):
+    """(line, arguments after the command) of every fgvc-train / train_fgvc.py command line in ``text``."""
+    import shlex
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.split(" #")[0].strip()
+        if not ("fgvc-train" in line or "train_fgvc.py" in line) or line.startswith("#") or "'" in line:
+            continue
+        args = shlex.split(line)
+        at = [i for i, a in enumerate(args) if a == "fgvc-train" or a.endswith("train_fgvc.py")]
+        if at:
+            yield line, args[at[0] + 1:]
+
+
+def test_every_training_command_in_the_doc_and_help_parses():
+    """Each fgvc-train command of this page and of `fgvc-train --help` resolves to a valid config."""
+    from fgvc.cli import TRAIN_DESCRIPTION, _train_argv
+    from fgvc.train import DEFAULTS, validate_config
+    from sparse_mim.utils.config import parse_config
+    with open(DOC) as f:
+        bash = "\n".join(re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S))
+    commands = list(_train_commands(bash)) + list(_train_commands(TRAIN_DESCRIPTION))
+    assert len(commands) >= 10
+    for line, args in commands:
+        cfg, _ = parse_config(DEFAULTS, _train_argv(args), validate=validate_config)
+        assert cfg.model.name, line
