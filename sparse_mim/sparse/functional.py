@@ -34,6 +34,8 @@ Weights stay in torch layout [out, in, kh, kw]; all layout changes happen here.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -564,6 +566,32 @@ for _kind in ("conv", "depthwise", "strided_conv", "strided_depthwise"):
 for _kind in ("conv", "depthwise"):
     autotune.register_candidate(_kind, "windows", _run_windows, lambda call: call.x.patch_factor > 1)
 autotune.register_candidate("conv", "spconv", _run_spconv, _spconv_usable)
+
+
+def _upcast(run):
+    """The candidate ``run`` computed in fp32 on the exactly up-cast bf16 / fp16 inputs, output rounded back.
+
+    bf16 x bf16 products are exact in fp32 and a low-precision conv accumulates in fp32 and rounds its
+    output once, so this returns the low-precision conv's numbers up to the order of the fp32 sums
+    (gradients are rounded back to the low dtype by the casts, as the low-precision conv's are). It pays
+    where the low-precision kernel is slow: torch's CPU depthwise conv in bf16 runs 2-4x slower than in
+    fp32 (fwd + bwd, measured at ConvNeXt-S shapes).
+    """
+    def run_fp32(call: "autotune.OpCall") -> Tensor:
+        dtype = call.x.features.dtype
+        c32 = dataclasses.replace(call, x=call.x.replace_features(call.x.features.float()), weight=call.weight.float())
+        with torch.autocast(call.x.features.device.type, enabled=False):
+            return run(c32).to(dtype)
+    return run_fp32
+
+
+def _low_precision(call: "autotune.OpCall") -> bool:
+    return call.x.features.dtype in _LOW_PRECISION
+
+
+autotune.register_candidate("depthwise", "dense_fp32", _upcast(_run_dense), _low_precision)
+autotune.register_candidate("depthwise", "windows_fp32", _upcast(_run_windows),
+                            lambda call: _low_precision(call) and call.x.patch_factor > 1)
 
 
 def depthwise_conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,

@@ -240,3 +240,16 @@ def test_spconv_cuda_autocast(dtype):
         assert rel_err(r["gx_s"], r["gx_d"]) <= 4 * eps
     finally:
         SF.set_conv_backend(previous)
+
+
+@pytest.mark.parametrize("path", ["dense_fp32", "windows_fp32"])
+@pytest.mark.parametrize("k", [7, 3])
+def test_depthwise_fp32_candidates_equal_bf16(monkeypatch, path, k):
+    """The autotuner's fp32 depthwise candidates (exact up-cast of the bf16 inputs, output rounded back):
+    the bf16 conv's numbers up to fp32 summation order, so the same 1-2 ulp bounds hold."""
+    from sparse_mim.sparse import autotune
+    choose = autotune.choose
+    monkeypatch.setattr(SF, "_choose_path", lambda call: path if call.kind == "depthwise" else choose(call))
+    conv = nn.Conv2d(16, 16, k, padding=k // 2, groups=16)
+    r = assert_bf16_equivalent(conv, _input(2, 4, 4, 16), patch_mask(2, 4, 4, 0.6), TOL_OP, tol_grad=TOL_GRAD1)
+    assert autotune.last_path() == path and r["sparse_map"].features.dtype == BF16
