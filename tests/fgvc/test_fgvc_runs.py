@@ -301,3 +301,15 @@ def test_resume_into_a_shorter_schedule_is_refused(demo_root, tmp_path):
     train(_cfg(demo_root, out, "train.epochs=2", "train.stop_at_step=10"), **QUIET)   # 8 steps per epoch
     with pytest.raises(ConfigError, match="beyond"):
         train(_cfg(demo_root, out, "train.epochs=1", "resume=auto"), **QUIET)
+
+
+def test_damaged_last_falls_back_to_the_newest_keep(demo_root, tmp_path):
+    out, lines = str(tmp_path / "run"), []
+    args = ("train.epochs=1", "checkpoint.keep_every_steps=4")
+    train(_cfg(demo_root, out, *args, "train.stop_at_step=6"), **QUIET)            # keeps: checkpoint-...04.pth
+    with open(os.path.join(out, "last.pth"), "r+b") as f:
+        f.truncate(1000)
+    summary = train(_cfg(demo_root, out, *args, "resume=auto"), log=lines.append)
+    assert any("checkpoint-00000004.pth" in line for line in lines), lines[:5]
+    assert "test/top1" in summary and torch.load(os.path.join(out, "last.pth"), weights_only=True)[
+        "train_state"]["step"] == 8
