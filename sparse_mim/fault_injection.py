@@ -401,7 +401,7 @@ def run_fault_injection(workdir: str, trainers: Sequence[str] = ("pretrain", "fg
     results: list[Result] = []
 
     def record(fn, *a):
-        if only and only not in fn.__name__ and only not in str(a[-1]):
+        if only and only not in fn.__name__ and only not in " ".join(map(str, a)):
             return
         t0 = time.time()
         out = fn(*a)
