@@ -517,27 +517,54 @@ def _tune(call: OpCall, names: list[str], table: str) -> tuple[str, dict, str]:
     return best, times, "tuned"
 
 
-def choose(call: OpCall) -> str:
-    """The implementation to run for ``call`` under the current mode (tuning it if it is new)."""
+def _usable(call: OpCall, name: str | None) -> bool:
+    cand = _REGISTRY.get(call.kind, {}).get(name)
+    if cand is None:
+        return False
+    try:
+        return bool(cand.available(call))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _fallback(call: OpCall) -> str:
+    if _usable(call, "gather"):
+        return "gather"
     names = candidates(call)
     if not names:
         raise NotImplementedError(f"no sparse implementation is registered for op kind {call.kind!r}")
+    return names[0]
+
+
+def choose(call: OpCall) -> str:
+    """The implementation to run for ``call`` under the current mode (tuning it if it is new).
+
+    Forced and table modes, and known configurations, only check the one candidate they return (no
+    library import for candidates that are never run).
+    """
     mode = _S.mode
     if mode in FORCED:
-        return mode if mode in names else ("gather" if "gather" in names else names[0])
-    table = _table_choice(call, names)
-    if mode == "table" or len(names) == 1:
-        return table
+        return mode if _usable(call, mode) else _fallback(call)
+    if mode == "table":
+        rule = _TABLE_RULES.get(call.kind)
+        name = rule(call) if rule is not None else None
+        return name if _usable(call, name) else _fallback(call)
     desc = call.describe()
     key = _key(desc)
     hit = _S.choices.get(key)
-    if hit is not None and hit.path in names:
+    if hit is not None and _usable(call, hit.path):
         return hit.path
     dev = call.x.features.device
     disk = _load_disk(dev).get(key)
-    if disk is not None and disk.get("path") in names:
+    if disk is not None and _usable(call, disk.get("path")):
         _S.choices[key] = Choice(disk["path"], disk.get("times_ms", {}), "cache", 0.0, desc)
         return disk["path"]
+    names = candidates(call)
+    if not names:
+        raise NotImplementedError(f"no sparse implementation is registered for op kind {call.kind!r}")
+    table = _table_choice(call, names)
+    if len(names) == 1:
+        return table
     if _S.spent_s >= _S.total_s:
         _S.choices[key] = Choice(table, {}, "budget", 0.0, desc)
         return table

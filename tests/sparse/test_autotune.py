@@ -320,3 +320,18 @@ def test_settle_in_a_two_process_gloo_group(tmp_path):
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert [r["path"] for r in results] == ["gather", "gather"]
     assert results[1]["log"]["choices"] == results[0]["log"]["choices"]
+
+
+def test_benchmark_library_compares_modes(tuner):
+    """The benchmark logic (sparse_mim.benchmark) runs an op under each mode and reports the path each ran."""
+    from sparse_mim.benchmark import run_op_case, sparse_ops_benchmark
+    r = run_op_case("conv3x3", 8, 8, lambda c: nn.Conv2d(c, 8, 3, padding=1, bias=False), batch=2, size=64,
+                    repeats=1, mode="dense")
+    assert r["path"] == "dense" and r["fwd_err"] < 1e-5 and r["grad_err"] < 1e-5 and r["tune_ms"] == 0
+    lines = []
+    autotune.set_budget(per_config_s=0.01, repeats=1)  # keep the tuning short: one timed run per candidate
+    rows = sparse_ops_benchmark(batch=1, size=64, repeats=1, only=["dw7x7"], modes=("autotune", "table"),
+                                print_fn=lines.append)
+    assert [r["mode"] for r in rows] == ["autotune", "table"] * 4
+    assert all(r["path"] in ("gather", "windows", "dense") for r in rows)
+    assert any(line.startswith("autotune choices") for line in lines)
