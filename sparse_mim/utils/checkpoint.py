@@ -297,25 +297,36 @@ def find_resumable(out_dir: str, log: Callable[[str], None] | None = print,
     truncated ``last.pth`` next to a good keep resumes from the keep and says so.
     ``validate(loaded)`` may raise to reject a candidate as well.
     """
-    candidates = [(None, os.path.join(out_dir, LAST_NAME))] if os.path.isfile(os.path.join(out_dir, LAST_NAME)) else []
-    candidates += _keeps(out_dir)
-    loaded = []
-    for _, p in candidates:
+    def attempt(p):
         try:
             ck = load_checkpoint(p, check_finite=True)
             if validate is not None:
                 validate(ck)
+            return ck
         except (CheckpointError, NonFiniteStateError, ValueError, OSError) as e:
             if log:
                 log(f"resume=auto: skipping {p}: {e}")
-            continue
-        loaded.append((_step_of(ck), p, ck))
-    if not loaded:
+            return None
+
+    # one file in memory at a time: last.pth first, then only keeps newer than it (newest first)
+    last = os.path.join(out_dir, LAST_NAME)
+    best_step, best_path, best = -1, None, None
+    if os.path.isfile(last):
+        ck = attempt(last)
+        if ck is not None:
+            best_step, best_path, best = _step_of(ck), last, ck
+    for step, p in _keeps(out_dir):  # sorted by step, newest first
+        if step <= best_step:
+            break
+        ck = attempt(p)
+        if ck is not None:
+            best_step, best_path, best = _step_of(ck), p, ck
+            break
+    if best_path is None:
         return None, None
-    step, path, ck = max(loaded, key=lambda t: t[0])  # last.pth vs a newer keep: the higher step wins
-    if log and (candidates[0][1] != path):
-        log(f"resume=auto: resuming from {path} (step {step}), the newest loadable checkpoint")
-    return path, ck
+    if log and best_path != last:
+        log(f"resume=auto: resuming from {best_path} (step {best_step}), the newest loadable checkpoint")
+    return best_path, best
 
 
 def resolve_resume(resume: str | None, out_dir: str) -> str | None:
