@@ -138,7 +138,11 @@ def test_every_parameter_gets_a_gradient(name):
     logits = model(torch.randn(2, 3, SMALL, SMALL), torch.randn(2, 7))
     assert logits.shape == (2, 5)
     logits.logsumexp(-1).sum().backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # aggregate.bias shifts every channel of the class embedding by one number right before a LayerNorm
+    # over those channels, which removes any such shift: its gradient is zero up to rounding by
+    # construction (as in the official model), so it only has to be reached, not to be non-zero.
+    no_grad = [n for n, p in model.named_parameters()
+               if p.grad is None or (n != "aggregate.bias" and not p.grad.abs().sum() > 0)]
     assert not no_grad, no_grad
 
 

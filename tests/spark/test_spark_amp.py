@@ -42,7 +42,9 @@ def test_spark_bf16_sparse_equals_dense_reference(name):
     dense = sparse.dense_reference()
     images = torch.randn(2, 3, 64, 64)
     visible = sparse.mask(2, generator=torch.Generator().manual_seed(2))
-    for train in (True, False):
+    # eval first: a train-mode step moves the BN running statistics of both models, and over the few
+    # visible sites a one-ulp bf16 difference there is amplified (see above), which eval would inherit
+    for train in (False, True):
         sparse.train(train), dense.train(train)
         ls, rs, gs = _run(sparse, images, visible)
         ld, rd, gd = _run(dense, images, visible)
