@@ -1,15 +1,16 @@
-"""spconv 2.x path for the stride-1 k x k sparse conv (submanifold), with every trap of spconv.md handled.
+"""spconv 2.x path for the stride-1 k x k sparse conv (submanifold), with every spconv pitfall handled
+(docs/sparse_engine.md, "spconv pitfalls"; numbers below refer to that list).
 
 * algorithm from the tensor's device at call time: Native on CPU, implicit
-  GEMM (MaskImplicitGemm) on CUDA (item 1), so one module runs on both;
-* indices from ``SparseMap.indices``: contiguous int32 (b, y, x) (item 2);
-* never used for 1x1 (item 3: pointwise convs are ``F.linear``);
+  GEMM (MaskImplicitGemm) on CUDA (pitfall 1), so one module runs on both;
+* indices from ``SparseMap.indices``: contiguous int32 (b, y, x) (pitfall 2);
+* never used for 1x1 (pitfall 3: pointwise convs are ``F.linear``);
 * weight converted from torch [out, in, kh, kw] to spconv KRSC
-  [out, kh, kw, in] inside the op (item 4); gradients flow back through the
+  [out, kh, kw, in] inside the op (pitfall 4); gradients flow back through the
   permute into the torch-layout parameter;
 * index pairs built once per scale and kept in ``SparseMap.cache`` under the
   kernel geometry and algorithm (reused by every layer at that scale);
-* kernels over 32 taps use ``large_kernel_fast_algo`` on CUDA (item 9).
+* kernels over 32 taps use ``large_kernel_fast_algo`` on CUDA (pitfall 8).
 
 spconv is imported lazily: ``import sparse_mim`` stays light, and machines
 without spconv fall back to the torch gather-GEMM path.
@@ -29,7 +30,7 @@ __all__ = ["spconv_available", "spconv_supports", "subm_conv2d"]
 
 @functools.lru_cache(maxsize=None)
 def _spconv():
-    with warnings.catch_warnings():  # spconv's import-time FutureWarnings about torch.cuda.amp (spconv.md item 13)
+    with warnings.catch_warnings():  # spconv's import-time FutureWarnings about torch.cuda.amp (pitfall 12)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
         warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.custom_(fwd|bwd).*")
         import spconv.pytorch as spconv
@@ -78,17 +79,17 @@ def subm_conv2d(x: SparseMap, weight: Tensor, dilation: tuple[int, int], padding
     spconv, _ = _spconv()
     kernel = (int(weight.shape[2]), int(weight.shape[3]))
     if kernel == (1, 1):
-        raise ValueError("use F.linear for 1x1 convs (spconv.md item 3)")
+        raise ValueError("use F.linear for 1x1 convs (docs/sparse_engine.md, spconv pitfall 3)")
     cuda = x.features.is_cuda
     conv = _template(int(weight.shape[1]), int(weight.shape[0]), kernel, dilation, padding, cuda)
     key = ("spconv_indice_dict", conv.indice_key)
     indice_dict = x.cache.get(key, {})
-    indices = x.indices  # contiguous int32 (spconv.md item 2)
+    indices = x.indices  # contiguous int32 (pitfall 2)
     assert indices.dtype == torch.int32 and indices.is_contiguous()
     features = x.features.contiguous()
     tensor = spconv.SparseConvTensor(features, indices, list(x.spatial_shape), x.batch_size,
                                      indice_dict=indice_dict)
-    weight_krsc = weight.permute(0, 2, 3, 1).contiguous()  # torch [O, I, kh, kw] -> spconv [O, kh, kw, I] (item 4)
+    weight_krsc = weight.permute(0, 2, 3, 1).contiguous()  # torch [O, I, kh, kw] -> spconv [O, kh, kw, I] (pitfall 4)
     out = conv._conv_forward(True, tensor, weight_krsc, None)
     if key not in x.cache:
         x.cache[key] = out.indice_dict

@@ -224,7 +224,7 @@ class SparseMap:
 
     @property
     def indices(self) -> Tensor:
-        """[N, 3] contiguous int32 (batch, y, x): the layout spconv reads (spconv.md item 2)."""
+        """[N, 3] contiguous int32 (batch, y, x): the layout spconv reads (docs/sparse_engine.md, spconv pitfall 2)."""
         idx = self.cache.get("indices")
         if idx is None:
             idx = self.mask.nonzero().int().contiguous()

@@ -1,4 +1,4 @@
-"""spconv traps (spconv.md) shown to exist, shown to be avoided, and a repeated 2-thread equivalence run."""
+"""spconv pitfalls (docs/sparse_engine.md) shown to exist, shown to be avoided, and a repeated 2-thread equivalence run."""
 import warnings
 
 import pytest
@@ -41,7 +41,7 @@ def _spconv_subm(features, indices, spatial_shape, batch_size, weight_torch):
 
 
 def test_trap_noncontiguous_indices_exists_and_is_avoided():
-    """spconv.md item 2: `mask.nonzero().int()` is column-major; spconv reads raw memory -> wrong numbers."""
+    """Pitfall 2: `mask.nonzero().int()` is column-major; spconv reads raw memory -> wrong numbers."""
     x, vis, up = _map()
     sm = SparseMap.from_dense(x, vis)
     w = torch.randn(8, 8, 3, 3)
@@ -64,7 +64,7 @@ def test_trap_noncontiguous_indices_exists_and_is_avoided():
 
 
 def test_trap_1x1_weight_layout_exists_and_is_avoided():
-    """spconv.md item 3: spconv's 1x1 path reads the KRSC weight as view(in, out)."""
+    """Pitfall 3: spconv's 1x1 path reads the KRSC weight as view(in, out)."""
     x, vis, up = _map(C=8)
     sm = SparseMap.from_dense(x, vis)
     w = torch.randn(16, 8, 1, 1)
@@ -83,7 +83,7 @@ def test_trap_1x1_weight_layout_exists_and_is_avoided():
 
 
 def test_weight_layout_krsc_orientation():
-    """spconv.md item 4: torch [O, I, kh, kw] -> KRSC permute(0, 2, 3, 1), cross-correlation like F.conv2d.
+    """Pitfall 4: torch [O, I, kh, kw] -> KRSC permute(0, 2, 3, 1), cross-correlation like F.conv2d.
 
     An asymmetric kernel catches a flip or a transposed (kh, kw)."""
     x, vis, up = _map(C=4, dtype=F64)
@@ -99,7 +99,7 @@ def test_weight_layout_krsc_orientation():
 
 
 def test_algorithm_follows_device():
-    """spconv.md item 1: Native on CPU (the default algorithm needs a CUDA driver), implicit GEMM on CUDA."""
+    """Pitfall 1: Native on CPU (the default algorithm needs a CUDA driver), implicit GEMM on CUDA."""
     cpu = spconv_backend._template(8, 8, (3, 3), (1, 1), (1, 1), False)
     cuda = spconv_backend._template(8, 8, (3, 3), (1, 1), (1, 1), True)
     assert cpu.algo == ConvAlgo.Native and cuda.algo == ConvAlgo.MaskImplicitGemm
@@ -122,7 +122,7 @@ def test_spconv_index_pairs_reused_per_scale():
 
 
 def test_repeated_two_thread_equivalence():
-    """spconv.md item 12: repeated runs with 2 torch threads give identical, correct results on every path."""
+    """Pitfall 11: repeated runs with 2 torch threads give identical, correct results on every path."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
