@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sparse_mim.sparse import SparseMap, functional as SF, sparse_global_avg_pool
-from tests._sparse_helpers import patch_mask, rel_err, run_both
+from sparse_mim.testing import patch_mask, rel_err, run_both
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -218,7 +218,7 @@ def test_spconv_low_precision_where_supported():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_spconv_cuda_autocast(dtype):
     """On CUDA: the spconv path (fp16) or its fallback (bf16) equals dense-masked under autocast."""
-    from tests._sparse_helpers import run_both as _run_both
+    from sparse_mim.testing import run_both as _run_both
     previous = SF.set_conv_backend("spconv")
     try:
         conv = nn.Conv2d(16, 32, 3, padding=1).cuda()

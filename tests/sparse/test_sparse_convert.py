@@ -7,7 +7,7 @@ from torch import nn
 
 from sparse_mim.sparse import (SparseBatchNorm2d, SparseConv2d, SparseMap, SparseSyncBatchNorm, active_mask,
                                convert_sync_batchnorm, dense_masked, functional as SF, mask_at, sparsify)
-from tests._sparse_helpers import assert_equivalent, patch_mask
+from sparse_mim.testing import assert_equivalent, patch_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_mim.sparse import SparseMap, functional as SF, mac_report, report, sparsify
-from tests._sparse_helpers import assert_equivalent, patch_mask, rel_err
+from sparse_mim.testing import assert_equivalent, patch_mask, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparse_mim.sparse import SparseMap, functional as SF, sparse_global_avg_pool
-from tests._sparse_helpers import assert_equivalent, patch_mask
+from sparse_mim.testing import assert_equivalent, patch_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 F64 = torch.float64

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_mim.sparse import SparseMap, functional as SF, sparsify
-from tests._sparse_helpers import assert_equivalent, patch_mask
+from sparse_mim.testing import assert_equivalent, patch_mask
 
 spconv_backend = pytest.importorskip("sparse_mim.sparse.spconv_backend")
 if not spconv_backend.spconv_available():

@@ -13,7 +13,7 @@ import torch
 
 from sparse_mim.sparse import (SparseAvgPool2d, SparseConv2d, SparseMap, active_mask, dense_masked,
                                functional as SF, mac_report, mask_at, sparsify)
-from tests._sparse_helpers import patch_mask
+from sparse_mim.testing import patch_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 timm = pytest.importorskip("timm")
