@@ -212,7 +212,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     batches_per_epoch: Optional[int] = None, should_stop: Optional[Callable[[TrainState], bool]] = None,
                     on_step: Optional[Callable[[TrainState], None]] = None,
                     log_fn: Optional[Callable[[Dict, int], None]] = None, log_every: int = 20,
-                    progress: bool = False) -> Dict:
+                    progress: bool = False, peer_timeout: Optional[float] = None) -> Dict:
     """Train from ``state`` (epoch, step, batch) to the end of the epoch; returns averaged stats.
 
     ``loader`` yields the batches of ``state.epoch`` from batch ``state.batch`` on (see
@@ -220,11 +220,14 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     ``len(loader)``). With ``accum_steps`` > 1 the loss is divided by ``accum_steps`` and the
     optimizer steps every ``accum_steps`` micro-batches. After each optimizer step ``on_step``
     is called (periodic checkpoints) and ``should_stop`` is asked (pre-emption, debug stop):
-    when it says yes the epoch ends there with ``stats["stopped"] = True``.
+    when it says yes the epoch ends there with ``stats["stopped"] = True``. With ``peer_timeout``
+    (distributed runs) every rank meets at the start of each optimizer step; a rank that does not
+    within that many seconds is named in a ``DeadPeerError``.
     A micro-batch left with no image (every image unreadable, or one image that Mixup's even
     batch requirement trims away) is skipped; the optimizer still steps on the others.
     """
     from sparse_mim.utils.amp import optimizer_step
+    from sparse_mim.utils.distributed import check_peers
     model.train()
     loss_meter, skipped, empty, nonfinite_steps = AverageMeter(), 0, 0, 0
     throughput = Throughput()
@@ -246,6 +249,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         if i >= end:
             break
         if i % accum_steps == 0:
+            if peer_timeout:
+                check_peers(peer_timeout, f"step {state.step + 1}")
             lr = lr_schedule(state.step)
             set_optimizer_values(optimizer, lr)
         skipped += batch["skipped"]

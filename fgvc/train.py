@@ -111,7 +111,7 @@ DEFAULTS = {
         "eval_every": K(1, "evaluate every N epochs (and after the last)", min=1),
         "eval_meta_zeroed": K(False, "also report accuracy with meta zeroed at every evaluation"),
         "stop_at_step": K(0, "debugging / tests: stop after this optimizer step as if pre-empted (0 = off)", min=0),
-        "dist_timeout": K(1800, "seconds a process waits for the others before failing", min=1),
+        "dist_timeout": K(600, "seconds a process waits for the others before naming the silent rank(s)", gt=0),
     },
     "log": {
         "every": K(20, "log the running loss every N optimizer steps", min=1),
@@ -503,7 +503,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
                     streams=streams, amp=amp, scaler=scaler, mixup=mixup, ema=ema, accum_steps=accum,
                     clip_grad=cfg.optim.clip_grad, meta_drop_p=p_drop, batches_per_epoch=batches_per_epoch,
                     should_stop=should_stop, on_step=on_step, log_fn=logger.log, log_every=cfg.log.every,
-                    progress=cfg.log.progress and is_main)
+                    progress=cfg.log.progress and is_main,
+                    peer_timeout=cfg.train.dist_timeout if dist_info.distributed else None)
                 if stats["stopped"]:
                     raise Preempted()
                 state.epoch, state.batch = epoch + 1, 0
