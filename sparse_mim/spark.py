@@ -584,12 +584,10 @@ def load_spark_checkpoint(model: SparK, path_or_state: str | os.PathLike | dict[
     kept = sorted(k for k in set(expected) - set(state) if k.startswith(_ENCODER_PREFIX + "head."))
     for k in kept:
         state[k] = expected[k]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                        for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    from .utils.checkpoint import compare_state_dicts, format_keys
+    diff = compare_state_dicts(state, expected)
+    missing, unexpected, mis_shaped = diff["missing"], diff["unexpected"], diff["wrong_shape"]
     if missing or unexpected or mis_shaped:
-        from .backbones.weights import format_keys
         lines = [f"{source} ({kind}) does not fit this SparK model "
                  f"(backbone {model.backbone_name or type(model.backbone).__name__}, decoder width "
                  f"{model.dense_decoder.width}, densify norm {model.densify_norm_type})."]

@@ -880,14 +880,12 @@ def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
 
 def mismatch_message(state_dict, model: nn.Module, missing=None, unexpected=None, wrong_shape=None) -> str:
     """One line: what the checkpoint holds vs what the model is, with counts and one example each."""
+    from sparse_mim.utils.checkpoint import compare_state_dicts
     target = model.state_dict()
-    if missing is None:
-        missing = sorted(k for k in target if k not in state_dict)
-    if unexpected is None:
-        unexpected = sorted(k for k in state_dict if k not in target)
-    if wrong_shape is None:
-        wrong_shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
-                             for k in state_dict if k in target and state_dict[k].shape != target[k].shape)
+    diff = compare_state_dicts(state_dict, target)
+    missing = sorted(diff["missing"]) if missing is None else missing
+    unexpected = sorted(diff["unexpected"]) if unexpected is None else unexpected
+    wrong_shape = sorted(diff["wrong_shape"]) if wrong_shape is None else wrong_shape
     parts = []
     if missing:
         parts.append(f"{len(missing)} keys missing in the checkpoint (e.g. {missing[0]})")

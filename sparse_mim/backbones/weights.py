@@ -29,6 +29,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from ..utils.checkpoint import compare_state_dicts, format_keys  # noqa: F401  (format_keys re-exported)
+
 __all__ = ["load_backbone_weights", "split_spark_checkpoint", "convert_state_dict", "read_checkpoint",
            "SPARK_ENCODER_PREFIX"]
 
@@ -138,12 +140,6 @@ def convert_state_dict(state: Mapping[str, Tensor], model: nn.Module) -> dict[st
     return out
 
 
-def format_keys(keys: list[str], limit: int = 12) -> str:
-    """The first ``limit`` keys, comma-separated, and how many more there are (for mismatch errors)."""
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_backbone_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
                           strict: bool = True) -> dict[str, list[str]]:
     """Load torchvision / timm / official SparK / our weights into a backbone (sparse or dense).
@@ -166,10 +162,8 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[str, os.PathLike, 
     source = f"{os.fspath(checkpoint)!r}" if isinstance(checkpoint, (str, os.PathLike)) else "the given state dict"
     check_state_finite(state, f"backbone weights {source} are not usable")
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in state if k in own and state[k].shape != own[k].shape]
+    diff = compare_state_dicts(state, own)
+    missing, unexpected, mismatched = diff["missing"], diff["unexpected"], diff["wrong_shape"]
     required_missing = [k for k in missing if not _OPTIONAL_KEYS.search(k)]
     if strict and (required_missing or unexpected or mismatched):
         name = getattr(model, "backbone_name", type(model).__name__)

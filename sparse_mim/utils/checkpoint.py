@@ -45,7 +45,7 @@ __all__ = [
     "FORMAT_VERSION", "CheckpointError", "DiskFullError", "NonFiniteStateError",
     "atomic_write", "atomic_write_text", "save_checkpoint", "load_checkpoint", "find_last", "find_resumable",
     "resolve_resume", "checkpoint_name", "remove_orphan_temps", "non_finite_tensors", "check_state_finite",
-    "get_rng_state", "set_rng_state", "unwrap_model", "unwrap_state_dict",
+    "get_rng_state", "set_rng_state", "unwrap_model", "unwrap_state_dict", "compare_state_dicts", "format_keys",
 ]
 
 FORMAT_VERSION = 1
@@ -353,6 +353,25 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 _WRAPPERS = ("model", "state_dict", "module", "model_state")
+
+
+def compare_state_dicts(state: Mapping[str, Any], expected: Mapping[str, Any]) -> dict[str, list[str]]:
+    """How a checkpoint's state dict differs from a model's: ``missing`` (the model's keys the
+    checkpoint lacks, in the model's order), ``unexpected`` (keys the model does not have) and
+    ``wrong_shape`` (``"key: checkpoint (..) vs model (..)"``, both in the checkpoint's order). The
+    one key comparison behind every mismatch message (backbones, SparK, MetaFormer)."""
+    return {
+        "missing": [k for k in expected if k not in state],
+        "unexpected": [k for k in state if k not in expected],
+        "wrong_shape": [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                        for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)],
+    }
+
+
+def format_keys(keys: list[str], limit: int = 12) -> str:
+    """The first ``limit`` keys, comma-separated, and how many more there are (for mismatch errors)."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any], prefer_ema: bool = False,
