@@ -302,7 +302,7 @@ def train(cfg: Config, log: Callable = print) -> Dict:
     if cfg.train.cpu_threads > 0:
         torch.set_num_threads(cfg.train.cpu_threads)
     dist_info = init_distributed(cfg.device, timeout_s=cfg.train.dist_timeout)
-    is_main, device, rank, world = dist_info.is_main, dist_info.device, dist_info.rank, dist_info.world_size
+    is_main, device = dist_info.is_main, dist_info.device
     say = log if is_main else (lambda *_: None)
     out_dir = cfg.output_dir
     run_dir, error = None, None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 from timm.layers import trunc_normal_
 

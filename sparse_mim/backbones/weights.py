@@ -26,7 +26,6 @@ import re
 from collections.abc import Mapping
 from typing import Any, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..utils.checkpoint import compare_state_dicts, format_keys  # noqa: F401  (format_keys re-exported)

@@ -48,7 +48,7 @@ from . import dispatch, report
 from .nn import (SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseConv2dSameMixin, SparseDropPath,
                  SparseElementwise, SparseGRN, SparseLayerNorm, SparseLayerNorm2d, SparseMaxPool2d, SparseSyncBatchNorm,
                  conv_same_twin, elementwise_twin)
-from .tensor import SparseMap, check_visible_mask, upsample_mask
+from .tensor import check_visible_mask, upsample_mask
 
 __all__ = ["sparsify", "dense_masked", "active_mask", "current_mask", "mask_at", "convert_sync_batchnorm",
            "MaskedConv2d", "MaskedBatchNorm2d", "MaskedSyncBatchNorm", "MaskedMaxPool2d", "MaskedAvgPool2d",

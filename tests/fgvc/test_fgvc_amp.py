@@ -66,6 +66,7 @@ def test_eval_bf16_same_top1_and_predictions(runs, tmp_path):
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_nan_guard_every_mode(amp):
+    """A NaN loss stops the epoch with a clear error (naming resume=auto) in every precision, weights untouched."""
     class NaNModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -79,7 +80,7 @@ def test_nan_guard_every_mode(amp):
     model = NaNModel()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     policy = resolve_amp(amp, "cpu")
-    with pytest.raises(NonFiniteLossError):
+    with pytest.raises(NonFiniteLossError, match="resume=auto"):
         train_one_epoch(model, [batch], opt, lambda s: 0.1, TrainState(epoch=0), criterion=torch.nn.CrossEntropyLoss(),
                         epochs=1, streams=RandomStreams(0), meta_drop_p=0.0, amp=policy, scaler=policy.make_scaler())
     assert torch.equal(model.w.detach(), torch.ones(1))

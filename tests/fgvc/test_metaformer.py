@@ -1,6 +1,5 @@
 """MetaFormer structure, forward and attention equivalence (CPU, small where it can be)."""
 import importlib.util
-import json
 import math
 from pathlib import Path
 

@@ -179,7 +179,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert [g["lr"] for g in oa] == [g["lr"] for g in ob]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, amp):
+    """A NaN loss stops the run with the same error in every precision (fp16's scaler must not swallow it)."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     from sparse_mim.spark import SparK
     calls = {"n": 0}
@@ -192,8 +194,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(SparK, "forward_loss", flaky_loss)
     with pytest.raises(NonFiniteLossError, match="loss is nan at step 3.*last good checkpoint is .*last.pth"):
         run(TINY + [f"output_dir={tmp_path}", "data.builtin_images=4", "data.batch_size=2",
-                    "train.epochs=3", "checkpoint.every_steps=1", "model.img_size=[64,96]"])
-    assert load_checkpoint(str(tmp_path / "last.pth"))["train_state"]["step"] == 2
+                    "train.epochs=3", "checkpoint.every_steps=1", "model.img_size=[64,96]", f"train.amp={amp}"])
+    ck = load_checkpoint(str(tmp_path / "last.pth"))
+    assert ck["train_state"]["step"] == 2
+    assert ("scaler" in ck) == (amp == "fp16")
 
 
 def _free_port():

@@ -7,7 +7,6 @@ import torch
 from sparse_mim.train import DEFAULTS, pretrain, validate_config
 from sparse_mim.utils.checkpoint import load_checkpoint
 from sparse_mim.utils.config import load_config
-from sparse_mim.utils.misc import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,27 +37,6 @@ def test_bf16_follows_the_fp32_loss_curve(tmp_path, monkeypatch):
     # master weights and optimizer state stay fp32 in the checkpoint
     ck = load_checkpoint(str(tmp_path / "bf16" / "last.pth"))
     assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
-
-
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_nan_guard_under_low_precision(tmp_path, monkeypatch, amp):
-    """A NaN loss stops the run with the same error in every mode (fp16's scaler must not swallow it)."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    from sparse_mim.spark import SparK
-    calls = {"n": 0}
-    orig = SparK.forward_loss
-
-    def flaky_loss(self, *a, **k):
-        calls["n"] += 1
-        loss = orig(self, *a, **k)
-        return loss * float("nan") if calls["n"] == 3 else loss
-    monkeypatch.setattr(SparK, "forward_loss", flaky_loss)
-    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3"):
-        run([f"output_dir={tmp_path}", "data.builtin_images=4", "data.batch_size=2", "train.epochs=3",
-             "checkpoint.every_steps=1", f"train.amp={amp}", "optim.lr=0.05"])
-    ck = load_checkpoint(str(tmp_path / "last.pth"))
-    assert ck["train_state"]["step"] == 2
-    assert ("scaler" in ck) == (amp == "fp16")
 
 
 def test_resume_under_another_amp_setting(tmp_path, monkeypatch):

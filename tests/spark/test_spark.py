@@ -7,8 +7,6 @@ ConvNeXt-V2-atto); the rest uses a tiny local backbone so each test is fast.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch

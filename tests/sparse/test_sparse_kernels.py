@@ -9,16 +9,7 @@ from torch import nn
 from sparse_mim.sparse import SparseMap, functional as SF, kernels, mac_report
 from sparse_mim.testing import assert_equivalent, patch_mask, rel_err
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _table_paths():
-    """One fixed path (gather), no autotuning: timing runs (and the spconv import the path choice needs)
-    would dominate these tiny tests; every path is exact, `test_sparse_ops` checks each."""
-    previous = SF.set_conv_backend("gather")
-    yield
-    SF.set_conv_backend(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "gather_path")
 
 F64 = torch.float64
 # (batch, patch grid h, patch grid w, mask ratio): square and rectangular, two ratios
