@@ -89,7 +89,8 @@ def train_one_epoch(
         progress: bool = False,
         peer_timeout: Optional[float] = None,
 ) -> dict:
-    """Train until the loader is exhausted or ``should_stop(state)`` says so; returns epoch averages.
+    """Train until the loader is exhausted, ``steps_this_epoch`` optimizer steps are done (a fractional
+    last epoch) or ``should_stop(state)`` says so; returns epoch averages.
 
     ``stats["stopped"]`` tells whether ``should_stop`` ended the epoch early. ``peer_timeout``
     (multi-process runs): every rank checks in at the start of each optimizer step; a rank that
@@ -110,7 +111,7 @@ def train_one_epoch(
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
     set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step) if wd_schedule else None)
     optimizer.zero_grad(set_to_none=True)
-    micro, step_failed, step_images, stopped = 0, 0, 0, False
+    micro, step_failed, step_images, stopped, steps_done = 0, 0, 0, False, 0
     step_loss = torch.zeros((), device=device)
     for images, seeds, n_failed in loader:
         if micro == 0 and peer_timeout:
@@ -169,6 +170,9 @@ def train_one_epoch(
             on_step(state)
         if should_stop is not None and should_stop(state):
             stopped = True
+            break
+        steps_done += 1
+        if steps_this_epoch is not None and steps_done >= steps_this_epoch:
             break
     if bar is not None:
         bar.close()

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .sparse import autotune
 from .utils import distributed as dist_utils
 from .utils.config import Config, ConfigError, K
 from .utils.misc import NonFiniteLossError, count_parameters
@@ -116,6 +117,7 @@ DEFAULTS = {
         "sync_bn": K(True, "SyncBatchNorm in multi-GPU runs (needs CUDA)"),
         "stop_at_step": K(0, "debug: stop after this step without a final checkpoint (like a kill); 0 = off", min=0),
         "dist_timeout": K(600, "seconds a process waits for the others before naming the silent rank(s)", gt=0),
+        **autotune.CONFIG_DEFAULTS,  # conv_backend (autotune | table | forced path), autotune_cache
     },
     "log": {
         "every": K(10, "scalars every N steps", gt=0),
@@ -240,6 +242,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
         save_config(cfg, out_dir)
     amp = resolve_amp(cfg.train.amp, device)
     scaler = amp.make_scaler()
+    autotune.configure(cfg.train.conv_backend, cfg.train.autotune_cache)
 
     # ---- model: the same init on every rank
     torch.manual_seed(stream_seed(cfg.seed, "init"))
@@ -369,7 +372,12 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     ckpt_every, keep_every = cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps
     vis_every = cfg.log.vis_every
 
+    settled = [False]
+
     def on_step(st) -> None:
+        if not settled[0]:  # the first step met every training shape: every rank takes rank 0's kernel choices
+            settled[0] = True
+            logger.log_config({"autotune": autotune.settle(say)})
         if vis_every > 0 and st.step % vis_every == 0:
             visualize(st.step)
         if keep_every > 0 and st.step % keep_every == 0:

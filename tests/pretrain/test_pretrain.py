@@ -245,3 +245,19 @@ def test_two_process_ddp_equals_single_process(tmp_path, monkeypatch):
             num += float((a[k] - b[k]).norm() ** 2)
             den += float((b[k] - init[k]).norm() ** 2)
     assert den > 0 and (num / den) ** 0.5 < 1e-2, (num / den) ** 0.5
+
+
+def test_fractional_epochs_stop_at_the_scheduled_step(tmp_path):
+    """train.epochs=1.5 trains one and a half epochs (the last one stops mid-epoch), not two."""
+    out = run(TINY + [f"output_dir={tmp_path}", "data.builtin_images=8", "data.batch_size=2", "train.epochs=1.5",
+                      "checkpoint.every_steps=0"])
+    assert out["total_steps"] == 6 and out["step"] == 6
+    assert load_checkpoint(str(tmp_path / "last.pth"))["train_state"]["step"] == 6
+
+
+def test_run_prints_and_logs_its_kernel_choices(tmp_path, capsys):
+    """A SparK run prints its per-scale kernel choices after the first step (every rank then uses rank 0's)."""
+    run(TINY + [f"output_dir={tmp_path}", "data.builtin_images=4", "data.batch_size=2", "train.epochs=1",
+                "train.conv_backend=table"])
+    out = capsys.readouterr().out
+    assert "autotune choices" in out and "| strided_conv | 7x7/s2 |" in out
