@@ -311,7 +311,7 @@ def _cpu_name() -> str:
 
 def _spconv_version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, distributions  # noqa: F401
+        from importlib.metadata import distributions
         for dist in distributions():
             name = (dist.metadata["Name"] or "").lower()
             if name.startswith("spconv"):
