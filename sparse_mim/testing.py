@@ -29,7 +29,18 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["random_visible_mask", "patch_mask", "randomize_weights_", "relative_error", "max_relative_error",
-           "rel_err", "run_both", "assert_equivalent", "assert_backbones_equivalent"]
+           "rel_err", "run_both", "assert_equivalent", "assert_backbones_equivalent", "ChannelsLast"]
+
+
+class ChannelsLast(nn.Module):
+    """A per-site layer applied channels-last, as timm's ConvNeXt block does around its LayerNorm / MLP."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------- masks

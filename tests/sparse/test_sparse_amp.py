@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from sparse_mim.sparse import SparseMap, functional as SF, sparse_global_avg_pool
-from sparse_mim.testing import patch_mask, rel_err, run_both
+from sparse_mim.testing import ChannelsLast, patch_mask, rel_err, run_both
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,13 +55,6 @@ class Autocast(nn.Module):
             return self.inner(x)
 
 
-class ChannelsLast(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparse_mim.sparse import SparseMap, functional as SF, sparse_global_avg_pool
-from sparse_mim.testing import assert_equivalent, patch_mask
+from sparse_mim.testing import ChannelsLast, assert_equivalent, patch_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 F64 = torch.float64
@@ -34,15 +34,6 @@ def backend(request):
     SF.set_conv_backend(previous)
 
 
-class ChannelsLast(nn.Module):
-    """A per-site layer applied channels-last, as timm's ConvNeXt block does around its LayerNorm / MLP."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------- convolutions
