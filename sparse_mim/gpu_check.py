@@ -56,8 +56,9 @@ def worst(*grades: str) -> str:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    """||a - b|| / ||b|| in float64 on the CPU (tensors from any device)."""
+    from .testing import relative_error
+    return relative_error(a.detach().double().cpu(), b.detach().double().cpu())
 
 
 def run_check(name, fn, *args):
@@ -144,9 +145,8 @@ def check_backbone(name, device, backend, quick):
         g = torch.Generator().manual_seed(1)
         images = torch.randn(B, 3, *size, generator=g)
         keep = round(size[0] * size[1] / 1024 * 0.4)
-        visible = torch.zeros(B, size[0] * size[1] // 1024, dtype=torch.bool)
-        visible.scatter_(1, torch.rand(B, visible.shape[1], generator=g).argsort(1)[:, :keep], True)
-        visible = visible.view(B, size[0] // 32, size[1] // 32)
+        from .spark import random_visible_mask  # the one SparK mask generator
+        visible = random_visible_mask(B, (size[0] // 32, size[1] // 32), keep, generator=g)
         weights = [torch.randn(B, c, size[0] // s, size[1] // s, generator=g)
                    for c, s in zip(sparse.channels, (4, 8, 16, 32))]
         dev = lambda ts: [t.to(device) for t in ts]  # noqa: E731

@@ -2,17 +2,14 @@
 import pytest
 import torch
 
+from sparse_mim.spark import random_visible_mask
 from sparse_mim.sparse import SparseMap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mask(B, h, w, keep, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.rand(B, h * w, generator=g).argsort(1)
-    m = torch.zeros(B, h * w, dtype=torch.bool)
-    m.scatter_(1, order[:, :keep], True)
-    return m.view(B, h, w)
+    return random_visible_mask(B, (h, w), keep, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("B,H,W", [(1, 64, 64), (4, 64, 96), (2, 96, 64)])
