@@ -83,9 +83,8 @@ class PretrainTransform:
     def __init__(self, input_size, scale=(0.67, 1.0), hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         from torchvision import transforms as T
         from torchvision.transforms import InterpolationMode
-        from timm.layers import to_2tuple
-        self.size = tuple(int(v) for v in to_2tuple(input_size))
-        self.size = self.size * 2 if len(self.size) == 1 else self.size
+        from .utils.misc import to_pair
+        self.size = to_pair(input_size, "img_size")
         h, w = self.size
         aspect = w / h  # keep the usual (3/4, 4/3) spread around the target's own aspect ratio
         steps = [T.RandomResizedCrop(self.size, scale=tuple(scale), ratio=(aspect * 3 / 4, aspect * 4 / 3),

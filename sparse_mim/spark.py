@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from timm.layers import trunc_normal_
 
 from .decoder import LightDecoder
+from .utils.misc import to_pair
 from .sparse.tensor import SparseMap, check_visible_mask, upsample_mask
 
 __all__ = ["SparK", "param_groups", "load_spark_checkpoint", "patchify", "unpatchify", "mask_seed_generator",
@@ -48,13 +49,7 @@ _ENCODER_PREFIX = "sparse_encoder.sp_cnn."
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    from timm.layers import to_2tuple
-    size = to_2tuple(size) if isinstance(size, int) else tuple(int(s) for s in size)
-    if len(size) == 1:
-        size = (size[0], size[0])
-    if len(size) != 2:
-        raise ValueError(f"input_size must be an int or (height, width), got {size}")
-    return tuple(int(s) for s in size)
+    return to_pair(size, "input_size")
 
 
 def mask_seed_generator(seed: int) -> torch.Generator:

@@ -45,6 +45,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, drop_path  # noqa: F401  (re-exported)
 from torch.utils.checkpoint import checkpoint
 
+from sparse_mim.utils.misc import to_pair
+
 from ._registry import register_model
 
 _logger = logging.getLogger(__name__)
@@ -67,11 +69,7 @@ def _tracing() -> bool:
 
 
 def _pair(x) -> Tuple[int, int]:
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ValueError(f"expected an int or a pair (H, W), got {x!r}")
-        return int(x[0]), int(x[1])
-    return int(x), int(x)
+    return to_pair(x, "img_size")
 
 
 # ---------------------------------------------------------------------------------------------

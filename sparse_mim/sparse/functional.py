@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from ..utils.misc import to_pair
 from . import autotune
 from .tensor import SparseMap
 
@@ -117,11 +118,7 @@ def _choose_path(call: "autotune.OpCall") -> str:
 
 
 def _pair(v) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"expected an int or a pair, got {v}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
+    return to_pair(v, "a kernel size / stride / padding / dilation")
 
 
 # ---------------------------------------------------------------------------------------------------- index tables

@@ -7,7 +7,19 @@ from collections import deque
 
 import torch
 
-__all__ = ["AverageMeter", "Throughput", "NonFiniteLossError", "check_finite", "peak_memory_mb", "count_parameters"]
+__all__ = ["AverageMeter", "Throughput", "NonFiniteLossError", "check_finite", "peak_memory_mb", "count_parameters",
+           "to_pair"]
+
+
+def to_pair(value, what: str = "value") -> tuple[int, int]:
+    """``(h, w)`` from an int, a one-item or a two-item sequence (kernel sizes, strides, image sizes);
+    anything else is a ValueError naming ``what``. The one such helper of the project."""
+    items = list(value) if isinstance(value, (tuple, list)) else [value]
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2:
+        raise ValueError(f"{what} must be an int or (height, width), got {value!r}")
+    return int(items[0]), int(items[1])
 
 
 class AverageMeter:
