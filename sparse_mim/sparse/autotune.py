@@ -706,7 +706,10 @@ def __getattr__(name):  # CONFIG_DEFAULTS built lazily: the config module is not
 
 
 def configure(conv_backend: str = "autotune", autotune_cache: str | None = "") -> dict:
-    """Apply the ``train.conv_backend`` / ``train.autotune_cache`` config keys; returns `log_dict()`."""
+    """Apply the ``train.conv_backend`` / ``train.autotune_cache`` config keys at the start of a run; returns
+    `log_dict()`. The run's first `settle` / `report` prints every choice again (choices made by an
+    earlier run in the same process are reused, and still shown)."""
     set_mode(conv_backend)
     set_cache(None if autotune_cache in ("", None) else autotune_cache)
+    _S.reported.clear()
     return log_dict()
