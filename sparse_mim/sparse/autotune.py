@@ -185,9 +185,12 @@ def last_path() -> str | None:
 class Choice:
     path: str
     times_ms: dict  # name -> float ms, or a string: "failed: ...", "skipped (budget)"
-    source: str  # tuned | cache | rank 0 | budget
+    source: str  # tuned | cache | rank 0 | budget, or the fixed mode that chose it (table | gather | ...)
     tuning_s: float
     desc: dict
+
+
+_FIXED_SOURCES = ("table",) + FORCED
 
 
 @dataclass
@@ -543,15 +546,23 @@ def choose(call: OpCall) -> str:
     library import for candidates that are never run).
     """
     mode = _S.mode
-    if mode in FORCED:
-        return mode if _usable(call, mode) else _fallback(call)
-    if mode == "table":
-        rule = _TABLE_RULES.get(call.kind)
-        name = rule(call) if rule is not None else None
-        return name if _usable(call, name) else _fallback(call)
+    if mode in FORCED or mode == "table":
+        if mode in FORCED:
+            name = mode if _usable(call, mode) else _fallback(call)
+        else:
+            rule = _TABLE_RULES.get(call.kind)
+            name = rule(call) if rule is not None else None
+            name = name if _usable(call, name) else _fallback(call)
+        desc = call.describe()
+        key = _key(desc)
+        if key not in _S.choices:  # recorded for the printed table only; autotune mode never reuses it
+            _S.choices[key] = Choice(name, {}, mode, 0.0, desc)
+        return name
     desc = call.describe()
     key = _key(desc)
     hit = _S.choices.get(key)
+    if hit is not None and hit.source in _FIXED_SOURCES:
+        hit = None  # recorded under a fixed mode: tune it now
     if hit is not None and _usable(call, hit.path):
         return hit.path
     dev = call.x.features.device

@@ -114,7 +114,10 @@ def test_forced_and_table_modes_do_not_time(tuner):
         SF.conv2d(sm, w, None, 1, 1)
         SF.conv2d(sm, wd, None, 1, 1, groups=8)
         SF.conv2d(sm, w, None, 2, 1)
-    assert autotune.choices() == {} and autotune.tuning_seconds() == 0
+    # nothing timed; each configuration is recorded once, by the first fixed mode that met it (for the table)
+    assert autotune.tuning_seconds() == 0 and len(autotune.choices()) == 3
+    assert {c["source"] for c in autotune.choices().values()} == {"table"}
+    assert all(c["times_ms"] == {} for c in autotune.choices().values())
     assert SF.get_conv_backend() == "spconv"
     assert SF.set_conv_backend("auto") == "spconv" and SF.get_conv_backend() == "table"
     with pytest.raises(ValueError, match="unknown conv backend 'fastest'.*autotune"):
@@ -335,3 +338,16 @@ def test_benchmark_library_compares_modes(tuner):
     assert [r["mode"] for r in rows] == ["autotune", "table"] * 4
     assert all(r["path"] in ("gather", "windows", "dense") for r in rows)
     assert any(line.startswith("autotune choices") for line in lines)
+
+
+def test_a_configuration_met_in_a_fixed_mode_is_tuned_in_autotune_mode(tuner):
+    sm = _map()
+    w = torch.randn(8, 8, 3, 3, dtype=F64)
+    SF.set_conv_backend("dense")
+    SF.conv2d(sm, w, None, 1, 1)
+    (first,) = autotune.choices().values()
+    assert first["source"] == "dense" and first["path"] == "dense"
+    SF.set_conv_backend("autotune")
+    SF.conv2d(sm, w, None, 1, 1)
+    (tuned,) = autotune.choices().values()
+    assert tuned["source"] in ("tuned", "budget") and len(tuned["times_ms"]) >= 2
