@@ -50,6 +50,18 @@ def test_wheel_contents(tmp_path):
     assert "sparse_mim/sparse/functional.py" in names and "fgvc/models/metaformer.py" in names
     assert not any(n.startswith(("tests/", "tools/")) for n in names)
     assert "spark-pretrain = sparse_mim.cli:pretrain" in entry_points
+    # installed (unpacked wheel, no checkout around it): -c finds the shipped recipes by name
+    site = tmp_path / "site"
+    with zipfile.ZipFile(tmp_path / wheel) as z:
+        z.extractall(site)
+    probe = ("from sparse_mim.utils.config import resolve_recipe; import sys; "
+             "print(resolve_recipe('fgvc/cub_metaformer0_224')); print(resolve_recipe('pretrain/resnet50.yaml'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    found = out.stdout.split()
+    assert found[0].startswith(str(site)) and found[0].endswith("sparse_mim/recipes/fgvc/cub_metaformer0_224.yaml")
+    assert os.path.isfile(found[1]) and found[1].startswith(str(site))
 
 
 _NO_SPCONV = """

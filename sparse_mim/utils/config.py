@@ -361,11 +361,9 @@ def shipped_recipes_dir() -> str | None:
     checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
     if os.path.isdir(checkout):
         return checkout
-    try:
-        from importlib.resources import files
-        installed = str(files("sparse_mim.recipes"))
-    except (ImportError, ModuleNotFoundError, TypeError):
-        return None
+    # installed: package data next to this package (sparse_mim/recipes has no __init__.py, so it is
+    # found through its parent package, a regular one on the file system)
+    installed = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
     return installed if os.path.isdir(installed) else None
 
 
