@@ -73,9 +73,8 @@ def _visualize_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.mask_ratio is not None and not 0.0 < args.mask_ratio < 1.0:
         p.error(f"--mask-ratio {args.mask_ratio}: expected a value in (0, 1)")
-    size = args.img_size
-    if size is not None:
-        size = size * 2 if len(size) == 1 else size
+    from .utils.misc import to_pair
+    size = None if args.img_size is None else to_pair(args.img_size, "--img-size")
     r = visualize_checkpoint(args.checkpoint, args.images, args.out, seed=args.seed, dense=args.dense,
                              device=args.device, mask_ratio=args.mask_ratio, img_size=size)
     print(f"{r['backbone']} {r['input_size'][0]}x{r['input_size'][1]}, mask ratio {r['mask_ratio']}, "

@@ -81,17 +81,29 @@ class SparseConv2dSameMixin:
         return super().forward(x)  # dense input, or through torch dispatch (pad + conv: the exact fallback)
 
 
-def conv_same_twin(cls: type) -> type:
-    """The sparse twin class of a TF-'same' conv class (created once, cached, importable by name)."""
-    if issubclass(cls, SparseConv2dSameMixin):
+_TWINS: dict[type, type] = {}
+
+
+def _twin_class(cls: type, mixin: type, what: str) -> type:
+    """``class Sparse<cls>(mixin, cls)``: created once per dense class, cached, and importable by name from
+    this module, so models holding it can be pickled / deep-copied; a class that already is a twin is kept."""
+    if issubclass(cls, mixin):
         return cls
     twin = _TWINS.get(cls)
     if twin is None:
         name = f"Sparse{cls.__name__}"
-        twin = type(name, (SparseConv2dSameMixin, cls), {"__module__": __name__})
+        if name in globals():  # two dense classes with one name (torch's and timm's GELU): keep names unique
+            name = f"Sparse{cls.__module__.replace('.', '_')}_{cls.__name__}"
+        twin = type(name, (mixin, cls), {"__doc__": f"Sparse twin of {cls.__module__}.{cls.__qualname__} ({what}).",
+                                         "__module__": __name__})
         _TWINS[cls] = twin
         globals()[name] = twin
     return twin
+
+
+def conv_same_twin(cls: type) -> type:
+    """The sparse twin class of a TF-'same' conv class (created once, cached, importable by name)."""
+    return _twin_class(cls, SparseConv2dSameMixin, "the conv's padding applied on the sparse map")
 
 
 class _SparseBatchNormMixin:
@@ -230,24 +242,9 @@ class SparseElementwise:
         return out
 
 
-_TWINS: dict[type, type] = {}
-
-
 def elementwise_twin(cls: type) -> type:
     """The sparse twin class of an element-wise layer class (created once, cached)."""
-    if issubclass(cls, SparseElementwise):
-        return cls
-    twin = _TWINS.get(cls)
-    if twin is None:
-        name = f"Sparse{cls.__name__}"
-        if name in globals():  # two dense classes with one name (torch's and timm's GELU): keep names unique
-            name = f"Sparse{cls.__module__.replace('.', '_')}_{cls.__name__}"
-        twin = type(name, (SparseElementwise, cls),
-                    {"__doc__": f"Sparse twin of {cls.__module__}.{cls.__qualname__} (applied to the features).",
-                     "__module__": __name__})
-        _TWINS[cls] = twin
-        globals()[name] = twin  # importable by name, so models holding it can be pickled / deep-copied
-    return twin
+    return _twin_class(cls, SparseElementwise, "applied to the features")
 
 
 SparseLinear = elementwise_twin(nn.Linear)
