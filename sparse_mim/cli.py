@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-__all__ = ["pretrain", "export", "visualize"]
+__all__ = ["pretrain", "export", "visualize", "knn"]
 
 PRETRAIN_EPILOG = """examples:
   spark-pretrain                                                 # 2-minute CPU demo on generated images
@@ -82,6 +82,82 @@ def _visualize_main(argv: list[str]) -> int:
     return 0
 
 
+def _knn_main(argv: list[str]) -> int:
+    from .knn import evaluate_checkpoint, format_result
+    from .utils import distributed as dist_utils
+    p = argparse.ArgumentParser(prog="spark-knn", description=(
+        "Representation quality of a SparK encoder: DINO's weighted k-NN (cosine similarity of the L2-normalised, "
+        "globally pooled last feature map; the k nearest reference images vote with weight exp(sim / T)) and "
+        "optionally MAE's linear probe (BatchNorm + linear head on the frozen pooled features). Reads our "
+        "checkpoints (last.pth, checkpoint-*.pth, backbone.pth) and official SparK release files."), epilog=(
+        "examples:\n"
+        "  spark-knn outputs/pretrain_demo/last.pth --train builtin\n"
+        "  spark-knn runs/r50/last.pth --train /data/imagenet/train --val /data/imagenet/val --max-images 20000\n"
+        "  spark-knn resnet50_withdecoder_1kpretrained_spark_style.pth --train /data/in100/train "
+        "--val /data/in100/val --linear-probe 90\n"
+        "  spark-knn resnet50_1kpretrained_timm_style.pth --backbone resnet50 --train ... --val ...\n"
+        "  torchrun --nproc_per_node 8 tools/knn_eval.py runs/r50/last.pth --train ... --val ...\n\n"
+        "ROOT: an ImageFolder tree (one sub-folder per class), a list file ('path label' lines) or builtin (the "
+        "demo images labelled by kind)."), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="ours (last.pth, checkpoint-*.pth, backbone.pth) or an official SparK file "
+                   "(*_withdecoder_1kpretrained_spark_style.pth, *_1kpretrained_timm_style.pth)")
+    p.add_argument("--train", required=True, metavar="ROOT", help="labelled reference (training) images")
+    p.add_argument("--val", default="", metavar="ROOT", help="labelled validation images (default: hold out "
+                   "--val-fraction of --train)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out part of every class when --val is "
+                   "not given (default 0.2)")
+    p.add_argument("--backbone", default=None, help="architecture, for files that do not name it (backbone.pth, "
+                   "*_timm_style.pth)")
+    p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W], multiples of 32 (default: the "
+                   "checkpoint's input size, else 224)")
+    p.add_argument("--k", type=int, default=20, help="neighbours (default 20, as DINO)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature (default 0.07, as DINO)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward per process")
+    p.add_argument("--max-images", type=int, default=0, help="at most this many reference and validation images "
+                   "(evenly per class); 0 = all")
+    p.add_argument("--linear-probe", type=int, default=0, metavar="EPOCHS", help="also train MAE's linear probe "
+                   "for EPOCHS epochs on the frozen features and report its top-1")
+    p.add_argument("--probe-lr", type=float, default=None, help="linear-probe lr (default 0.1 x batch / 256)")
+    p.add_argument("--probe-batch-size", type=int, default=256, help="linear-probe batch (default 256)")
+    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder of the "
+                   "same architecture instead (the baseline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init and the linear probe")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--num-workers", type=int, default=4, help="image loader processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    for name, value, ok in (("--k", args.k, args.k > 0), ("--temperature", args.temperature, args.temperature > 0),
+                            ("--batch-size", args.batch_size, args.batch_size > 0),
+                            ("--max-images", args.max_images, args.max_images >= 0),
+                            ("--linear-probe", args.linear_probe, args.linear_probe >= 0),
+                            ("--val-fraction", args.val_fraction, 0 < args.val_fraction < 1)):
+        if not ok:
+            p.error(f"{name} {value}: out of range (see --help)")
+    from .utils.misc import to_pair
+    size = None if args.img_size is None else to_pair(args.img_size, "--img-size")
+    try:
+        r = evaluate_checkpoint(args.checkpoint, args.train, args.val, backbone=args.backbone, img_size=size,
+                                batch_size=args.batch_size, k=args.k, temperature=args.temperature,
+                                val_fraction=args.val_fraction, max_images=args.max_images,
+                                linear_probe_epochs=args.linear_probe, probe_lr=args.probe_lr,
+                                probe_batch_size=args.probe_batch_size, random_init=args.random_init,
+                                device=args.device, num_workers=args.num_workers, seed=args.seed,
+                                progress=not args.no_progress)
+        if dist_utils.is_main_process():
+            print(f"{args.checkpoint}: {r['backbone']} ({r['kind']}), {r['input_size'][0]}x{r['input_size'][1]}, "
+                  f"{r['train_images']} reference / {r['val_images']} validation images, {r['classes']} classes"
+                  + (f", {r['unreadable']} unreadable left out" if r["unreadable"] else "")
+                  + f"; features {r['feature_seconds']:.1f} s")
+            print(f"k-NN (k={r['knn']['k']}, T={args.temperature:g}): {format_result(r['knn'], '')}")
+            if r["linear_probe"]:
+                lp = r["linear_probe"]
+                print(f"linear probe ({lp['epochs']} epochs): {format_result(lp, '')} (training top-1 "
+                      f"{lp['train_top1']:.1f} %)")
+    finally:
+        dist_utils.cleanup()
+    return 0
+
+
 def _run(fn, argv: Sequence[str] | None, prog: str) -> int:
     from .utils.cli import run_cli
     return run_cli(fn, argv, prog)
@@ -100,6 +176,11 @@ def export(argv: Sequence[str] | None = None) -> int:
 def visualize(argv: Sequence[str] | None = None) -> int:
     """``spark-visualize CHECKPOINT IMAGES... --out grid.png``; returns the exit status."""
     return _run(_visualize_main, argv, "spark-visualize")
+
+
+def knn(argv: Sequence[str] | None = None) -> int:
+    """``spark-knn CHECKPOINT --train ROOT [--val ROOT] [--linear-probe EPOCHS]``; returns the exit status."""
+    return _run(_knn_main, argv, "spark-knn")
 
 
 if __name__ == "__main__":  # python -m sparse_mim.cli: the pre-training trainer

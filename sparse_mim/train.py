@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from . import knn
 from .sparse import autotune
 from .utils import distributed as dist_utils
 from .utils.config import Config, ConfigError, K
@@ -119,6 +120,7 @@ DEFAULTS = {
         "dist_timeout": K(600, "seconds a process waits for the others before naming the silent rank(s)", gt=0),
         **autotune.CONFIG_DEFAULTS,  # conv_backend (autotune | table | forced path), autotune_cache
     },
+    "eval": knn.CONFIG_DEFAULTS,  # the k-NN monitor: knn_root, knn_every, knn_k, knn_temperature, ...
     "log": {
         "every": K(10, "scalars every N steps", gt=0),
         "progress": K(True, "progress bar"),
@@ -212,6 +214,19 @@ def pretrain(cfg: Config, guard=None) -> dict:
         if holder.get("run_dir") is not None:
             holder["run_dir"].release()
         dist_utils.cleanup()
+
+
+def _knn_monitor(cfg: Config, model, device, steps_per_epoch: int, logger, say, amp):
+    """The k-NN monitor of the run (``eval.*``), or None when ``eval.knn_root`` resolves to off."""
+    if not knn.knn_root_of(cfg):
+        return None
+
+    def random_backbone():  # the encoder this run started from (same seed, same init), for resumed runs
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed(cfg.seed, "init"))
+            return build_model(cfg).backbone
+
+    return knn.PretrainKnn(cfg, model, device, steps_per_epoch, logger.log, say, amp.autocast, random_backbone)
 
 
 def _pretrain(cfg: Config, guard, holder: dict) -> dict:
@@ -384,6 +399,8 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
             save("keep")
         if ckpt_every > 0 and st.step % ckpt_every == 0:
             save("last")
+        if knn_monitor is not None:
+            knn_monitor.step(st)
 
     stop_at = cfg.train.stop_at_step
 
@@ -398,6 +415,9 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
         f"{amp.describe()}, global batch {global_batch}, lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), "
         f"output {out_dir}")
 
+    knn_monitor = _knn_monitor(cfg, model, device, steps_per_epoch, logger, say, amp)
+    if knn_monitor is not None:
+        knn_monitor.start(state)
     stopped, preempted = False, False
     epoch_means = []
     t0 = time.time()
@@ -448,7 +468,10 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
                "wandb_run_id": logger.run_id, "epoch_means": epoch_means,
                "checkpoint": saved["path"] or (last_path if os.path.isfile(last_path) else None),
                "backbone": None, "reconstruction_png": None, "stopped_early": stopped or preempted,
-               "preempted": preempted}
+               "preempted": preempted, "knn": None}
+    if knn_monitor is not None and not (stopped or preempted):
+        knn_monitor.end(state)
+        summary["knn"] = knn_monitor.results
     if not (stopped or preempted):
         if is_main:
             visualize(state.step)
@@ -461,6 +484,8 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
                                     metadata={"backbone": cfg.model.backbone, "step": state.step,
                                               "input_size": list(model.input_size)})
             logger.summary({"final_loss": state.last_loss, "failed_images": state.failed_images})
+            if knn_monitor is not None:
+                logger.summary(knn_monitor.summary())
         dist_utils.barrier()
     wandb_dir = logger.wandb_dir
     logger.finish()
@@ -475,6 +500,11 @@ def _print_summary(summary, state, epoch_means, minutes, out_dir, wandb_dir) -> 
     if state.first_loss is not None:
         print(f"loss {state.first_loss:.4f} (first step) -> {state.last_loss:.4f} (step {state.step}), "
               f"{minutes:.1f} min; unreadable images skipped: {state.failed_images}")
+    knn_results = summary.get("knn")
+    if knn_results and knn_results.get("end") and knn_results.get("random_init"):
+        base, end = knn_results["random_init"], knn_results["end"]
+        print(f"k-NN top-1 {base['top1']:.1f} % (random init) -> {end['top1']:.1f} % (step {end['step']}); "
+              f"top-5 {base['top5']:.1f} % -> {end['top5']:.1f} %")
     print(f"  config:          {os.path.join(out_dir, 'config.yaml')}")
     print(f"  checkpoint:      {summary['checkpoint']}")
     if summary["backbone"]:
