@@ -502,7 +502,8 @@ class KnnMonitor:
 
     def encoder_like(self, backbone: nn.Module) -> nn.Module:
         if self._encoder is None:
-            self._encoder = dense_encoder(self.backbone_name, self.backbone_kwargs).to(self.device)
+            with torch.random.fork_rng(devices=[]):  # the run's random streams stay as they were
+                self._encoder = dense_encoder(self.backbone_name, self.backbone_kwargs).to(self.device)
         self._encoder.load_state_dict(backbone.state_dict(), strict=True)
         return self._encoder.eval()
 
