@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -220,6 +221,12 @@ def test_pretraining_monitor_logs_and_matches_the_checkpoint(tmp_path, monkeypat
     base = [r for r in rows if "knn/top1_random_init" in r]
     assert len(base) == 1 and base[0]["knn/top1_random_init"] == knn_rows[0]["knn/top1"]
     assert s["knn"]["end"]["top1"] == knn_rows[-1]["knn/top1"] and s["knn"]["end"]["step"] == 8
+    # every key the dashboard table of docs/pretraining.md names is one the run logs
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "pretraining.md")).read()
+    table = doc.split("### The dashboard")[1].split("\n\n")[2]
+    documented = set(re.findall(r"`((?:train|knn|sys)/\w+)`", table))
+    logged = {k for r in rows for k in r}
+    assert len(documented) >= 12 and documented <= logged, documented - logged
     # the last number is the k-NN of the final weights (rebuilt from the checkpoint, dense encoder)
     model = SparK.from_checkpoint(str(tmp_path / "run" / "last.pth"))
     tr, va = knn_sets(str(root), val_fraction=0.25, transform=eval_transform(64))
