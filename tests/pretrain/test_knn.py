@@ -232,6 +232,12 @@ def test_pretraining_monitor_logs_and_matches_the_checkpoint(tmp_path, monkeypat
     tr, va = knn_sets(str(root), val_fraction=0.25, transform=eval_transform(64))
     again = KnnMonitor(tr, va, "resnet18", {"depths": [1, 1, 1, 1]}, batch_size=64, k=5).evaluate(model.backbone)
     assert again["top1"] == s["knn"]["end"]["top1"] and again["top5"] == s["knn"]["end"]["top5"]
+    # and spark-knn on our own checkpoint (architecture and input size from the file) says the same
+    from sparse_mim.knn import evaluate_checkpoint
+    r = evaluate_checkpoint(str(tmp_path / "run" / "last.pth"), str(root), val_fraction=0.25, k=5, device="cpu",
+                            progress=False)
+    assert (r["kind"], r["input_size"]) == ("sparse_mim pre-training checkpoint", [64, 64])
+    assert (r["knn"]["top1"], r["knn"]["top5"]) == (again["top1"], again["top5"])
     # resumed: the random-init baseline is computed again from the run's seed and equals the fresh run's
     cut = pretrain(load_config(DEFAULTS, None, common + [f"output_dir={tmp_path / 'cut'}", "train.stop_at_step=3"],
                                validate=validate_config))
