@@ -642,6 +642,19 @@ def knn_root_of(cfg) -> str:
     return root
 
 
+def check_config(cfg) -> None:
+    """``ConfigError`` for an ``eval.knn_root`` / ``eval.knn_val_root`` that names nothing (before any work)."""
+    from .utils.config import ConfigError
+    for key in ("knn_root", "knn_val_root"):
+        value = cfg.eval[key] or ""
+        if value in ("", "auto", "builtin") or os.path.exists(os.path.expanduser(value)):
+            continue
+        raise ConfigError(f"eval.{key}={value!r} does not exist: give an ImageFolder tree (one sub-folder per class), "
+                          "a list file with 'path label' lines, builtin (the labelled demo images), or '' (off)")
+    if cfg.eval.knn_val_root == "builtin" and knn_root_of(cfg) != "builtin":
+        raise ConfigError("eval.knn_val_root=builtin goes with eval.knn_root=builtin only (the labelled demo images)")
+
+
 class PretrainKnn:
     """The k-NN monitor of ``spark-pretrain``: evaluations at the start, every ``eval.knn_every`` epochs
     and at the end, a random-initialisation baseline, console lines, ``knn/*`` scalars.

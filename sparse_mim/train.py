@@ -154,6 +154,7 @@ def validate_config(cfg: Config) -> None:
     if cfg.train.warmup_epochs > cfg.train.epochs:
         raise ConfigError(f"train.warmup_epochs={cfg.train.warmup_epochs}: expected <= train.epochs="
                           f"{cfg.train.epochs}")
+    knn.check_config(cfg)
 
 
 def stream_seed(seed: int, *parts: Any) -> int:
