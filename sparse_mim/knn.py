@@ -31,13 +31,11 @@ measure and counted.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,7 +46,8 @@ from .utils import distributed as dist_utils
 
 __all__ = ["weighted_knn", "linear_probe", "LabelledImages", "BUILTIN_CLASSES", "builtin_labelled_images",
            "read_labelled", "labelled_split", "subsample", "eval_transform", "pooled_features", "extract_features",
-           "all_gather_rows", "dense_encoder", "KnnMonitor", "knn_sets", "evaluate_checkpoint", "format_result"]
+           "all_gather_rows", "dense_encoder", "KnnMonitor", "knn_sets", "evaluate_checkpoint", "format_result",
+           "check_config", "knn_root_of", "PretrainKnn"]
 
 BUILTIN_CLASSES = ("stripes", "checkerboard", "blobs", "rings")  # generate_image's kinds: index % 4
 _BUILTIN_TRAIN_OFFSET = 1_000_000  # labelled built-in images never used for pre-training (indices < builtin_images)
@@ -514,8 +513,9 @@ class KnnMonitor:
             self.val_set = _maybe_cached(self.val_set, self.input_size, self.cache_mb)
             self._cached = True
         encoder = self.encoder_like(backbone)
-        feats = _features(encoder, self.train_set, self.val_set, self.batch_size, self.device, self.num_workers,
-                          self.autocast, progress)
+        with torch.random.fork_rng(devices=[]):  # loader iterators draw a seed: keep the run's stream as it was
+            feats = _features(encoder, self.train_set, self.val_set, self.batch_size, self.device, self.num_workers,
+                              self.autocast, progress)
         result = weighted_knn(feats.train, feats.train_labels, feats.val, feats.val_labels, self.k,
                               self.temperature, self.num_classes)
         result.update(seconds=time.perf_counter() - t0, unreadable=feats.unreadable)
