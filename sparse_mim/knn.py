@@ -643,16 +643,14 @@ def knn_root_of(cfg) -> str:
 
 
 def check_config(cfg) -> None:
-    """``ConfigError`` for an ``eval.knn_root`` / ``eval.knn_val_root`` that names nothing (before any work)."""
+    """``ConfigError`` for ``eval.*`` values that cannot go together (called when the config is loaded; whether
+    the folders exist is checked when the monitor is built, before the first step, as for ``data.root``)."""
     from .utils.config import ConfigError
-    for key in ("knn_root", "knn_val_root"):
-        value = cfg.eval[key] or ""
-        if value in ("", "auto", "builtin") or os.path.exists(os.path.expanduser(value)):
-            continue
-        raise ConfigError(f"eval.{key}={value!r} does not exist: give an ImageFolder tree (one sub-folder per class), "
-                          "a list file with 'path label' lines, builtin (the labelled demo images), or '' (off)")
     if cfg.eval.knn_val_root == "builtin" and knn_root_of(cfg) != "builtin":
         raise ConfigError("eval.knn_val_root=builtin goes with eval.knn_root=builtin only (the labelled demo images)")
+    if cfg.eval.knn_val_root and not knn_root_of(cfg):
+        raise ConfigError(f"eval.knn_val_root={cfg.eval.knn_val_root!r} needs eval.knn_root (the labelled reference "
+                          "images the validation images are compared with)")
 
 
 class PretrainKnn:
