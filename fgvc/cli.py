@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, Sequence
 
-__all__ = ["train", "evaluate", "predict", "export", "prepare_text", "TRAIN_DESCRIPTION", "EVAL_DESCRIPTION"]
+__all__ = ["train", "evaluate", "predict", "export", "average", "prepare_text", "TRAIN_DESCRIPTION", "EVAL_DESCRIPTION"]
 
 TRAIN_DESCRIPTION = """Fine-tune MetaFormer (or a convnet + meta-token hybrid) on a fine-grained dataset with meta.
 
@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fgvc.cli COMMAND ...`` (e.g. under ``torchrun -m fgvc.cli train ...``): the same commands
     as the console scripts, by name."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {n: f for n, f in globals().items() if n in ("train", "evaluate", "predict", "export", "prepare_text") and callable(f)}
+    commands = {n: f for n, f in globals().items() if n in ("train", "evaluate", "predict", "export", "average", "prepare_text") and callable(f)}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m fgvc.cli {{{','.join(commands)}}} [arguments]", file=sys.stderr)
         return 2
@@ -129,6 +129,13 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
     from sparse_mim.utils.cli import run_cli
     from .export import export_command
     return run_cli(export_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-export")
+
+
+def average(argv: Optional[Sequence[str]] = None) -> int:
+    """``fgvc-average CHECKPOINT... --out PATH [--ema]``: checkpoint averaging; returns the exit status."""
+    from sparse_mim.utils.cli import run_cli
+    from .average import average_command
+    return run_cli(average_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-average")
 
 
 def prepare_text(argv: Optional[Sequence[str]] = None) -> int:

@@ -166,11 +166,21 @@ def top_confusions(cm: np.ndarray, classes: List[str], n: int):
     return out
 
 
+def thumbnail(path: str, size: int = 128):
+    """The image at ``path`` as an RGB PIL thumbnail (at most ``size`` pixels a side), None if unreadable."""
+    from fgvc.data.dataset import load_image
+    try:
+        image = load_image(path).convert("RGB")
+        image.thumbnail((size, size))
+        return image
+    except Exception:  # noqa: BLE001 - a thumbnail is optional
+        return None
+
+
 def prediction_rows(rec, classes, groups, index, labels, pred, conf, pred0, max_rows: int):
     """Columns and rows of the predictions table: thumbnail (PIL or None), label, prediction,
     confidence, correct, readable meta per group, decoded by each group's encoder type (and the
     prediction with meta zeroed)."""
-    from fgvc.data.dataset import load_image
     from fgvc.data.meta import describe_meta
     columns = ["image", "label", "prediction", "confidence", "correct"] + [f"meta/{g.name}" for g in groups]
     if pred0 is not None:
@@ -178,11 +188,7 @@ def prediction_rows(rec, classes, groups, index, labels, pred, conf, pred0, max_
     rows = []
     for j in range(min(max_rows, len(index))):
         r = int(index[j])
-        try:
-            image = load_image(rec.paths[r])
-            image.thumbnail((128, 128))
-        except Exception:  # noqa: BLE001 - a thumbnail is optional
-            image = None
+        image = thumbnail(rec.paths[r])
         meta_text = describe_meta(groups, rec.meta[r], rec.meta_present[r]) if groups else {}
         row = [image, classes[labels[j]], classes[pred[j]], float(conf[j]), bool(pred[j] == labels[j])]
         row += [meta_text.get(g.name, "") for g in groups]
@@ -219,6 +225,23 @@ def write_predictions_csv(path: str, paths: Sequence[str], labels: np.ndarray, p
     return path
 
 
+def _shot_summary(pred: np.ndarray, labels: np.ndarray, train_counts, num_classes: int, log: Callable) -> Dict:
+    """``many_shot`` / ``medium_shot`` / ``few_shot`` top-1 (with meta) from the checkpoint's training
+    class counts (``fgvc.longtail.shot_accuracy``); None with a note when the checkpoint has no counts."""
+    from .longtail import SHOT_SPLITS, shot_accuracy
+    if train_counts is None or len(train_counts) != num_classes:
+        log("[eval] the checkpoint stores no training class counts (an official file, or written by an older "
+            "version): many / medium / few-shot top-1 are not computed")
+        return {s: None for s in SHOT_SPLITS}
+    correct = np.bincount(labels[pred == labels], minlength=num_classes)
+    total = np.bincount(labels, minlength=num_classes)
+    shots = shot_accuracy(correct, total, train_counts)
+    text = ", ".join(f"{s.replace('_', '-')} {shots[s]:.2f} ({shots[s + '_classes']} classes)" if shots[s] is not None
+                     else f"{s.replace('_', '-')} - (no class)" for s in SHOT_SPLITS)
+    log(f"[eval] top-1 by training images per class (>100 / 20-100 / <20): {text}")
+    return shots
+
+
 def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, overrides: Sequence[str] = (),
                         log: Callable = print) -> Dict:
     """Evaluate ``checkpoint`` on its test (or held-out val) split; returns the summary dict."""
@@ -242,6 +265,7 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     data_cfg = resolve_data_config(cfg.data.to_dict(), os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
                                                                     "demo_data"), log=log)
     stored_classes = list(ckpt["classes"]) if ours else None
+    train_counts = ckpt.get("train_class_counts") if ours else None
     if e.split == "val":
         if data_cfg["val_split"] <= 0:
             raise ConfigError("eval.split=val needs data.val_split > 0 (the held-out part of train)")
@@ -314,6 +338,7 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
                "skipped_images": int(main["skipped"]), "results": results,
                "mean_per_class_top1": float(np.nanmean([r["top1"] for r in rows])),
                "top_confusions": confusions[:10], "out_dir": out_dir}
+    summary.update(_shot_summary(pred, labels, train_counts, len(classes), log))
     if "meta_zeroed" in results:
         summary["meta_gain_top1"] = results["with_meta"]["top1"] - results["meta_zeroed"]["top1"]
         log(f"[eval] meta gain (with meta - meta zeroed): {summary['meta_gain_top1']:+.2f} top-1 points")
