@@ -78,8 +78,12 @@ def _evaluate(argv: List[str]) -> int:
     parser.add_argument("checkpoint", help="a .pth file: best.pth / last.pth of a run, or an official MetaFormer file")
     parser.epilog = "config keys (key=value; defaults come from the checkpoint's stored config):\n" + \
         config_help(schema)
+    parser.add_argument("--tta", choices=("none", "hflip", "multicrop"),
+                        help="test-time augmentation (same as eval.tta=...): hflip or multicrop, probabilities averaged")
     own, overrides = split_argv(argv, flatten(split_schema(schema)[0]).keys())
     args = parser.parse_args(own)
+    if args.tta:
+        overrides = list(overrides) + [f"eval.tta={args.tta}"]
     if args.print_config:
         import yaml
         from sparse_mim.utils.checkpoint import load_checkpoint

@@ -50,6 +50,9 @@ EVAL_DEFAULTS = {
     "top_confusions": K(50, "rows of top_confusions.csv", min=0),
     "table_rows": K(200, "predictions in the wandb Table (0 = none)", min=0),
     "per_group": K(True, "also evaluate with each meta group dropped"),
+    "tta": K("none", "test-time augmentation: none, hflip (2 views) or multicrop (centre + 4 corner crops of the "
+                     "resized image and their mirror images, 10 views); class probabilities averaged",
+             choices=("none", "hflip", "multicrop")),
 }
 
 
@@ -291,12 +294,17 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     else:
         for note in load_pretrained(model, ckpt):
             log(f"[load] {note}")
+    transform = build_transform(False, cfg.model.img_size)
+    if e.tta != "none":
+        from .tta import TTAModel, tta_transform
+        model, transform = TTAModel(model, e.tta), tta_transform(cfg.model.img_size, e.tta)
+        log(f"[eval] test-time augmentation: {e.tta} (averaged probabilities)")
     model = model.to(device).eval()
     del ckpt
     out_dir = e.out_dir or default_eval_dir(checkpoint, e.split)
     os.makedirs(out_dir, exist_ok=True)
 
-    loader = DataLoader(FGVCDataset(rec, build_transform(False, cfg.model.img_size), train=False),
+    loader = DataLoader(FGVCDataset(rec, transform, train=False),
                         batch_size=e.batch_size or data_cfg["eval_batch_size"], shuffle=False,
                         num_workers=data_cfg["num_workers"] if e.num_workers < 0 else e.num_workers,
                         collate_fn=collate_skip_bad)
@@ -333,7 +341,7 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     if len(classes) <= e.max_confusion_classes:
         save_confusion_png(cm, classes, os.path.join(out_dir, "confusion.png"),
                            f"{rec.name}: top-1 {results['with_meta']['top1']:.2f} (with meta)")
-    summary = {"checkpoint": os.path.abspath(checkpoint), "dataset": rec.name, "split": e.split,
+    summary = {"checkpoint": os.path.abspath(checkpoint), "dataset": rec.name, "split": e.split, "tta": e.tta,
                "num_classes": len(classes), "meta_groups": [g.name for g in groups],
                "skipped_images": int(main["skipped"]), "results": results,
                "mean_per_class_top1": float(np.nanmean([r["top1"] for r in rows])),
