@@ -341,7 +341,10 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     if len(classes) <= e.max_confusion_classes:
         save_confusion_png(cm, classes, os.path.join(out_dir, "confusion.png"),
                            f"{rec.name}: top-1 {results['with_meta']['top1']:.2f} (with meta)")
+    from .report import split_label
+    log(f"[eval] {rec.name} is the {split_label(data_cfg['dataset'], e.split)}")
     summary = {"checkpoint": os.path.abspath(checkpoint), "dataset": rec.name, "split": e.split, "tta": e.tta,
+               "split_label": split_label(data_cfg["dataset"], e.split),
                "num_classes": len(classes), "meta_groups": [g.name for g in groups],
                "skipped_images": int(main["skipped"]), "results": results,
                "mean_per_class_top1": float(np.nanmean([r["top1"] for r in rows])),

@@ -251,11 +251,16 @@ def _eval_loader(rec, img_size, batch_size, num_workers, rank=0, world=1, pin=Fa
 
 
 # --------------------------------------------------------------------------------------- model
-def build_model(model_cfg: Mapping, num_classes: int, meta_groups, init_weights: bool = True) -> torch.nn.Module:
+def build_model(model_cfg: Mapping, num_classes: int, meta_groups, init_weights: bool = True,
+                classes: Optional[List[str]] = None, log: Optional[Callable] = None) -> torch.nn.Module:
     """``fgvc.create_model`` from the ``model`` config section; ``init_weights=False`` skips
-    ``pretrained`` / ``init_backbone`` (when a full checkpoint is loaded next anyway)."""
-    from fgvc.models import create_model, load_pretrained
+    ``pretrained`` / ``init_backbone`` (when a full checkpoint is loaded next anyway). ``log`` gets
+    what ``init_backbone`` / ``pretrained`` loaded, skipped and resized, and what happened to a
+    pretrained head given the dataset's ``classes`` (:func:`fgvc.report.load_pretrained_reported`)."""
+    from fgvc.models import create_model
+    from fgvc.report import load_pretrained_reported, log_lines
     m = model_cfg
+    log = log or (lambda *_: None)
     kwargs = dict(m.get("kwargs") or {})
     if any(g.tokens > 1 for g in meta_groups):
         kwargs["meta_tokens"] = [g.tokens for g in meta_groups]
@@ -267,8 +272,10 @@ def build_model(model_cfg: Mapping, num_classes: int, meta_groups, init_weights:
         kwargs["init_backbone"] = m["init_backbone"]
     model = create_model(m["name"], num_classes=num_classes, img_size=m["img_size"],
                          meta_dims=[g.dim for g in meta_groups], drop_path_rate=m["drop_path_rate"], **kwargs)
+    if m.get("init_backbone") and init_weights:
+        log_lines(log, f"[init] model.init_backbone={m['init_backbone']}:", getattr(model, "init_notes", []))
     if m.get("pretrained") and init_weights:
-        load_pretrained(model, m["pretrained"])
+        log_lines(log, "[init] model.pretrained:", load_pretrained_reported(model, m["pretrained"], classes))
     return model
 
 
@@ -405,6 +412,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     if not is_main:
         data_cfg = resolve_data_config(cfg.data.to_dict(), demo_dir, generate=False)
     train_rec, val_rec, test_rec = build_splits(data_cfg, say)
+    if train_rec.name.endswith("/train_mini") and cfg.data.train_split != "train_mini":
+        cfg.data.train_split = "train_mini"  # the fall-back the reader took: the saved config records what was read
     select_rec, select_name = (val_rec, "val") if val_rec is not None else (test_rec, "test")
     if val_rec is None:
         say("[note] data.val_split=0: the best epoch is picked on the TEST split (official protocol); "
@@ -435,7 +444,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
 
     # ---- model, optimizer, schedule, precision
     torch.manual_seed(RandomStreams(cfg.seed).seed_for("init"))  # the same initial weights on every rank and run
-    model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None).to(device)
+    model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None,
+                        classes=list(train_rec.classes), log=say).to(device)
     say(f"[model] {cfg.model.name}: {count_parameters(model) / 1e6:.2f}M params, {train_rec.num_classes} classes, "
         f"meta groups {model_meta_spec(groups)}; train {len(train_rec)} / {select_name} {len(select_rec)} / "
         f"test {len(test_rec)} images")
@@ -476,7 +486,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         if ema is not None and "model_ema" in ckpt:
             ema.module.load_state_dict(ckpt["model_ema"])
         wandb_id = ckpt.get("wandb_id") or None
-        say(f"[resume] {resume_path}: epoch {state.epoch}, batch {state.batch}, step {state.step}, "
+        from fgvc.report import position
+        say(f"[resume] {resume_path}: step {state.step}, {position(state.epoch, state.batch, cfg.train.epochs, batches_per_epoch)}, "
             f"best {select_name} top1 {state.best['top1']:.2f}")
     del ckpt
 
@@ -584,7 +595,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         save_last()
         barrier()
         why = preempt.signal_name if preempt.requested else f"train.stop_at_step={stop_at}"
-        say(f"[stop] {why}: stopped after step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
+        from fgvc.report import position
+        say(f"[stop] {why}: stopped after step {state.step} ({position(state.epoch, state.batch, epochs, batches_per_epoch)}); "
             f"last.pth written; continue with resume=auto")
         logger.finish()
         return {"stopped": True, "preempted": preempt.signal_name if preempt.requested else None,
@@ -602,7 +614,9 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     from fgvc.dashboard import evaluate_detailed, evaluation_row
     ev = evaluate_detailed(final_model, test_loader, device, train_rec.num_classes, amp=amp, confusion_max=0,
                            samples=0)
-    summary.update({"test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"]})
+    from fgvc.report import split_label
+    summary.update({"test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"],
+                    "test_split": f"{test_rec.name}: {split_label(data_cfg['dataset'])}"})
     summary.update({k: v for k, v in evaluation_row(ev, "test", train_counts).items()
                     if k.rsplit("/", 1)[1] in ("mean_per_class_top1", "many_shot", "medium_shot", "few_shot")})
     if ema is not None:  # the raw (non-EMA) weights at the end of training, for comparison
@@ -611,7 +625,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         ev0 = evaluate(final_model, test_loader, device, meta_mode="zero", amp=amp)
         summary["test/top1_meta_zeroed"] = ev0["top1"]
     if is_main:
-        say(f"[final] best epoch {state.best['epoch']} ({select_name} top1 {state.best['top1']:.2f}); test top1 "
+        say(f"[final] best epoch {state.best['epoch']} ({select_name} top1 {state.best['top1']:.2f}); "
+            f"{split_label(data_cfg['dataset'])} ({test_rec.name}) top1 "
             f"{summary['test/top1']:.2f}" + (f", meta zeroed {summary['test/top1_meta_zeroed']:.2f}" if groups else ""))
         _write_json(os.path.join(out_dir, "final.json"), summary)
         logger.summary(summary)

@@ -142,7 +142,7 @@ def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
             lines.append(_fmt(f"keys {trunk.name} does not have", stray))
         raise ValueError("\n".join(lines))
     trunk.load_state_dict({k: state_dict[k] for k in target if k in state_dict}, strict=False)
-    notes = []
+    notes = [f"loaded {sum(1 for k in target if k in state_dict)} tensors into the {trunk.name} trunk"]
     if ignored:
         notes.append(f"backbone file: {len(ignored)} keys of the stages the hybrid replaces were not used "
                      f"({', '.join(sorted({k.split('.')[0] for k in ignored}))})")
