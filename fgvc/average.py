@@ -78,7 +78,8 @@ def average_checkpoints(paths: Sequence[str], out: str, use_ema: bool = False, l
             if first.get("meta_groups") != ck.get("meta_groups"):
                 raise ValueError(f"{p} has meta groups {ck.get('meta_groups')}, {paths[0]} {first.get('meta_groups')}")
             if set(weights) != set(sums) or any(weights[k].shape != sums[k].shape for k in sums):
-                raise ValueError(f"the weights in {p} do not have the keys / shapes of {paths[0]} (another model.kwargs?)")
+                raise ValueError(f"the weights in {p} do not have the keys / shapes of {paths[0]} "
+                                 f"(another model.kwargs?)")
             for k, v in weights.items():
                 if v.is_floating_point():
                     sums[k] += v.double()

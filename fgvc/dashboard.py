@@ -122,10 +122,14 @@ def log_evaluation(logger, ev: Dict, prefix: str, step: int, classes: Sequence[s
     if samples and records is not None:
         from .evaluate import thumbnail
         st = wandb.Table(columns=["image", "label", "prediction", "confidence", "correct"])
+        strip = []
         for s in samples:
             image = thumbnail(s["path"])
             st.add_data(wandb.Image(image) if image is not None else None, s["label"], s["prediction"],
                         s["confidence"], s["label"] == s["prediction"])
+            if image is not None:
+                strip.append(wandb.Image(image, caption=f"{s['label']} -> {s['prediction']} ({s['confidence']:.2f})"))
         media[f"{prefix}/samples"] = st
+        media[f"{prefix}/sample_images"] = strip
     logger.run.log(media, step=int(step))
     return row

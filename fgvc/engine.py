@@ -300,7 +300,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             state.step += 1
             if log_fn is not None and (state.step % max(log_every, 1)) == 0:
                 log_fn({"train/loss_step": loss_meter.smooth, "train/lr": lr, "train/images_per_s": rate,
-                        "train/grad_norm": grad_norm, "sys/peak_memory_mb": peak_memory_mb(next(model.parameters()).device)},
+                        "train/grad_norm": grad_norm,
+                        "sys/peak_memory_mb": peak_memory_mb(next(model.parameters()).device)},
                        state.step)
             if on_step is not None:
                 on_step(state)

@@ -269,6 +269,7 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
                                                                     "demo_data"), log=log)
     stored_classes = list(ckpt["classes"]) if ours else None
     train_counts = ckpt.get("train_class_counts") if ours else None
+    group = (ckpt.get("wandb_group") if ours else None) or cfg.wandb.group or None  # the training run's group
     if e.split == "val":
         if data_cfg["val_split"] <= 0:
             raise ConfigError("eval.split=val needs data.val_split > 0 (the held-out part of train)")
@@ -361,15 +362,18 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     # wandb: metrics + a Table of predictions (images, meta, label, prediction, confidence)
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project,
                        name=(cfg.wandb.name + "-eval") if cfg.wandb.name else None, entity=cfg.wandb.entity or None,
-                       enabled=True, use_wandb=cfg.wandb.enabled, job_type="fgvc-eval", log_model="off")
+                       enabled=True, use_wandb=cfg.wandb.enabled, job_type="fgvc-eval", log_model="off", group=group)
     logger.summary({f"eval/{c}/{k}": v for c, r in results.items() for k, v in r.items() if k != "n"})
     if logger.run is not None and e.table_rows > 0:
         import wandb
         columns, trows = prediction_rows(rec, classes, groups, index, labels, pred, conf.numpy(), pred0, e.table_rows)
         table = wandb.Table(columns=columns)
+        strip = []
         for row in trows:
+            if row[0] is not None and len(strip) < 32:  # the first thumbnails also as an image panel
+                strip.append(wandb.Image(row[0], caption=f"{row[1]} -> {row[2]} ({row[3]:.2f})"))
             row[0] = wandb.Image(row[0]) if row[0] is not None else None
             table.add_data(*row)
-        logger.run.log({"eval/predictions": table})
+        logger.run.log({"eval/predictions": table, "eval/prediction_images": strip})
     logger.finish()
     return summary

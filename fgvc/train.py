@@ -487,7 +487,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
             ema.module.load_state_dict(ckpt["model_ema"])
         wandb_id = ckpt.get("wandb_id") or None
         from fgvc.report import position
-        say(f"[resume] {resume_path}: step {state.step}, {position(state.epoch, state.batch, cfg.train.epochs, batches_per_epoch)}, "
+        where = position(state.epoch, state.batch, cfg.train.epochs, batches_per_epoch)
+        say(f"[resume] {resume_path}: step {state.step}, {where}, "
             f"best {select_name} top1 {state.best['top1']:.2f}")
     del ckpt
 
@@ -596,7 +597,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         barrier()
         why = preempt.signal_name if preempt.requested else f"train.stop_at_step={stop_at}"
         from fgvc.report import position
-        say(f"[stop] {why}: stopped after step {state.step} ({position(state.epoch, state.batch, epochs, batches_per_epoch)}); "
+        where = position(state.epoch, state.batch, epochs, batches_per_epoch)
+        say(f"[stop] {why}: stopped after step {state.step} ({where}); "
             f"last.pth written; continue with resume=auto")
         logger.finish()
         return {"stopped": True, "preempted": preempt.signal_name if preempt.requested else None,
