@@ -15,7 +15,7 @@ from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils import logger as logger_mod
 from sparse_mim.utils.config import load_config
 
-from .test_fgvc_longtail import make_longtail_cub
+from .test_fgvc_longtail import cub_cfg, make_longtail_cub
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUIET = dict(log=lambda *a: None)
@@ -104,11 +104,7 @@ def test_demo_dashboard_in_offline_wandb_and_metrics(tmp_path, monkeypatch):
 def test_cub_layout_dashboard_figures_without_wandb(tmp_path):
     root = make_longtail_cub(str(tmp_path / "CUB_200_2011"), [20, 12, 6], test_per_class=2)
     out = str(tmp_path / "run")
-    train(load_config(DEFAULTS, "fgvc/tiny_cpu.yaml", [
-        "data.dataset=cub", f"data.root={root}", f"output_dir={out}", "model.img_size=32", "data.use_meta=false",
-        "train.epochs=2", "train.warmup_epochs=0", "data.batch_size=8", "data.val_split=0", "log.every=1",
-        "log.progress=false", "wandb.enabled=false", "train.eval_meta_zeroed=false"], validate=validate_config),
-        **QUIET)
+    train(cub_cfg(root, out, "train.epochs=2", "data.batch_size=8", "data.val_split=0", "log.every=1"), **QUIET)
     rows = _rows(out)
     _check_figures(rows, 3, prefix="test")
     assert [r for r in rows if "test/few_shot" in r]                        # classes of 6 training images

@@ -15,7 +15,7 @@ from fgvc.optim import WarmupStep, backbone_prefixes, build_lr_schedule, build_o
 from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.config import load_config
 
-from .test_fgvc_longtail import make_longtail_cub
+from .test_fgvc_longtail import cub_cfg, make_longtail_cub
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUIET = dict(log=lambda *a: None)
@@ -156,11 +156,8 @@ def test_short_run_ema_follows_the_weights_only_with_warmup(demo_root, tmp_path)
 def test_average_checkpoints_on_the_cub_layout(tmp_path):
     root = make_longtail_cub(str(tmp_path / "CUB_200_2011"), [20, 20, 10])
     out = str(tmp_path / "run")
-    cfg = load_config(DEFAULTS, "fgvc/tiny_cpu.yaml", [
-        "data.dataset=cub", f"data.root={root}", f"output_dir={out}", "model.img_size=32", "data.use_meta=false",
-        "train.epochs=2", "train.warmup_epochs=0", "data.batch_size=8", "data.val_split=0", "log.progress=false",
-        "wandb.enabled=false", "checkpoint.keep_every_steps=3", "train.ema=true", "train.ema_decay=0.9",
-        "train.eval_meta_zeroed=false"], validate=validate_config)
+    cfg = cub_cfg(root, out, "train.epochs=2", "data.batch_size=8", "data.val_split=0",
+                  "checkpoint.keep_every_steps=3", "train.ema=true", "train.ema_decay=0.9")
     train(cfg, **QUIET)
     paths = [os.path.join(out, f"checkpoint-{s:08d}.pth") for s in (3, 6, 9)]
     avg_path = str(tmp_path / "avg.pth")

@@ -110,6 +110,14 @@ def make_longtail_cub(root, counts, test_per_class=2, size=16):
     return root
 
 
+def cub_cfg(root, out, *overrides):
+    """The tiny CPU recipe on a CUB-layout fixture, image only, quiet, no wandb."""
+    return load_config(DEFAULTS, "fgvc/tiny_cpu.yaml", [
+        "data.dataset=cub", f"data.root={root}", f"output_dir={out}", "model.img_size=32", "data.use_meta=false",
+        "train.warmup_epochs=0", "log.progress=false", "wandb.enabled=false", "train.eval_meta_zeroed=false",
+        *overrides], validate=validate_config)
+
+
 def test_longtail_run_on_the_cub_layout_reports_shot_splits(tmp_path):
     """class-balanced sampling + logit-adjusted loss on a CUB-layout fixture: the shot splits are in the
     validation rows, final.json and fgvc-eval's summary.json, and agree with the per-class table."""
@@ -117,11 +125,8 @@ def test_longtail_run_on_the_cub_layout_reports_shot_splits(tmp_path):
     from fgvc.train import train
     root = make_longtail_cub(str(tmp_path / "CUB_200_2011"), [150, 30, 5])
     out = str(tmp_path / "run")
-    cfg = load_config(DEFAULTS, "fgvc/tiny_cpu.yaml", [
-        "data.dataset=cub", f"data.root={root}", f"output_dir={out}", "model.img_size=32", "data.use_meta=false",
-        "train.epochs=1", "train.warmup_epochs=0", "data.batch_size=16", "data.val_split=0.3", "log.progress=false",
-        "wandb.enabled=false", "data.sampler=class_balanced", "train.loss=logit_adjusted", "train.logit_tau=1.0",
-        "train.eval_meta_zeroed=false"], validate=validate_config)
+    cfg = cub_cfg(root, out, "train.epochs=1", "data.batch_size=16", "data.val_split=0.3",
+                  "data.sampler=class_balanced", "train.loss=logit_adjusted", "train.logit_tau=1.0")
     final = train(cfg, log=lambda *a: None)
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     val = [r for r in rows if "val/top1" in r][-1]

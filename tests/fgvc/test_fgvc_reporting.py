@@ -1,6 +1,5 @@
 """Honest reporting: what pretrained / init_backbone loaded, heads whose classes differ, the split actually
 read, iNat's validation named as such, one epoch numbering, data.root one folder too high."""
-import json
 import os
 
 import pytest
@@ -15,7 +14,7 @@ from fgvc.train import DEFAULTS, build_model, train, validate_config
 from sparse_mim.utils.config import load_config
 
 from .test_fgvc_data import _inat_ann, _make_cub
-from .test_fgvc_longtail import make_longtail_cub
+from .test_fgvc_longtail import cub_cfg, make_longtail_cub
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,18 +63,13 @@ def test_init_backbone_load_is_reported(tmp_path):
 def test_training_from_a_checkpoint_with_other_class_names_says_so(tmp_path):
     """CUB layout: fine-tune from a run whose classes have other names; the head is re-made and the log says so."""
     root = make_longtail_cub(str(tmp_path / "CUB_200_2011"), [6, 6, 6], test_per_class=2)
-    base = ["data.dataset=cub", "model.img_size=32", "data.use_meta=false", "train.epochs=1",
-            "train.warmup_epochs=0", "data.batch_size=6", "data.val_split=0", "log.progress=false",
-            "wandb.enabled=false", "train.eval_meta_zeroed=false", f"data.root={root}"]
+    base = ["train.epochs=1", "data.batch_size=6", "data.val_split=0"]
     a = str(tmp_path / "a")
-    train(load_config(DEFAULTS, "fgvc/tiny_cpu.yaml", base + [f"output_dir={a}"], validate=validate_config),
-          log=lambda *x: None)
+    train(cub_cfg(root, a, *base), log=lambda *x: None)
     with open(os.path.join(root, "classes.txt"), "w") as f:
         f.write("1 001.Bird_1\n2 003.Bird_3\n3 002.Bird_2\n")
     lines = []
-    train(load_config(DEFAULTS, "fgvc/tiny_cpu.yaml", base + [f"output_dir={tmp_path / 'b'}",
-                                                               f"model.pretrained={a}/best.pth"],
-                      validate=validate_config), log=lines.append)
+    train(cub_cfg(root, str(tmp_path / "b"), *base, f"model.pretrained={a}/best.pth"), log=lines.append)
     init = [x for x in lines if x.startswith("[init] model.pretrained:")]
     assert "loaded" in init[0] and "re-initialised the head" in init[-1] and "'002.Bird_2' in the file" in init[-1]
 
