@@ -32,11 +32,13 @@ EVAL_DESCRIPTION = """Evaluate a fine-grained classifier with and without its me
   fgvc-eval outputs/fgvc_demo/best.pth
   fgvc-eval outputs/cub_metaformer0_224/last.pth data.root=/mnt/cub eval.split=val
   fgvc-eval metafg_2_inat21_384.pth -c configs/fgvc/inat2021_metaformer2_384.yaml data.root=/data/inat21
+  fgvc-eval outputs/fgvc_demo/best.pth --tta hflip            # test-time augmentation (hflip | multicrop)
 
 Our checkpoints carry their training config, classes and meta layout (only the test split is
 read); an official MetaFormer file needs its recipe with -c. Results go to
 <checkpoint folder>/eval_<checkpoint name>_<split>/ (summary.json, predictions.csv,
-per_class.csv, top_confusions.csv, confusion.png)."""
+per_class.csv, top_confusions.csv, confusion.png); summary.json also has many / medium /
+few-shot top-1 (from the training class counts the checkpoint stores)."""
 
 
 def _train_argv(argv: Sequence[str]) -> List[str]:
