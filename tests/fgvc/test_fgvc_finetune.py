@@ -157,8 +157,12 @@ def test_average_checkpoints_on_the_cub_layout(tmp_path):
     root = make_longtail_cub(str(tmp_path / "CUB_200_2011"), [20, 20, 10])
     out = str(tmp_path / "run")
     cfg = cub_cfg(root, out, "train.epochs=2", "data.batch_size=8", "data.val_split=0",
-                  "checkpoint.keep_every_steps=3", "train.ema=true", "train.ema_decay=0.9")
+                  "checkpoint.keep_every_steps=3", "train.ema=true", "train.ema_decay=0.9", "optim.opt=sgd",
+                  "optim.layer_decay=0.8")
     train(cfg, **QUIET)
+    groups = torch.load(os.path.join(out, "last.pth"), weights_only=True)["optimizer"]["param_groups"]
+    assert sorted({round(g["lr_scale"], 9) for g in groups}) == [round(0.8 ** i, 9) for i in range(5, -1, -1)]
+    assert all(g["nesterov"] for g in groups)
     paths = [os.path.join(out, f"checkpoint-{s:08d}.pth") for s in (3, 6, 9)]
     avg_path = str(tmp_path / "avg.pth")
     assert average_cli(paths + ["--out", avg_path]) == 0

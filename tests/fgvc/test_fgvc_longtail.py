@@ -92,6 +92,28 @@ def test_shot_splits_follow_the_literature_thresholds():
 
 
 # ------------------------------------------------------------------------------------------- runs
+def test_longtail_demo_data_and_comparison(tmp_path):
+    """The long-tailed demo: the generated training split follows the profile, and a one-epoch comparison
+    of uniform and class-balanced sampling reports every shot split of each."""
+    import csv
+    from fgvc.demo import class_names
+    from fgvc.longtail_demo import compare, longtail_profile
+    profile = longtail_profile()
+    assert profile[:4] == [150, 5, 110, 7] and sorted(profile)[0] == 5 and len(profile) == 12
+    lines = []
+    results = compare(str(tmp_path), epochs=1, settings=(("uniform", "uniform", "ce"),
+                                                         ("class_balanced", "class_balanced", "ce")), log=lines.append)
+    with open(tmp_path / "data" / "train.csv") as f:
+        labels = [r["label"] for r in csv.DictReader(f)]
+    assert [labels.count(c) for c in class_names(6)] == profile
+    for r in results.values():
+        assert r["test/n"] == 240 and all(r.get(f"test/{s}") is not None for s in ("many_shot", "medium_shot",
+                                                                                    "few_shot"))
+    cfg = torch.load(tmp_path / "class_balanced" / "best.pth", weights_only=True)["config"]
+    assert cfg["data"]["sampler"] == "class_balanced"
+    assert lines[-2].startswith("uniform ") and lines[-1].startswith("class_balanced ")
+
+
 def make_longtail_cub(root, counts, test_per_class=2, size=16):
     """A CUB-200-2011 layout whose training classes have ``counts`` images (a long tail)."""
     images, labels, split, k = [], [], [], 0
