@@ -53,10 +53,13 @@ def test_tta_model_returns_log_of_the_averaged_probabilities(mode):
 
 
 # ------------------------------------------------------------------------------------------- commands
-@pytest.fixture(scope="module", params=["demo", "cub"])
-def checkpoint(request, tmp_path_factory):
-    base = tmp_path_factory.mktemp(f"tta_{request.param}")
-    if request.param == "demo":
+@pytest.fixture(scope="module", params=[("demo", "hflip"), ("cub", "multicrop")],
+                ids=["demo-hflip", "cub-multicrop"])
+def layout(request, tmp_path_factory):
+    """(best.pth of a 2-epoch run on the demo data / a CUB-layout fixture, the TTA mode its tests use)."""
+    kind, mode = request.param
+    base = tmp_path_factory.mktemp(f"tta_{kind}")
+    if kind == "demo":
         root = str(base / "data")
         make_demo_dataset(root, n_looks=2, train_per_class=16, test_per_class=6, image_size=32, seed=1)
         extra = [f"data.root={root}"]
@@ -70,7 +73,7 @@ def checkpoint(request, tmp_path_factory):
         f"output_dir={out}", "train.epochs=2", "train.warmup_epochs=0", "data.batch_size=8", "data.val_split=0",
         "log.progress=false", "wandb.enabled=false", "train.eval_meta_zeroed=false"], validate=validate_config)
     train(cfg, **QUIET)
-    return os.path.join(out, "best.pth")
+    return os.path.join(out, "best.pth"), mode
 
 
 def _images_of(summary):
@@ -78,8 +81,8 @@ def _images_of(summary):
         return [r["path"] for r in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("mode", ["hflip", "multicrop"])
-def test_eval_and_predict_with_tta(checkpoint, tmp_path, mode):
+def test_eval_and_predict_with_tta(layout, tmp_path):
+    checkpoint, mode = layout
     plain = evaluate_checkpoint(checkpoint, overrides=["wandb.enabled=false", f"eval.out_dir={tmp_path / 'a'}"],
                                 **QUIET)
     assert eval_cli([checkpoint, "--tta", mode, "wandb.enabled=false", f"eval.out_dir={tmp_path / 'b'}"]) == 0
@@ -107,14 +110,15 @@ def test_eval_and_predict_with_tta(checkpoint, tmp_path, mode):
         assert float(r["top1_prob"]) == pytest.approx(float(m.max()), abs=2e-6)
 
 
-def test_export_with_tta_equals_eager(checkpoint, tmp_path):
+def test_export_with_tta_equals_eager(layout, tmp_path):
+    checkpoint, mode = layout
     out = str(tmp_path / "m.pt2")
-    assert export_cli([checkpoint, "--out", out, "--tta", "multicrop"]) == 0
+    assert export_cli([checkpoint, "--out", out, "--tta", mode]) == 0
     from fgvc.export import load_program
     module, meta = load_program(out)
-    assert meta["tta"] == "multicrop" and meta["crop_pct"] == 1.0
-    assert meta["img_size"] == list(tta_input_size(32, "multicrop"))
-    pred = Predictor.from_checkpoint(checkpoint, device="cpu", amp="off", tta="multicrop")
+    assert meta["tta"] == mode and meta["crop_pct"] == (1.0 if mode == "multicrop" else 224 / 256)
+    assert meta["img_size"] == list(tta_input_size(32, mode))
+    pred = Predictor.from_checkpoint(checkpoint, device="cpu", amp="off", tta=mode)
     x = torch.randn(3, 3, *meta["img_size"])
     args = (x,) if not pred.meta_groups else (x, torch.randn(3, pred.meta_dim),
                                               torch.ones(3, len(pred.meta_groups), dtype=torch.bool))
