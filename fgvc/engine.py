@@ -314,7 +314,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     if bar is not None:
         bar.close()
     return {"loss": loss_meter.avg, "lr": lr, "images_per_s": throughput.rate, "skipped": skipped,
-            "empty_batches": empty, "nonfinite_grad_steps": nonfinite_steps, "grad_norm": norm_meter.avg, "meta_drop_p": meta_drop_p, "step": state.step, "stopped": stopped}
+            "empty_batches": empty, "nonfinite_grad_steps": nonfinite_steps, "grad_norm": norm_meter.avg,
+            "meta_drop_p": meta_drop_p, "step": state.step, "stopped": stopped}
 
 
 # ------------------------------------------------------------------------------------------- evaluation
