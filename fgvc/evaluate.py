@@ -364,6 +364,13 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
                        name=(cfg.wandb.name + "-eval") if cfg.wandb.name else None, entity=cfg.wandb.entity or None,
                        enabled=True, use_wandb=cfg.wandb.enabled, job_type="fgvc-eval", log_model="off", group=group)
     logger.summary({f"eval/{c}/{k}": v for c, r in results.items() for k, v in r.items() if k != "n"})
+    # per-class top-1 and the confusion matrix in the run too (a table, wandb's plot; metrics.jsonl), not only as files
+    from .dashboard import log_evaluation
+    k = len(classes)
+    log_evaluation(logger, {"per_class_correct": np.bincount(labels[pred == labels], minlength=k),
+                            "per_class_total": np.bincount(labels, minlength=k),
+                            "confusion": cm if k <= e.max_confusion_classes else None, "samples": []},
+                   "eval", 0, classes, rec, train_counts)
     if logger.run is not None and e.table_rows > 0:
         import wandb
         columns, trows = prediction_rows(rec, classes, groups, index, labels, pred, conf.numpy(), pred0, e.table_rows)

@@ -1,6 +1,7 @@
 """The training run's dashboard: per-class top-1, confusion matrix, sample predictions with thumbnails,
 grad norm, peak memory, in metrics.jsonl and in an offline wandb run read back; evaluation runs grouped
 with their training run."""
+import csv
 import glob
 import json
 import os
@@ -97,6 +98,11 @@ def test_demo_dashboard_in_offline_wandb_and_metrics(tmp_path, monkeypatch):
     media = os.path.join(out, "wandb", "offline-run-*", "files", "media", "images")
     pngs = [Image.open(p) for p in glob.glob(os.path.join(media, "val", "*.png"))]
     assert len(pngs) == 32 and all(im.size == (32, 32) and np.asarray(im).std() > 1 for im in pngs)
+    eval_rows = _rows(eval_dir)                                             # the eval run's figures
+    with open(os.path.join(eval_dir, "per_class.csv")) as f:
+        per_class_csv = [float(r["top1"]) for r in csv.DictReader(f)]
+    assert eval_rows[0]["eval/per_class_top1"] == pytest.approx(per_class_csv, abs=1e-3)
+    assert np.array(eval_rows[0]["eval/confusion"]).sum() == 24
     eval_pngs = glob.glob(os.path.join(eval_dir, "wandb", "offline-run-*", "files", "media", "images", "eval", "*.png"))
     assert len(eval_pngs) == 8                                              # eval/prediction_images
 
