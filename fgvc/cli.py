@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, Sequence
 
-__all__ = ["train", "evaluate", "predict", "export", "prepare_text", "TRAIN_DESCRIPTION", "EVAL_DESCRIPTION"]
+__all__ = ["train", "evaluate", "predict", "export", "average", "prepare_text", "TRAIN_DESCRIPTION", "EVAL_DESCRIPTION"]
 
 TRAIN_DESCRIPTION = """Fine-tune MetaFormer (or a convnet + meta-token hybrid) on a fine-grained dataset with meta.
 
@@ -32,11 +32,13 @@ EVAL_DESCRIPTION = """Evaluate a fine-grained classifier with and without its me
   fgvc-eval outputs/fgvc_demo/best.pth
   fgvc-eval outputs/cub_metaformer0_224/last.pth data.root=/mnt/cub eval.split=val
   fgvc-eval metafg_2_inat21_384.pth -c configs/fgvc/inat2021_metaformer2_384.yaml data.root=/data/inat21
+  fgvc-eval outputs/fgvc_demo/best.pth --tta hflip            # test-time augmentation (hflip | multicrop)
 
 Our checkpoints carry their training config, classes and meta layout (only the test split is
 read); an official MetaFormer file needs its recipe with -c. Results go to
 <checkpoint folder>/eval_<checkpoint name>_<split>/ (summary.json, predictions.csv,
-per_class.csv, top_confusions.csv, confusion.png)."""
+per_class.csv, top_confusions.csv, confusion.png); summary.json also has many / medium /
+few-shot top-1 (from the training class counts the checkpoint stores)."""
 
 
 def _train_argv(argv: Sequence[str]) -> List[str]:
@@ -78,8 +80,12 @@ def _evaluate(argv: List[str]) -> int:
     parser.add_argument("checkpoint", help="a .pth file: best.pth / last.pth of a run, or an official MetaFormer file")
     parser.epilog = "config keys (key=value; defaults come from the checkpoint's stored config):\n" + \
         config_help(schema)
+    parser.add_argument("--tta", choices=("none", "hflip", "multicrop"),
+                        help="test-time augmentation (same as eval.tta=...): hflip or multicrop, probabilities averaged")
     own, overrides = split_argv(argv, flatten(split_schema(schema)[0]).keys())
     args = parser.parse_args(own)
+    if args.tta:
+        overrides = list(overrides) + [f"eval.tta={args.tta}"]
     if args.print_config:
         import yaml
         from sparse_mim.utils.checkpoint import load_checkpoint
@@ -116,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m fgvc.cli COMMAND ...`` (e.g. under ``torchrun -m fgvc.cli train ...``): the same commands
     as the console scripts, by name."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {n: f for n, f in globals().items() if n in ("train", "evaluate", "predict", "export", "prepare_text") and callable(f)}
+    commands = {n: f for n, f in globals().items() if n in ("train", "evaluate", "predict", "export", "average", "prepare_text") and callable(f)}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m fgvc.cli {{{','.join(commands)}}} [arguments]", file=sys.stderr)
         return 2
@@ -129,6 +135,13 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
     from sparse_mim.utils.cli import run_cli
     from .export import export_command
     return run_cli(export_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-export")
+
+
+def average(argv: Optional[Sequence[str]] = None) -> int:
+    """``fgvc-average CHECKPOINT... --out PATH [--ema]``: checkpoint averaging; returns the exit status."""
+    from sparse_mim.utils.cli import run_cli
+    from .average import average_command
+    return run_cli(average_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-average")
 
 
 def prepare_text(argv: Optional[Sequence[str]] = None) -> int:

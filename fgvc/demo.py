@@ -24,7 +24,7 @@ import csv
 import io
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -91,13 +91,22 @@ def class_names(n_looks: int):
 
 
 def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, test_per_class: int = 24,
-                      image_size: int = 64, seed: int = 0, overwrite: bool = False) -> Dict:
+                      image_size: int = 64, seed: int = 0, overwrite: bool = False,
+                      train_counts: Optional[Sequence[int]] = None) -> Dict:
     """Write the demo dataset under ``root`` (idempotent: reuses a complete one with the same settings).
+
+    ``train_counts`` (one per class, in :func:`class_names` order) replaces ``train_per_class`` for a
+    long-tailed training split (``fgvc.longtail_demo``); the test split stays balanced.
 
     Returns the ``data:`` config entries that read it with the custom reader.
     """
     settings = dict(n_looks=n_looks, train_per_class=train_per_class, test_per_class=test_per_class,
                     image_size=image_size, seed=seed, version=1)
+    if train_counts is not None:
+        if len(train_counts) != 2 * n_looks or min(train_counts) < 1:
+            raise ValueError(f"train_counts needs {2 * n_looks} positive counts (two classes per look), got "
+                             f"{list(train_counts)}")
+        settings["train_counts"] = [int(n) for n in train_counts]
     stamp = os.path.join(root, "demo.json")
     if not overwrite and os.path.isfile(stamp):
         with open(stamp) as f:
@@ -114,7 +123,8 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
         for look in range(n_looks):
             for side in (0, 1):
                 label = names[2 * look + side]
-                for k in range(per_class):
+                n = per_class if split == "test" or train_counts is None else int(train_counts[2 * look + side])
+                for k in range(n):
                     rel = f"images/{split}/{label}/{k:04d}.png"
                     os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
                     _draw(rng, look, image_size).save(os.path.join(root, rel))

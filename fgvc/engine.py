@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler
 
-from sparse_mim.utils.misc import AverageMeter, Throughput, check_finite
+from sparse_mim.utils.misc import AverageMeter, Throughput, check_finite, peak_memory_mb
 from sparse_mim.utils.schedules import set_optimizer_values
 
 from .models import meta_dropout_mask
@@ -230,6 +230,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     from sparse_mim.utils.distributed import check_peers
     model.train()
     loss_meter, skipped, empty, nonfinite_steps = AverageMeter(), 0, 0, 0
+    norm_meter, grad_norm = AverageMeter(), float("nan")
     throughput = Throughput()
     n_batches = batches_per_epoch if batches_per_epoch is not None else len(loader) + state.batch
     updates = n_batches // accum_steps
@@ -289,13 +290,19 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             if has_grad:
                 res = optimizer_step(None, optimizer, scaler=scaler, params=params, clip_grad=clip_grad)
                 nonfinite_steps += int(res.skipped)
+                if res.grad_norm is not None and res.grad_norm == res.grad_norm:
+                    grad_norm = float(res.grad_norm)
+                    norm_meter.update(grad_norm)
                 if ema is not None:
                     ema.update(model, step=state.step)
             optimizer.zero_grad(set_to_none=True)
             has_grad = False
             state.step += 1
             if log_fn is not None and (state.step % max(log_every, 1)) == 0:
-                log_fn({"train/loss_step": loss_meter.smooth, "train/lr": lr, "train/images_per_s": rate}, state.step)
+                log_fn({"train/loss_step": loss_meter.smooth, "train/lr": lr, "train/images_per_s": rate,
+                        "train/grad_norm": grad_norm,
+                        "sys/peak_memory_mb": peak_memory_mb(next(model.parameters()).device)},
+                       state.step)
             if on_step is not None:
                 on_step(state)
             if should_stop is not None and state.batch < end and should_stop(state):
@@ -307,7 +314,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     if bar is not None:
         bar.close()
     return {"loss": loss_meter.avg, "lr": lr, "images_per_s": throughput.rate, "skipped": skipped,
-            "empty_batches": empty, "nonfinite_grad_steps": nonfinite_steps, "meta_drop_p": meta_drop_p, "step": state.step, "stopped": stopped}
+            "empty_batches": empty, "nonfinite_grad_steps": nonfinite_steps, "grad_norm": norm_meter.avg,
+            "meta_drop_p": meta_drop_p, "step": state.step, "stopped": stopped}
 
 
 # ------------------------------------------------------------------------------------------- evaluation

@@ -50,6 +50,9 @@ EVAL_DEFAULTS = {
     "top_confusions": K(50, "rows of top_confusions.csv", min=0),
     "table_rows": K(200, "predictions in the wandb Table (0 = none)", min=0),
     "per_group": K(True, "also evaluate with each meta group dropped"),
+    "tta": K("none", "test-time augmentation: none, hflip (2 views) or multicrop (centre + 4 corner crops of the "
+                     "resized image and their mirror images, 10 views); class probabilities averaged",
+             choices=("none", "hflip", "multicrop")),
 }
 
 
@@ -166,11 +169,21 @@ def top_confusions(cm: np.ndarray, classes: List[str], n: int):
     return out
 
 
+def thumbnail(path: str, size: int = 128):
+    """The image at ``path`` as an RGB PIL thumbnail (at most ``size`` pixels a side), None if unreadable."""
+    from fgvc.data.dataset import load_image
+    try:
+        image = load_image(path).convert("RGB")
+        image.thumbnail((size, size))
+        return image
+    except Exception:  # noqa: BLE001 - a thumbnail is optional
+        return None
+
+
 def prediction_rows(rec, classes, groups, index, labels, pred, conf, pred0, max_rows: int):
     """Columns and rows of the predictions table: thumbnail (PIL or None), label, prediction,
     confidence, correct, readable meta per group, decoded by each group's encoder type (and the
     prediction with meta zeroed)."""
-    from fgvc.data.dataset import load_image
     from fgvc.data.meta import describe_meta
     columns = ["image", "label", "prediction", "confidence", "correct"] + [f"meta/{g.name}" for g in groups]
     if pred0 is not None:
@@ -178,11 +191,7 @@ def prediction_rows(rec, classes, groups, index, labels, pred, conf, pred0, max_
     rows = []
     for j in range(min(max_rows, len(index))):
         r = int(index[j])
-        try:
-            image = load_image(rec.paths[r])
-            image.thumbnail((128, 128))
-        except Exception:  # noqa: BLE001 - a thumbnail is optional
-            image = None
+        image = thumbnail(rec.paths[r])
         meta_text = describe_meta(groups, rec.meta[r], rec.meta_present[r]) if groups else {}
         row = [image, classes[labels[j]], classes[pred[j]], float(conf[j]), bool(pred[j] == labels[j])]
         row += [meta_text.get(g.name, "") for g in groups]
@@ -219,6 +228,23 @@ def write_predictions_csv(path: str, paths: Sequence[str], labels: np.ndarray, p
     return path
 
 
+def _shot_summary(pred: np.ndarray, labels: np.ndarray, train_counts, num_classes: int, log: Callable) -> Dict:
+    """``many_shot`` / ``medium_shot`` / ``few_shot`` top-1 (with meta) from the checkpoint's training
+    class counts (``fgvc.longtail.shot_accuracy``); None with a note when the checkpoint has no counts."""
+    from .longtail import SHOT_SPLITS, shot_accuracy
+    if train_counts is None or len(train_counts) != num_classes:
+        log("[eval] the checkpoint stores no training class counts (an official file, or written by an older "
+            "version): many / medium / few-shot top-1 are not computed")
+        return {s: None for s in SHOT_SPLITS}
+    correct = np.bincount(labels[pred == labels], minlength=num_classes)
+    total = np.bincount(labels, minlength=num_classes)
+    shots = shot_accuracy(correct, total, train_counts)
+    text = ", ".join(f"{s.replace('_', '-')} {shots[s]:.2f} ({shots[s + '_classes']} classes)" if shots[s] is not None
+                     else f"{s.replace('_', '-')} - (no class)" for s in SHOT_SPLITS)
+    log(f"[eval] top-1 by training images per class (>100 / 20-100 / <20): {text}")
+    return shots
+
+
 def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, overrides: Sequence[str] = (),
                         log: Callable = print) -> Dict:
     """Evaluate ``checkpoint`` on its test (or held-out val) split; returns the summary dict."""
@@ -242,6 +268,8 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     data_cfg = resolve_data_config(cfg.data.to_dict(), os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
                                                                     "demo_data"), log=log)
     stored_classes = list(ckpt["classes"]) if ours else None
+    train_counts = ckpt.get("train_class_counts") if ours else None
+    group = (ckpt.get("wandb_group") if ours else None) or cfg.wandb.group or None  # the training run's group
     if e.split == "val":
         if data_cfg["val_split"] <= 0:
             raise ConfigError("eval.split=val needs data.val_split > 0 (the held-out part of train)")
@@ -267,12 +295,17 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     else:
         for note in load_pretrained(model, ckpt):
             log(f"[load] {note}")
+    transform = build_transform(False, cfg.model.img_size)
+    if e.tta != "none":
+        from .tta import TTAModel, tta_transform
+        model, transform = TTAModel(model, e.tta), tta_transform(cfg.model.img_size, e.tta)
+        log(f"[eval] test-time augmentation: {e.tta} (averaged probabilities)")
     model = model.to(device).eval()
     del ckpt
     out_dir = e.out_dir or default_eval_dir(checkpoint, e.split)
     os.makedirs(out_dir, exist_ok=True)
 
-    loader = DataLoader(FGVCDataset(rec, build_transform(False, cfg.model.img_size), train=False),
+    loader = DataLoader(FGVCDataset(rec, transform, train=False),
                         batch_size=e.batch_size or data_cfg["eval_batch_size"], shuffle=False,
                         num_workers=data_cfg["num_workers"] if e.num_workers < 0 else e.num_workers,
                         collate_fn=collate_skip_bad)
@@ -309,11 +342,15 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     if len(classes) <= e.max_confusion_classes:
         save_confusion_png(cm, classes, os.path.join(out_dir, "confusion.png"),
                            f"{rec.name}: top-1 {results['with_meta']['top1']:.2f} (with meta)")
-    summary = {"checkpoint": os.path.abspath(checkpoint), "dataset": rec.name, "split": e.split,
+    from .report import split_label
+    log(f"[eval] {rec.name} is the {split_label(data_cfg['dataset'], e.split)}")
+    summary = {"checkpoint": os.path.abspath(checkpoint), "dataset": rec.name, "split": e.split, "tta": e.tta,
+               "split_label": split_label(data_cfg["dataset"], e.split),
                "num_classes": len(classes), "meta_groups": [g.name for g in groups],
                "skipped_images": int(main["skipped"]), "results": results,
                "mean_per_class_top1": float(np.nanmean([r["top1"] for r in rows])),
                "top_confusions": confusions[:10], "out_dir": out_dir}
+    summary.update(_shot_summary(pred, labels, train_counts, len(classes), log))
     if "meta_zeroed" in results:
         summary["meta_gain_top1"] = results["with_meta"]["top1"] - results["meta_zeroed"]["top1"]
         log(f"[eval] meta gain (with meta - meta zeroed): {summary['meta_gain_top1']:+.2f} top-1 points")
@@ -325,15 +362,25 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     # wandb: metrics + a Table of predictions (images, meta, label, prediction, confidence)
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project,
                        name=(cfg.wandb.name + "-eval") if cfg.wandb.name else None, entity=cfg.wandb.entity or None,
-                       enabled=True, use_wandb=cfg.wandb.enabled, job_type="fgvc-eval", log_model="off")
+                       enabled=True, use_wandb=cfg.wandb.enabled, job_type="fgvc-eval", log_model="off", group=group)
     logger.summary({f"eval/{c}/{k}": v for c, r in results.items() for k, v in r.items() if k != "n"})
+    # per-class top-1 and the confusion matrix in the run too (a table, wandb's plot; metrics.jsonl), not only as files
+    from .dashboard import log_evaluation
+    k = len(classes)
+    log_evaluation(logger, {"per_class_correct": np.bincount(labels[pred == labels], minlength=k),
+                            "per_class_total": np.bincount(labels, minlength=k),
+                            "confusion": cm if k <= e.max_confusion_classes else None, "samples": []},
+                   "eval", 0, classes, rec, train_counts)
     if logger.run is not None and e.table_rows > 0:
         import wandb
         columns, trows = prediction_rows(rec, classes, groups, index, labels, pred, conf.numpy(), pred0, e.table_rows)
         table = wandb.Table(columns=columns)
+        strip = []
         for row in trows:
+            if row[0] is not None and len(strip) < 32:  # the first thumbnails also as an image panel
+                strip.append(wandb.Image(row[0], caption=f"{row[1]} -> {row[2]} ({row[3]:.2f})"))
             row[0] = wandb.Image(row[0]) if row[0] is not None else None
             table.add_data(*row)
-        logger.run.log({"eval/predictions": table})
+        logger.run.log({"eval/predictions": table, "eval/prediction_images": strip})
     logger.finish()
     return summary

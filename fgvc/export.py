@@ -71,7 +71,8 @@ def export_metadata(predictor) -> Dict:
                         for g in predictor.meta_groups],
         "meta_dim": predictor.meta_dim, "use_hour": predictor.use_hour,
         "img_size": list(predictor.model.img_size), "mean": list(cfg["mean"]), "std": list(cfg["std"]),
-        "crop_pct": cfg["crop_pct"], "interpolation": cfg["interpolation"],
+        "crop_pct": cfg["crop_pct"], "interpolation": cfg["interpolation"], "tta": cfg.get("tta", "none"),
+        "output": "logits" if cfg.get("tta", "none") == "none" else "log of the averaged class probabilities",
     }
 
 
@@ -143,10 +144,12 @@ def check_export(predictor, program_module, batch: int = 3, seed: int = 1) -> fl
 
 
 def export_checkpoint(checkpoint: str, out: str, formats: Sequence[str] = ("pt2",), batch: int = 2,
-                      log=print) -> List[str]:
+                      log=print, tta: str = "none") -> List[str]:
     """Export a training checkpoint (``best.pth``) to ``out`` (.pt2; the ONNX file takes the same
     stem with .onnx) plus ``<stem>.json`` metadata; returns the written paths. Each export is
-    checked against the eager model (logits compared on a fresh batch)."""
+    checked against the eager model (logits compared on a fresh batch). ``tta`` (hflip / multicrop) exports
+    the model with its test-time augmentation inside (:class:`fgvc.tta.TTAModel`: the output is the log of
+    the averaged probabilities; multicrop takes the larger ``R x R`` input the metadata names)."""
     from sparse_mim.utils.checkpoint import atomic_write_text
     from .predict import Predictor
     bad = [f for f in formats if f not in ("pt2", "onnx")]
@@ -154,7 +157,7 @@ def export_checkpoint(checkpoint: str, out: str, formats: Sequence[str] = ("pt2"
         raise ValueError(f"unknown export format(s) {bad}; choose pt2 and/or onnx")
     if "onnx" in formats:
         _require_onnx()  # before any work
-    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", amp="off")
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", amp="off", tta=tta)
     stem = out[:-4] if out.endswith(".pt2") else (out[:-5] if out.endswith(".onnx") else out)
     os.makedirs(os.path.dirname(os.path.abspath(stem)) or ".", exist_ok=True)
     written = []
@@ -214,8 +217,10 @@ def export_command(argv: Sequence[str], log=print) -> int:
     p.add_argument("checkpoint", help="best.pth / last.pth of an fgvc training run")
     p.add_argument("--out", default="", help="output path (.pt2); default: next to the checkpoint, same name")
     p.add_argument("--format", nargs="+", default=["pt2"], choices=("pt2", "onnx"), help="pt2 (default) and/or onnx")
+    p.add_argument("--tta", default="none", choices=("none", "hflip", "multicrop"),
+                   help="export with test-time augmentation inside the graph (see fgvc-eval --tta)")
     p.add_argument("--batch", type=int, default=2, help="example batch size used for tracing (the batch stays dynamic)")
     args = p.parse_args(list(argv))
     out = args.out or os.path.splitext(args.checkpoint)[0] + ".pt2"
-    export_checkpoint(args.checkpoint, out, args.format, args.batch, log=log)
+    export_checkpoint(args.checkpoint, out, args.format, args.batch, log=log, tta=args.tta)
     return 0

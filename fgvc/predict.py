@@ -190,7 +190,7 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, classes: Sequence[str], meta_groups: Sequence[MetaGroup],
                  img_size, device: Optional[torch.device] = None, amp: str = "auto", use_hour: bool = True,
-                 name: str = "", custom_columns: Optional[Dict[str, List[str]]] = None):
+                 name: str = "", custom_columns: Optional[Dict[str, List[str]]] = None, tta: str = "none"):
         from sparse_mim.utils.amp import resolve_amp
         from .data.transforms import build_transform
         self.device = torch.device(device) if device is not None else torch.device(
@@ -200,6 +200,10 @@ class Predictor:
         self.meta_groups = list(meta_groups)
         self.img_size = img_size
         self.transform = build_transform(False, img_size)
+        self.tta = tta
+        if tta != "none":  # test-time augmentation (fgvc.tta): the wrapped model averages its views' probabilities
+            from .tta import TTAModel, tta_transform
+            self.model, self.transform = TTAModel(self.model, tta).to(self.device).eval(), tta_transform(img_size, tta)
         self.amp = resolve_amp(amp, self.device)
         self.use_hour = use_hour
         self.name = name
@@ -208,11 +212,12 @@ class Predictor:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str, device=None, amp: str = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: str, device=None, amp: str = "auto", tta: str = "none") -> "Predictor":
         """Rebuild the model of a training checkpoint (``best.pth``) with its classes and meta layout.
 
         ``device``: None = CUDA when available, else CPU. ``amp``: auto | bf16 | fp16 | off
-        (``auto`` = bf16 where the hardware computes it natively, else fp32).
+        (``auto`` = bf16 where the hardware computes it natively, else fp32). ``tta``: none | hflip |
+        multicrop (:mod:`fgvc.tta`: class probabilities averaged over flipped / cropped views).
         """
         from .models import create_model, load_state_dict_exact
         ckpt = read_fgvc_checkpoint(path)
@@ -241,7 +246,7 @@ class Predictor:
             raise ValueError(f"{path}: {e} (the stored config says model.name={name!r})") from None
         columns = {n: list(s.get("columns") or []) for n, s in specs.items()}
         return cls(model, ckpt["classes"], groups, m.get("img_size", 224), device=device, amp=amp,
-                   use_hour=bool(data.get("use_hour", True)), name=name, custom_columns=columns)
+                   use_hour=bool(data.get("use_hour", True)), name=name, custom_columns=columns, tta=tta)
 
     # -- meta --------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -564,6 +569,9 @@ def _parser():
                    help="mixed precision (auto: bf16 where the hardware has it, else fp32)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: CUDA when present")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--tta", default="none", choices=("none", "hflip", "multicrop"),
+                   help="test-time augmentation: hflip (image + mirror) or multicrop (centre + 4 corner crops and "
+                        "their mirrors, 10 views); probabilities averaged (default none)")
     p.add_argument("--quiet", action="store_true", help="only the summary line (the CSV has everything)")
     return p
 
@@ -582,7 +590,7 @@ def predict_command(argv: Sequence[str], log=print) -> int:
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
     device = None if args.device == "auto" else torch.device(args.device)
     files = image_files(args.images)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=device, amp=args.amp)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=device, amp=args.amp, tta=args.tta)
     log(f"[predict] {predictor.describe()}")
     table = read_meta_csv(args.meta_csv, predictor) if args.meta_csv else {}
     common = dict(date=args.date, lat=args.lat, lon=args.lon, attributes=args.attributes, text=args.text)

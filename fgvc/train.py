@@ -75,6 +75,9 @@ DEFAULTS = {
         "num_workers": K(8, "data-loader worker processes per training process", min=0),
         "batch_size": K(32, "images per process and step", min=1),
         "eval_batch_size": K(64, "images per process in evaluation", min=1),
+        "sampler": K("uniform", "training sampler: uniform (every image once per epoch), class_balanced (every "
+                                "class equally likely) or sqrt (class probability ~ sqrt of its image count); the "
+                                "last two draw with replacement", choices=("uniform", "class_balanced", "sqrt")),
     },
     "aug": {
         "scale": K([0.08, 1.0], "RandomResizedCrop area range", length=2, item_gt=0.0, item_max=1.0,
@@ -99,6 +102,18 @@ DEFAULTS = {
         "eps": K(1e-8, "AdamW eps", gt=0.0),
         "clip_grad": K(5.0, "global gradient-norm clip (0 = off)", min=0.0),
         "accum_steps": K(1, "micro-batches per optimizer step", min=1),
+        "opt": K("adamw", "optimizer (timm names): adamw, sgd (Nesterov momentum), momentum (plain SGD with "
+                          "momentum), lamb", choices=("adamw", "sgd", "momentum", "lamb")),
+        "momentum": K(0.9, "SGD momentum (opt=sgd / momentum)", min=0.0, lt=1.0),
+        "layer_decay": K(1.0, "layer-wise lr decay (timm --layer-decay): layer i of L gets lr * layer_decay^(L-i), "
+                              "blocks of the conv and token stages input first, head on top (1 = off)",
+                         gt=0.0, max=1.0),
+        "backbone_lr_mult": K(1.0, "lr multiplier of the conv part (MetaFormer's stem + MBConv stages, a hybrid's "
+                                   "convnet trunk)", min=0.0),
+        "sched": K("cosine", "lr schedule after the warm-up: cosine (to min_lr) or step (x decay_rate every "
+                             "decay_epochs)", choices=("cosine", "step")),
+        "decay_epochs": K(30, "step schedule: epochs between lr drops", min=1),
+        "decay_rate": K(0.1, "step schedule: lr factor at each drop", gt=0.0, max=1.0),
     },
     "train": {
         "epochs": K(300, "training epochs", min=1),
@@ -107,6 +122,12 @@ DEFAULTS = {
         "amp": K("auto", "mixed precision (auto picks bf16 / fp16 / fp32 from the hardware)", choices=("auto", "bf16", "fp16", "off")),
         "ema": K(False, "keep an EMA of the weights (timm ModelEmaV3); evaluation and best.pth use it"),
         "ema_decay": K(0.9998, "EMA decay per step", gt=0.0, lt=1.0),
+        "ema_warmup": K(True, "ramp the EMA decay up as timm's ModelEmaV3 does (1 - (1 + step)^-2/3, capped at "
+                              "ema_decay), so the EMA follows the weights on a short run"),
+        "loss": K("ce", "training loss: ce, logit_adjusted (Menon et al. 2021: logits + logit_tau * log class "
+                        "prior during training) or balanced_softmax (the same with logit_tau = 1)",
+                  choices=("ce", "logit_adjusted", "balanced_softmax")),
+        "logit_tau": K(1.0, "temperature of the logit-adjusted loss", min=0.0),
         "cpu_threads": K(0, "torch intra-op threads on CPU (0 = torch default)", min=0),
         "eval_every": K(1, "evaluate every N epochs (and after the last)", min=1),
         "eval_meta_zeroed": K(False, "also report accuracy with meta zeroed at every evaluation"),
@@ -116,12 +137,16 @@ DEFAULTS = {
     "log": {
         "every": K(20, "log the running loss every N optimizer steps", min=1),
         "progress": K(True, "progress bars"),
+        "sample_predictions": K(16, "images in the sample-prediction table at every evaluation (0 = none)", min=0),
+        "confusion_max_classes": K(100, "log the confusion matrix at every evaluation up to this many classes",
+                                   min=0),
     },
     "wandb": {
         "enabled": K(True, "log to Weights & Biases (mode from WANDB_MODE, offline by default)"),
         "project": K("fgvc", "wandb project"),
         "name": K("", "wandb run name"),
         "entity": K("", "wandb entity"),
+        "group": K("", "wandb group ('' = the training run's id); fgvc-eval runs join their training run's group"),
         "log_model": K("auto", "best.pth to wandb: auto = upload when online, nothing offline; reference = a "
                                         "file:// link, no copy",
                        choices=("auto", "off", "reference", "upload")),
@@ -150,6 +175,9 @@ def validate_config(cfg: Config) -> None:
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}; the cosine decays "
                           f"from lr to min_lr")
+    if cfg.train.loss == "balanced_softmax" and cfg.train.logit_tau != 1.0:
+        raise ConfigError(f"train.loss=balanced_softmax is the logit-adjusted loss with logit_tau=1, but "
+                          f"train.logit_tau={cfg.train.logit_tau}; use train.loss=logit_adjusted for another tau")
     if cfg.data.dataset != "custom" and cfg.data.demo:
         raise ConfigError(f"data.demo=true generates a custom-layout dataset but data.dataset={cfg.data.dataset!r}; "
                           f"set data.demo=false to train on {cfg.data.dataset}")
@@ -223,11 +251,16 @@ def _eval_loader(rec, img_size, batch_size, num_workers, rank=0, world=1, pin=Fa
 
 
 # --------------------------------------------------------------------------------------- model
-def build_model(model_cfg: Mapping, num_classes: int, meta_groups, init_weights: bool = True) -> torch.nn.Module:
+def build_model(model_cfg: Mapping, num_classes: int, meta_groups, init_weights: bool = True,
+                classes: Optional[List[str]] = None, log: Optional[Callable] = None) -> torch.nn.Module:
     """``fgvc.create_model`` from the ``model`` config section; ``init_weights=False`` skips
-    ``pretrained`` / ``init_backbone`` (when a full checkpoint is loaded next anyway)."""
-    from fgvc.models import create_model, load_pretrained
+    ``pretrained`` / ``init_backbone`` (when a full checkpoint is loaded next anyway). ``log`` gets
+    what ``init_backbone`` / ``pretrained`` loaded, skipped and resized, and what happened to a
+    pretrained head given the dataset's ``classes`` (:func:`fgvc.report.load_pretrained_reported`)."""
+    from fgvc.models import create_model
+    from fgvc.report import load_pretrained_reported, log_lines
     m = model_cfg
+    log = log or (lambda *_: None)
     kwargs = dict(m.get("kwargs") or {})
     if any(g.tokens > 1 for g in meta_groups):
         kwargs["meta_tokens"] = [g.tokens for g in meta_groups]
@@ -239,8 +272,10 @@ def build_model(model_cfg: Mapping, num_classes: int, meta_groups, init_weights:
         kwargs["init_backbone"] = m["init_backbone"]
     model = create_model(m["name"], num_classes=num_classes, img_size=m["img_size"],
                          meta_dims=[g.dim for g in meta_groups], drop_path_rate=m["drop_path_rate"], **kwargs)
+    if m.get("init_backbone") and init_weights:
+        log_lines(log, f"[init] model.init_backbone={m['init_backbone']}:", getattr(model, "init_notes", []))
     if m.get("pretrained") and init_weights:
-        load_pretrained(model, m["pretrained"])
+        log_lines(log, "[init] model.pretrained:", load_pretrained_reported(model, m["pretrained"], classes))
     return model
 
 
@@ -250,11 +285,10 @@ def model_meta_spec(meta_groups) -> List[Dict]:
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping, lr: float) -> torch.optim.Optimizer:
-    """AdamW over timm's weight-decay groups (no decay on 1-D params, biases and ``no_weight_decay()``)."""
-    from timm.optim import param_groups_weight_decay
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups_weight_decay(model, optim_cfg["weight_decay"], no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"])
+    """``optim.opt`` over timm's weight-decay groups (no decay on 1-D params, biases and ``no_weight_decay()``),
+    with ``optim.layer_decay`` / ``optim.backbone_lr_mult`` as per-group lr scales (:mod:`fgvc.optim`)."""
+    from fgvc.optim import build_optimizer as _build
+    return _build(model, optim_cfg, lr)
 
 
 def build_mixup(aug: Mapping, num_classes: int):
@@ -338,7 +372,6 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     from sparse_mim.utils.logger import RunLogger
     from sparse_mim.utils.misc import count_parameters
     from sparse_mim.utils.preemption import PreemptionGuard
-    from sparse_mim.utils.schedules import WarmupCosine
 
     is_main, device, rank, world = dist_info.is_main, dist_info.device, dist_info.rank, dist_info.world_size
     out_dir = cfg.output_dir
@@ -379,6 +412,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     if not is_main:
         data_cfg = resolve_data_config(cfg.data.to_dict(), demo_dir, generate=False)
     train_rec, val_rec, test_rec = build_splits(data_cfg, say)
+    if train_rec.name.endswith("/train_mini") and cfg.data.train_split != "train_mini":
+        cfg.data.train_split = "train_mini"  # the fall-back the reader took: the saved config records what was read
     select_rec, select_name = (val_rec, "val") if val_rec is not None else (test_rec, "test")
     if val_rec is None:
         say("[note] data.val_split=0: the best epoch is picked on the TEST split (official protocol); "
@@ -394,6 +429,10 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
                          f"(data.batch_size={bs} x optim.accum_steps={accum} x {world} process(es)); "
                          f"lower data.batch_size")
     sampler = ResumableSampler(train_ds, num_replicas=world, rank=rank, seed=cfg.seed)
+    if data_cfg.get("sampler", "uniform") != "uniform":  # class-balanced / square-root (fgvc.longtail)
+        from fgvc.longtail import ClassAwareSampler
+        sampler = ClassAwareSampler(train_rec.labels, data_cfg["sampler"], num_replicas=world, rank=rank,
+                                    seed=cfg.seed)
     nw, pin = data_cfg["num_workers"], device.type == "cuda"
     train_loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, drop_last=True, num_workers=nw,
                               collate_fn=collate_skip_bad, pin_memory=pin)
@@ -405,7 +444,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
 
     # ---- model, optimizer, schedule, precision
     torch.manual_seed(RandomStreams(cfg.seed).seed_for("init"))  # the same initial weights on every rank and run
-    model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None).to(device)
+    model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None,
+                        classes=list(train_rec.classes), log=say).to(device)
     say(f"[model] {cfg.model.name}: {count_parameters(model) / 1e6:.2f}M params, {train_rec.num_classes} classes, "
         f"meta groups {model_meta_spec(groups)}; train {len(train_rec)} / {select_name} {len(select_rec)} / "
         f"test {len(test_rec)} images")
@@ -413,8 +453,9 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     scale = total_batch / cfg.optim.lr_base_batch
     lr, min_lr, warmup_lr = cfg.optim.lr * scale, cfg.optim.min_lr * scale, cfg.optim.warmup_lr * scale
     total_steps = updates_per_epoch * cfg.train.epochs
-    lr_schedule = WarmupCosine(lr, min_lr, total_steps, min(updates_per_epoch * cfg.train.warmup_epochs, total_steps),
-                               warmup_start=warmup_lr)
+    from fgvc.optim import build_lr_schedule, describe_param_groups
+    lr_schedule = build_lr_schedule(cfg.optim, lr, min_lr, warmup_lr, total_steps,
+                                    min(updates_per_epoch * cfg.train.warmup_epochs, total_steps), updates_per_epoch)
     if state.step > total_steps:
         raise ConfigError(f"the checkpoint {resume_path} is at step {state.step}, beyond the {total_steps} steps of "
                           f"train.epochs={cfg.train.epochs} at this batch size; resume with the run's own "
@@ -422,12 +463,20 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     optimizer = build_optimizer(model, cfg.optim, lr)
     amp = resolve_amp(cfg.train.amp, device)
     scaler = amp.make_scaler()
-    say(f"[setup] {amp.describe()}; total batch {total_batch} -> peak lr {lr:.3g}; {updates_per_epoch} steps/epoch")
+    say(f"[setup] {amp.describe()}; total batch {total_batch} -> peak lr {lr:.3g}; {updates_per_epoch} steps/epoch; "
+        f"{describe_param_groups(optimizer)}")
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+        from fgvc.average import ema_warning
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+        warning = ema_warning(ema, total_steps)
+        if warning:
+            say(f"[warning] {warning}")
+    from fgvc.longtail import build_loss, class_counts
+    train_counts = class_counts(train_rec.labels, train_rec.num_classes)
     mixup, criterion = build_mixup(cfg.aug, train_rec.num_classes)
+    criterion = build_loss(criterion, cfg.train.loss, train_counts, cfg.train.logit_tau)
 
     wandb_id = None
     if ckpt is not None:
@@ -437,7 +486,9 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         if ema is not None and "model_ema" in ckpt:
             ema.module.load_state_dict(ckpt["model_ema"])
         wandb_id = ckpt.get("wandb_id") or None
-        say(f"[resume] {resume_path}: epoch {state.epoch}, batch {state.batch}, step {state.step}, "
+        from fgvc.report import position
+        where = position(state.epoch, state.batch, cfg.train.epochs, batches_per_epoch)
+        say(f"[resume] {resume_path}: step {state.step}, {where}, "
             f"best {select_name} top1 {state.best['top1']:.2f}")
     del ckpt
 
@@ -448,11 +499,14 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
 
     if is_main:
         save_config(cfg, out_dir)
+    from sparse_mim.utils.logger import new_run_id
+    wandb_id = wandb_id or new_run_id()
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project, name=cfg.wandb.name or None,
                        entity=cfg.wandb.entity or None, run_id=wandb_id, enabled=is_main, use_wandb=cfg.wandb.enabled,
-                       job_type="fgvc-train", log_model=cfg.wandb.log_model)
+                       job_type="fgvc-train", log_model=cfg.wandb.log_model, group=cfg.wandb.group or wandb_id)
     logger.log_config({"amp_resolved": amp.as_dict()})  # what train.amp picked on this hardware (bf16/fp16/fp32)
-    meta_info = {"classes": list(train_rec.classes), "meta_groups": model_meta_spec(groups)}
+    meta_info = {"classes": list(train_rec.classes), "meta_groups": model_meta_spec(groups),
+                 "train_class_counts": train_counts.tolist(), "wandb_group": cfg.wandb.group or wandb_id}
     streams = RandomStreams(cfg.seed, rank)
 
     def eval_model():
@@ -512,9 +566,13 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
                        "train/images_per_s": stats["images_per_s"], "train/meta_drop_p": stats["meta_drop_p"],
                        "train/skipped_images": stats["skipped"], "time/epoch_s": time.time() - t0}
                 if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-                    ev = evaluate(eval_model(), select_loader, device, amp=amp)
-                    row.update({f"{select_name}/top1": ev["top1"], f"{select_name}/top5": ev["top5"],
-                                f"{select_name}/loss": ev["loss"], f"{select_name}/images": ev["n"]})
+                    from fgvc.dashboard import evaluate_detailed, evaluation_row, log_evaluation
+                    lg = cfg.log
+                    ev = evaluate_detailed(eval_model(), select_loader, device, train_rec.num_classes, amp=amp,
+                                           confusion_max=lg.confusion_max_classes, samples=lg.sample_predictions)
+                    row.update(evaluation_row(ev, select_name, train_counts))
+                    if ema is not None:  # the raw weights too: the EMA is not always the better one
+                        row[f"{select_name}/top1_raw"] = evaluate(model, select_loader, device, amp=amp)["top1"]
                     if cfg.train.eval_meta_zeroed and groups:
                         ev0 = evaluate(eval_model(), select_loader, device, meta_mode="zero", amp=amp)
                         row[f"{select_name}/top1_meta_zeroed"] = ev0["top1"]
@@ -526,6 +584,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
                     row[f"{select_name}/best_top1"] = state.best["top1"]
                 if is_main:
                     logger.log(row, state.step)
+                    if f"{select_name}/top1" in row:
+                        log_evaluation(logger, ev, select_name, state.step, train_rec.classes, select_rec, train_counts)
                     msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                     say(f"[epoch {epoch + 1}/{epochs}] {msg}")
                 save_last()
@@ -536,7 +596,9 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         save_last()
         barrier()
         why = preempt.signal_name if preempt.requested else f"train.stop_at_step={stop_at}"
-        say(f"[stop] {why}: stopped after step {state.step} (epoch {state.epoch + 1}, batch {state.batch}); "
+        from fgvc.report import position
+        where = position(state.epoch, state.batch, epochs, batches_per_epoch)
+        say(f"[stop] {why}: stopped after step {state.step} ({where}); "
             f"last.pth written; continue with resume=auto")
         logger.finish()
         return {"stopped": True, "preempted": preempt.signal_name if preempt.requested else None,
@@ -551,13 +613,22 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         final_model.load_state_dict(load_checkpoint(best_path, check_finite=True)["model"])
     else:
         final_model = eval_model()
-    ev = evaluate(final_model, test_loader, device, amp=amp)
-    summary.update({"test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"]})
+    from fgvc.dashboard import evaluate_detailed, evaluation_row
+    ev = evaluate_detailed(final_model, test_loader, device, train_rec.num_classes, amp=amp, confusion_max=0,
+                           samples=0)
+    from fgvc.report import split_label
+    summary.update({"test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"],
+                    "test_split": f"{test_rec.name}: {split_label(data_cfg['dataset'])}"})
+    summary.update({k: v for k, v in evaluation_row(ev, "test", train_counts).items()
+                    if k.rsplit("/", 1)[1] in ("mean_per_class_top1", "many_shot", "medium_shot", "few_shot")})
+    if ema is not None:  # the raw (non-EMA) weights at the end of training, for comparison
+        summary["test/top1_raw_last"] = evaluate(model, test_loader, device, amp=amp)["top1"]
     if groups:
         ev0 = evaluate(final_model, test_loader, device, meta_mode="zero", amp=amp)
         summary["test/top1_meta_zeroed"] = ev0["top1"]
     if is_main:
-        say(f"[final] best epoch {state.best['epoch']} ({select_name} top1 {state.best['top1']:.2f}); test top1 "
+        say(f"[final] best epoch {state.best['epoch']} ({select_name} top1 {state.best['top1']:.2f}); "
+            f"{split_label(data_cfg['dataset'])} ({test_rec.name}) top1 "
             f"{summary['test/top1']:.2f}" + (f", meta zeroed {summary['test/top1_meta_zeroed']:.2f}" if groups else ""))
         _write_json(os.path.join(out_dir, "final.json"), summary)
         logger.summary(summary)

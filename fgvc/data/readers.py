@@ -87,8 +87,22 @@ def _require(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{what}: expected file {path!r} does not exist. Check data.root (the dataset layouts are "
-            f"described in docs/fgvc_data.md).")
+            f"described in docs/fgvc_data.md).{_dataset_folder_hint(os.path.dirname(path), os.path.basename(path))}")
     return path
+
+
+def _dataset_folder_hint(root: str, *names: str) -> str:
+    """When ``root`` is the folder above a dataset: " data.root=<the folder inside that holds names[0]>?"."""
+    try:
+        subs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    except OSError:
+        return ""
+    for name in names:
+        found = [os.path.join(root, d) for d in subs if os.path.isfile(os.path.join(root, d, name))]
+        if found:
+            return (f" {root} looks like the folder above the dataset: {found[0]} holds {name}; set "
+                    f"data.root={found[0]}")
+    return ""
 
 
 def _read_table(path: str, min_fields: int, issues: MetaIssues):
@@ -314,7 +328,8 @@ def read_inat(root: str, year: int, split: str = "train", use_meta: bool = True,
             default_ann, split = mini, "train_mini"
         else:
             raise FileNotFoundError(f"inat2021 annotations: neither {default_ann!r} nor {mini!r} exists. Check "
-                                    f"data.root (the dataset layouts are described in docs/fgvc_data.md).")
+                                    f"data.root (the dataset layouts are described in docs/fgvc_data.md)."
+                                    f"{_dataset_folder_hint(root, 'train.json', 'train_mini.json')}")
     ann_path = ann_file or default_ann
     ann = _load_json(ann_path, f"{name} annotations")
     issues = MetaIssues()

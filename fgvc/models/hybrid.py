@@ -142,7 +142,7 @@ def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
             lines.append(_fmt(f"keys {trunk.name} does not have", stray))
         raise ValueError("\n".join(lines))
     trunk.load_state_dict({k: state_dict[k] for k in target if k in state_dict}, strict=False)
-    notes = []
+    notes = [f"loaded {sum(1 for k in target if k in state_dict)} tensors into the {trunk.name} trunk"]
     if ignored:
         notes.append(f"backbone file: {len(ignored)} keys of the stages the hybrid replaces were not used "
                      f"({', '.join(sorted({k.split('.')[0] for k in ignored}))})")
@@ -179,6 +179,19 @@ class MetaFormerHybrid(MetaFormer):
             raise ValueError("hybrid backbones take 3-channel images")
         self.backbone = build_conv_trunk(backbone, backbone_drop_path_rate)
         return 0, self.backbone.channels[-1], 16
+
+    def _conv_stages(self) -> List[List[List[str]]]:
+        """The trunk's stem and stages as layer prefixes (a ConvNeXt downsample goes with its stage's first block)."""
+        b = self.backbone
+        if isinstance(b, ResNetTrunk):
+            return [[["backbone.conv1.", "backbone.bn1."]]] + [
+                [[f"backbone.{n}.{i}."] for i in range(len(getattr(b, n)))] for n in ("layer1", "layer2", "layer3")]
+        stages = [[["backbone.stem."]]]
+        for s, stage in enumerate(b.stages):
+            blocks = [[f"backbone.stages.{s}.blocks.{i}."] for i in range(len(stage.blocks))]
+            blocks[0].append(f"backbone.stages.{s}.downsample.")
+            stages.append(blocks)
+        return stages
 
     def forward_conv_stages(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():

@@ -493,6 +493,40 @@ class MetaFormer(nn.Module):
     def no_weight_decay(self):
         return {"cls_token_1", "cls_token_2"}
 
+    def _conv_stages(self) -> List[List[List[str]]]:
+        """Parameter-name prefixes of the conv part, input first: stages, each a list of blocks,
+        each a list of prefixes (the stem is a stage of one block)."""
+        return [[["stage_0.", "bn1."]]] + [[[f"stage_{s}.{i}."] for i in range(len(getattr(self, f"stage_{s}")))]
+                                          for s in (1, 2)]
+
+    def layer_prefixes(self, coarse: bool = False) -> List[List[str]]:
+        """Parameter-name prefixes of every layer, input first: each block of the conv part
+        (:meth:`_conv_stages`), then each token block (a stage's class token goes with its first
+        block); ``coarse``: one layer per stage. Parameters that match none (meta heads, class-token
+        aggregation, final norms, head) form the top layer."""
+        stages = self._conv_stages()
+        for s in (3, 4):
+            blocks = [[f"stage_{s}.{i}."] for i in range(len(getattr(self, f"stage_{s}")))]
+            blocks[0].append(f"cls_token_{s - 2}")
+            stages.append(blocks)
+        if coarse:
+            return [[p for block in st for p in block] for st in stages]
+        return [block for st in stages for block in st]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """timm's layer grouping (``timm.optim.param_groups_layer_decay``, ``--layer-decay``): a function
+        from a parameter name to its layer index, input first (:meth:`layer_prefixes`)."""
+        layers = self.layer_prefixes(coarse)
+        table = [(p, i) for i, prefixes in enumerate(layers) for p in prefixes]
+
+        def layer_of(name: str) -> int:
+            for p, i in table:
+                if name == p or name.startswith(p):
+                    return i
+            return len(layers)
+        return layer_of
+
     def get_classifier(self) -> nn.Module:
         return self.head
 

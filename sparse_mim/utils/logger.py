@@ -99,12 +99,13 @@ class RunLogger:
         enabled: False on ranks other than 0 (everything becomes a no-op).
         use_wandb: False keeps the local files but never starts wandb (the ``wandb.enabled`` key).
         log_model: what :meth:`log_model` does with model files (module docstring).
+        group: wandb group (e.g. a training run and the evaluations of its checkpoints).
     """
 
     def __init__(self, out_dir: str, config: Mapping | None = None, project: str = "sparse_mim",
                  name: str | None = None, entity: str | None = None, run_id: str | None = None,
                  tags=None, enabled: bool = True, job_type: str | None = None, use_wandb: bool = True,
-                 log_model: str = "auto"):
+                 log_model: str = "auto", group: str | None = None):
         if log_model not in LOG_MODEL_CHOICES:
             raise ValueError(f"log_model={log_model!r}: choose one of {', '.join(LOG_MODEL_CHOICES)}")
         self.enabled = bool(enabled)
@@ -133,7 +134,7 @@ class RunLogger:
         self._wandb = wandb
         cfg = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config else None)
         self.run = wandb.init(project=project, name=name, entity=entity, id=self.run_id, resume="allow",
-                              dir=out_dir, config=cfg, tags=tags, job_type=job_type,
+                              dir=out_dir, config=cfg, tags=tags, job_type=job_type, group=group or None,
                               reinit="finish_previous")
 
     @property
