@@ -46,6 +46,7 @@ __all__ = [
     "atomic_write", "atomic_write_text", "save_checkpoint", "load_checkpoint", "find_last", "find_resumable",
     "resolve_resume", "checkpoint_name", "remove_orphan_temps", "non_finite_tensors", "check_state_finite",
     "get_rng_state", "set_rng_state", "unwrap_model", "unwrap_state_dict", "compare_state_dicts", "format_keys",
+    "read_pt2_checked",
 ]
 
 FORMAT_VERSION = 1
@@ -430,3 +431,85 @@ def set_rng_state(state: Mapping) -> None:
         cuda_states = list(state["cuda"])
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------- torch.export programs (.pt2)
+_PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+
+
+def read_pt2_checked(path: str | os.PathLike) -> bytes:
+    """The bytes of a ``torch.export`` ``.pt2`` file, after checking nothing in it can run code when loaded.
+
+    ``torch.export.load`` unpickles payloads marked ``use_pickle`` (tensor subclasses), custom and
+    opaque objects and legacy ``.pt`` members with ``weights_only=False``, and falls back to
+    ``weights_only=False`` for sample inputs. This reads the file once (memory bounded by its size),
+    and refuses, naming the file and the member, anything but: raw weight / constant bytes,
+    their JSON configs with no pickled payload, the program JSON, extra files, and sample inputs
+    that load with ``torch.load(weights_only=True)``. Compressed members (a decompression bomb)
+    and the pre-2.7 archive layout are refused too. Load the returned bytes (``io.BytesIO``), not
+    the path, so the checked bytes are the loaded ones. Raises ``CheckpointError``.
+    """
+    import io
+    import json
+    path = os.fspath(path)
+    if os.path.isdir(path) or not os.path.isfile(path):
+        raise FileNotFoundError(f"program {path!r} does not exist or is not a file; give the path of a .pt2 file")
+    with open(path, "rb") as f:
+        data = f.read()
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"refusing to load program {path!r}: {why}; nothing in it was run. Re-export the "
+                               "model with fgvc-export (its .pt2 files hold plain tensors only)")
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read program {path!r}: it is not a .pt2 (zip) file or it is truncated "
+                              f"({e})") from None
+    names = {i.filename for i in infos}
+    root = next((n[: -len("archive_format")] for n in names if n.endswith("archive_format")
+                 and n.count("/") <= 1), None)
+    if root is None:
+        raise refuse("it is not a torch.export archive of the current layout (no archive_format member; the "
+                     "older layout unpickles its contents)")
+    configs = []
+    for info in infos:
+        name = info.filename
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise refuse(f"member {name!r} is compressed (torch.export stores members uncompressed)")
+        if not name.startswith(root) or ".." in name.split("/"):
+            raise refuse(f"member {name!r} lies outside the archive folder {root!r}")
+        rel = name[len(root):]
+        if rel.endswith("/") or rel in _PT2_FIXED or rel.startswith("extra/"):
+            continue
+        if re.fullmatch(r"models/[\w.-]+\.json", rel):
+            continue
+        if re.fullmatch(r"data/(weights|constants)/[\w.-]+_(weights|constants)_config\.json", rel):
+            configs.append(rel)
+            continue
+        if re.fullmatch(r"data/weights/weight_\d+|data/constants/tensor_\d+", rel):
+            continue  # raw tensor bytes, read with as_strided (no unpickling)
+        if re.fullmatch(r"data/sample_inputs/[\w.-]+\.pt", rel):
+            try:
+                torch.load(io.BytesIO(zf.read(info)), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any refusal means torch would retry with weights_only=False
+                raise refuse(f"its sample inputs {rel!r} pickle Python objects besides tensors "
+                             f"({_load_error_detail(e)})") from None
+            continue
+        raise refuse(f"member {rel!r} is not a plain weight, constant, program or extra file (pickled or "
+                     "compiled payloads are not accepted)")
+    for rel in configs:
+        try:
+            config = json.loads(zf.read(root + rel)).get("config")
+        except (ValueError, AttributeError) as e:
+            raise refuse(f"{rel!r} is not valid JSON ({e})") from None
+        if not isinstance(config, Mapping):
+            raise refuse(f"{rel!r} holds no 'config' mapping")
+        for fqn, meta in config.items():
+            if not isinstance(meta, Mapping) or meta.get("use_pickle") is not False or \
+                    not re.fullmatch(r"weight_\d+|tensor_\d+", str(meta.get("path_name", ""))):
+                fqn_s = str(fqn)[:80]
+                raise refuse(f"{fqn_s!r} in {rel!r} is a pickled payload (use_pickle / custom or opaque object), "
+                             "which torch.export.load unpickles with weights_only=False")
+    return data
