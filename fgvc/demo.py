@@ -28,7 +28,7 @@ from typing import Dict
 
 import numpy as np
 
-from sparse_mim.utils.checkpoint import atomic_write_text
+from sparse_mim.utils.checkpoint import atomic_write_dir, atomic_write_text
 
 __all__ = ["make_demo_dataset", "demo_data_config", "is_demo_dataset", "DEMO_META_GROUPS"]
 
@@ -90,22 +90,11 @@ def class_names(n_looks: int):
     return names
 
 
-def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, test_per_class: int = 24,
-                      image_size: int = 64, seed: int = 0, overwrite: bool = False) -> Dict:
-    """Write the demo dataset under ``root`` (idempotent: reuses a complete one with the same settings).
-
-    Returns the ``data:`` config entries that read it with the custom reader.
-    """
-    settings = dict(n_looks=n_looks, train_per_class=train_per_class, test_per_class=test_per_class,
-                    image_size=image_size, seed=seed, version=1)
+def _write_demo(root: str, settings: Dict) -> None:
+    n_looks, train_per_class, test_per_class = settings["n_looks"], settings["train_per_class"], \
+        settings["test_per_class"]
+    image_size, seed = settings["image_size"], settings["seed"]
     stamp = os.path.join(root, "demo.json")
-    if not overwrite and os.path.isfile(stamp):
-        with open(stamp) as f:
-            if json.load(f) == settings:
-                return demo_data_config(root)
-    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(stamp):
-        raise FileExistsError(f"{root!r} is not empty and holds no demo dataset (demo.json); the demo data is only "
-                              f"written into an empty folder or over an earlier demo dataset")
     rng = np.random.default_rng(seed)
     names = class_names(n_looks)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
@@ -127,8 +116,27 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
         w.writerow(["path", "label", "lat", "lon", "date"])
         w.writerows(rows[i] for i in order)
         atomic_write_text(os.path.join(root, f"{split}.csv"), buf.getvalue())
-    with open(stamp, "w") as f:
-        json.dump(settings, f)
+    atomic_write_text(stamp, json.dumps(settings))
+
+
+def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, test_per_class: int = 24,
+                      image_size: int = 64, seed: int = 0, overwrite: bool = False) -> Dict:
+    """Write the demo dataset under ``root`` (idempotent: reuses a complete one with the same settings).
+
+    Returns the ``data:`` config entries that read it with the custom reader.
+    """
+    settings = dict(n_looks=n_looks, train_per_class=train_per_class, test_per_class=test_per_class,
+                    image_size=image_size, seed=seed, version=1)
+    stamp = os.path.join(root, "demo.json")
+    if not overwrite and os.path.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f) == settings:
+                return demo_data_config(root)
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(stamp):
+        raise FileExistsError(f"{root!r} is not empty and holds no demo dataset (demo.json); the demo data is only "
+                              f"written into an empty folder or over an earlier demo dataset")
+    # written into a temp folder that takes root's place at the end: a kill or a full disk leaves no partial data
+    atomic_write_dir(root, lambda tmp: _write_demo(tmp, settings))
     return demo_data_config(root)
 
 

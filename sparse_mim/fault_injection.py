@@ -36,16 +36,45 @@ __all__ = ["Result", "Target", "TARGETS", "run_fault_injection", "format_report"
 _CHILD = r"""
 import errno, os, sys
 fault, limit = os.environ.get("FI_FAULT", ""), int(os.environ.get("FI_LIMIT", "0"))
-if fault == "disk_full":
+if fault == "disk_full":  # the disk fills 4 KiB into a save: torch's own writer meets ENOSPC from write()
     import torch
     _save, calls = torch.save, [0]
+    class _Full:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+        def __getattr__(self, k):
+            return getattr(self.f, k)
     def save(obj, f, *a, **k):
         calls[0] += 1
-        if calls[0] > limit:
-            f.write(b"partial") if hasattr(f, "write") else None
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return _save(obj, f, *a, **k)
+        return _save(obj, _Full(f) if calls[0] > limit and hasattr(f, "write") else f, *a, **k)
     torch.save = save
+elif fault == "disk_full_images":  # the disk fills while images are written (the fgvc demo data)
+    from PIL import Image
+    _isave, calls = Image.Image.save, [0]
+    def isave(self, fp, *a, **k):
+        calls[0] += 1
+        if calls[0] > limit:
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        return _isave(self, fp, *a, **k)
+    Image.Image.save = isave
+elif fault == "slow_step":  # optimizer step number `limit` takes 2 s: time to press Ctrl-C once or twice
+    import time
+    import sparse_mim.utils.amp as amp
+    _step, calls = amp.optimizer_step, [0]
+    def optimizer_step(loss, optimizer, **k):
+        r = _step(loss, optimizer, **k)
+        if r.stepped:
+            calls[0] += 1
+            if calls[0] == limit:
+                print("FI: slow step", flush=True)
+                time.sleep(2.0)
+        return r
+    amp.optimizer_step = optimizer_step
 elif fault == "non_finite":
     import sparse_mim.utils.amp as amp
     _step, calls = amp.optimizer_step, [0]
@@ -257,6 +286,66 @@ def _kill(target: Target, work: str, ref: str, sig: int, name: str, delay: float
     return Result(target.name, name, ok and passed, lost, "; ".join(notes + [detail]))
 
 
+def _wait_text(p: subprocess.Popen, log_path: str, text: str, timeout: float = 600) -> bool:
+    end = time.time() + timeout
+    while time.time() < end and p.poll() is None:
+        try:
+            with open(log_path) as f:
+                if text in f.read():
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def _interrupt(target: Target, work: str, ref: str, presses: int) -> Result:
+    """Ctrl-C (SIGINT) during a step: once = finish the step, write last.pth, exit 130; twice = abort at once."""
+    from .utils.preemption import INTERRUPTED_EXIT_CODE
+    name = "Ctrl-C once" if presses == 1 else "Ctrl-C twice"
+    out = os.path.join(work, f"{target.name}-ctrl_c_{presses}")
+    log_path = out + ".log"
+    p = _start(target, out, ["checkpoint.every_steps=0", "checkpoint.keep_every_steps=0"], fault="slow_step",
+               limit=target.kill_step, log_path=log_path)
+    if not _wait_text(p, log_path, "FI: slow step"):
+        p.wait()
+        return Result(target.name, name, False, False, f"the run ended before the fault (rc {p.returncode})")
+    t0 = time.time()
+    for i in range(presses):
+        if i:
+            time.sleep(0.3)
+        os.kill(p.pid, signal.SIGINT)
+    try:
+        rc = p.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return Result(target.name, name, False, False, "did not stop within 120 s of Ctrl-C")
+    took = time.time() - t0
+    text = open(log_path).read()
+    saved = _step_of(_ckpt(os.path.join(out, "last.pth")))
+    said = "interrupted (Ctrl-C)" in text
+    notes = [f"rc {rc} after {took:.1f} s", f"last.pth at step {saved}", f"said so: {said}"]
+    if presses == 1:
+        ok = rc == INTERRUPTED_EXIT_CODE and said and saved == target.kill_step and "last.pth" in text
+    else:  # aborted inside the slow step: nothing new written, nothing partial left
+        ok = rc == INTERRUPTED_EXIT_CODE and said and saved is None and not _temps(out)
+    passed, lost, detail = _resume_and_compare(target, out, ref, saved)
+    return Result(target.name, name, ok and passed, lost, "; ".join(notes + [detail]))
+
+
+def _disk_full_images(target: Target, work: str, ref: str) -> Result:
+    """The disk fills while the demo data is generated: one line, no partial demo_data; a rerun finishes."""
+    out = os.path.join(work, f"{target.name}-disk_full_demo")
+    rc, text = _run(target, out, fault="disk_full_images", limit=20)
+    line = _last_error_line(text)
+    left = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else []) if "demo_data" in n)
+    ok = rc == 1 and "no space left on device while writing" in line and not left
+    notes = [f"rc {rc}: {line[:160]}", f"demo data left behind: {left or 'none'}"]
+    passed, lost, detail = _resume_and_compare(target, out, ref, None)
+    return Result(target.name, "disk full while writing the demo data", ok and passed, lost,
+                  "; ".join(notes + [detail]))
+
+
 def _truncated_last(target: Target, work: str, ref: str) -> Result:
     out = os.path.join(work, f"{target.name}-truncated_last")
     rc, text = _run(target, out, ["train.stop_at_step=" + str(target.kill_step)])
@@ -433,6 +522,10 @@ def run_fault_injection(workdir: str, trainers: Sequence[str] = ("pretrain", "fg
             record(_truncated_last, target, work, ref)
             record(_disk_full, target, work, ref)
             record(_non_finite, target, work, ref)
+            record(_interrupt, target, work, ref, 1)
+            record(_interrupt, target, work, ref, 2)
+            if name == "fgvc":
+                record(_disk_full_images, target, work, ref)
             if name == "pretrain":
                 record(_hostile_data, target, work)
                 record(_ddp_one_rank_signalled, target, work)

@@ -219,7 +219,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     from .engine_pretrain import TrainState, train_one_epoch
     from .export import export_backbone
     from .utils.amp import load_scaler_state, resolve_amp
-    from .utils.checkpoint import (FORMAT_VERSION, NonFiniteStateError, checkpoint_name, find_resumable,
+    from .utils.checkpoint import (FORMAT_VERSION, NonFiniteStateError, checkpoint_name, resume_auto,
                                    load_checkpoint, non_finite_tensors, remove_orphan_temps, save_checkpoint,
                                    unwrap_model)
     from .utils.config import save_config
@@ -278,9 +278,9 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     # ---- resume / init
     run_id, ck, resume_path = None, None, None
     if cfg.resume == "auto":
-        resume_path, ck = find_resumable(out_dir, log=say)
+        resume_path, ck = resume_auto(out_dir, log=say)  # raises when checkpoints exist but none loads
         if resume_path is None:
-            say(f"resume=auto: no loadable checkpoint in {out_dir}, starting from scratch")
+            say(f"resume=auto: no checkpoint in {out_dir} yet, starting from scratch")
     elif cfg.resume:
         resume_path, ck = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
     if ck is not None:
@@ -448,7 +448,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
                "wandb_run_id": logger.run_id, "epoch_means": epoch_means,
                "checkpoint": saved["path"] or (last_path if os.path.isfile(last_path) else None),
                "backbone": None, "reconstruction_png": None, "stopped_early": stopped or preempted,
-               "preempted": preempted}
+               "preempted": preempted, "stop_signal": guard.signal_name if preempted else None}
     if not (stopped or preempted):
         if is_main:
             visualize(state.step)

@@ -33,6 +33,7 @@ import os
 import random
 import re
 import tempfile
+import time
 import zipfile
 from typing import Any, Callable, Iterable, Mapping
 
@@ -46,7 +47,8 @@ __all__ = [
     "atomic_write", "atomic_write_text", "save_checkpoint", "load_checkpoint", "find_last", "find_resumable",
     "resolve_resume", "checkpoint_name", "remove_orphan_temps", "non_finite_tensors", "check_state_finite",
     "get_rng_state", "set_rng_state", "unwrap_model", "unwrap_state_dict", "compare_state_dicts", "format_keys",
-    "read_pt2_checked",
+    "read_pt2_checked", "resume_auto", "disk_full_error", "is_orphan_temp", "is_disk_full",
+    "atomic_write_dir",
 ]
 
 FORMAT_VERSION = 1
@@ -88,23 +90,93 @@ def _fsync_dir(path: str) -> None:
 
 
 def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
-        return True
-    text = str(e).lower()  # torch's C++ writer: "PytorchStreamWriter failed writing file ...: file write failed"
-    return isinstance(e, RuntimeError) and ("file write failed" in text or "no space left" in text)
+    """ENOSPC / EDQUOT anywhere in the exception chain: torch's C++ writer turns the OSError of the
+    file's ``write`` into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``,
+    with the OSError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        text = str(e).lower()  # torch's C++ writer: "PytorchStreamWriter failed writing file ...: file write failed"
+        if isinstance(e, RuntimeError) and ("file write failed" in text or "no space left" in text):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Public name of the disk-full test (used by the command line and every writer)."""
+    return _is_disk_full(e)
+
+
+def disk_full_error(path: str, what: str | None = None) -> DiskFullError:
+    """The one "no space left on device while writing PATH; ..." error of every writer."""
+    if what is None:
+        what = "the previous file is intact" if os.path.exists(path) else "nothing was written"
+        if os.path.exists(path) and path.endswith(".pth"):
+            what = "the previous checkpoint is intact"
+    err = DiskFullError(f"no space left on device while writing {path}; {what}. "
+                        "Free space (or point output_dir elsewhere) and resume with resume=auto")
+    err.errno = errno.ENOSPC
+    return err
+
+
+ORPHAN_AGE_S = 3600  # a temp file of another host untouched this long has no live writer (writes keep it fresh)
+
+
+def _host_tag() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 
 
 def _temp_prefix(path: str) -> str:
-    return "." + os.path.basename(path) + "."
+    """``.<name>.<pid>@<host>.``: the writer's identity, so a sweep can tell a live writer's file."""
+    return "." + os.path.basename(path) + f".{os.getpid()}@{_host_tag()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def is_orphan_temp(path: str, now: float | None = None) -> bool:
+    """Whether a temp file can have no live writer: its owner (pid on this host) is dead, or it
+    belongs to another host and was not touched for ``ORPHAN_AGE_S``; a name without an owner
+    (written by an older version of the toolkit) counts as orphaned."""
+    m = re.search(r"\.(\d+)@([A-Za-z0-9-]+)\.[^.]*\.tmp$", os.path.basename(path))
+    if m is None:
+        return True
+    if m.group(2) == _host_tag():
+        return not _pid_alive(int(m.group(1)))
+    try:
+        return (now or time.time()) - os.path.getmtime(path) > ORPHAN_AGE_S
+    except OSError:
+        return False
 
 
 def remove_orphan_temps(folder: str, name: str | None = None) -> list[str]:
-    """Delete temporary files left by killed writers (``.<name>.*.tmp``; any name if None); returns them."""
-    pattern = os.path.join(glob.escape(folder), (glob.escape(_temp_prefix(name)) if name else ".*.") + "*.tmp")
+    """Delete temporary files left by killed writers (``.<name>.*.tmp``; any name if None); returns them.
+
+    Only provable orphans go (``is_orphan_temp``): concurrent writers of one file (processes
+    sharing a cache) never delete each other's files in flight."""
+    pattern = os.path.join(glob.escape(folder), (glob.escape("." + name + ".") if name else ".*.") + "*.tmp")
     removed = []
+    now = time.time()
     for p in glob.glob(pattern):
+        if os.path.islink(p) or not is_orphan_temp(p, now):
+            continue
         try:
-            os.remove(p)
+            if os.path.isdir(p):  # a folder written by atomic_write_dir
+                import shutil
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
             removed.append(p)
         except OSError:
             pass
@@ -135,16 +207,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         except OSError:
             pass
         if _is_disk_full(e):
-            what = "the previous file is intact" if os.path.exists(path) else "nothing was written"
-            if os.path.exists(path) and path.endswith(".pth"):
-                what = "the previous checkpoint is intact"
-            err = DiskFullError(f"no space left on device while writing {path}; {what}. "
-                                "Free space (or point output_dir elsewhere) and resume with resume=auto")
-            err.errno = errno.ENOSPC
-            raise err from e
+            raise disk_full_error(path) from e
         raise
     _fsync_dir(folder)
     remove_orphan_temps(folder, os.path.basename(path))
+    return path
+
+
+def atomic_write_dir(path: str | os.PathLike, fill: Callable[[str], None]) -> str:
+    """Create a folder atomically: ``fill(tmp)`` writes its contents into a temp folder next to ``path``
+    (``.<name>.<pid>@<host>.<random>.tmp``), which then takes the place of ``path`` (an earlier
+    folder there is replaced). On any failure the temp folder is removed and ``path`` is left as it
+    was; a full disk raises ``DiskFullError``."""
+    import shutil
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.lexists(path):
+            aside = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+            os.replace(path, os.path.join(aside, "old"))
+            os.replace(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise disk_full_error(path, "nothing was left behind") from e
+        raise
+    _fsync_dir(parent)
     return path
 
 
@@ -328,6 +423,24 @@ def find_resumable(out_dir: str, log: Callable[[str], None] | None = print,
     if log and best_path != last:
         log(f"resume=auto: resuming from {best_path} (step {best_step}), the newest loadable checkpoint")
     return best_path, best
+
+
+def resume_auto(out_dir: str, log: Callable[[str], None] | None = print,
+                validate: Callable[[Any], None] | None = None) -> tuple[str | None, Any]:
+    """``resume=auto`` for both trainers: ``find_resumable``, and when checkpoints exist but none
+    loads, a ``CheckpointError`` naming them (never "starting from scratch": a new run would
+    overwrite the damaged files, which may still be recoverable). ``(None, None)`` only for a
+    folder without any checkpoint."""
+    path, ck = find_resumable(out_dir, log=log, validate=validate)
+    if path is not None:
+        return path, ck
+    found = [p for p in [os.path.join(out_dir, LAST_NAME)] + [p for _, p in _keeps(out_dir)] if os.path.exists(p)]
+    if found:
+        raise CheckpointError(
+            f"resume=auto: none of the checkpoints in {out_dir} ({', '.join(os.path.basename(p) for p in found)}) "
+            f"can be loaded (see the messages above); nothing was overwritten or removed. Resume from a good copy "
+            f"with resume=<path>, or start a new run with another output_dir")
+    return None, None
 
 
 def resolve_resume(resume: str | None, out_dir: str) -> str | None:
