@@ -337,7 +337,8 @@ class Predictor:
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a path, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
-        return self.transform(image.convert("RGB"))
+        from sparse_mim.data import upright
+        return self.transform(upright(image).convert("RGB"))  # a PIL image opened by the caller keeps its EXIF
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, meta: Optional[torch.Tensor] = None,
@@ -437,14 +438,12 @@ def read_meta_csv(path: str, predictor: Optional[Predictor] = None) -> Dict[str,
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"meta CSV {path!r} does not exist")
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        rows = list(reader)
+    from .data.readers import check_one_row_per, read_csv_table
+    header, numbered = read_csv_table(path, "meta CSV")
     key = next((c for c in _PATH_COLUMNS if c in header), None)
     if key is None:
         raise ValueError(f"{path}: no image column; name one of {_PATH_COLUMNS} (found {header})")
+    check_one_row_per(path, numbered, key)  # two rows for one image: an error naming both lines
 
     def cell(row, *names):
         for n in names:
@@ -456,7 +455,7 @@ def read_meta_csv(path: str, predictor: Optional[Predictor] = None) -> Dict[str,
     out = {}
     groups = predictor.meta_groups if predictor is not None else []
     columns = predictor.custom_columns if predictor is not None else {}
-    for n, row in enumerate(rows, 2):
+    for n, row in numbered:
         img = cell(row, key)
         if not img:
             continue

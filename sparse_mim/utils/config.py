@@ -287,12 +287,14 @@ def safe_yaml(text: str, source: str) -> Any:
         loader.dispose()
 
 
-def read_text_file(path: str, what: str = "file", max_bytes: int | None = None) -> str:
-    """A text file's contents as UTF-8 (a BOM is dropped): a file above ``max_bytes`` or with bytes that are
-    not UTF-8 is refused with one line naming the file (the offset of the bad byte, how to fix it)."""
+def read_text_file(path: str, what: str = "file", max_bytes: int | None = None,
+                   error: type = ConfigError) -> str:
+    """A text file's contents as UTF-8 (a BOM, as Excel writes, is dropped): a file above ``max_bytes`` or with
+    bytes that are not UTF-8 is refused (``error``, one line naming the file, the offset of the bad byte and
+    how to fix it)."""
     size = os.path.getsize(path)
     if max_bytes is not None and size > max_bytes:
-        raise ConfigError(f"{what} {path!r} is {size / 2**20:.1f} MiB, above the {max_bytes / 2**20:g} MiB a "
+        raise error(f"{what} {path!r} is {size / 2**20:.1f} MiB, above the {max_bytes / 2**20:g} MiB a "
                           f"{what} may have; is it the right file?")
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1 if max_bytes is not None else -1)
@@ -300,7 +302,7 @@ def read_text_file(path: str, what: str = "file", max_bytes: int | None = None) 
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{what} {path!r} is not UTF-8 text: byte {data[e.start:e.start + 1]!r} at offset "
+        raise error(f"{what} {path!r} is not UTF-8 text: byte {data[e.start:e.start + 1]!r} at offset "
                           f"{e.start} (line {line}); save it as UTF-8") from None
 
 
