@@ -59,6 +59,8 @@ def read_fgvc_checkpoint(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path (a training run writes "
                                 f"<output_dir>/best.pth and last.pth)")
     ckpt = load_checkpoint(path)
+    from sparse_mim.utils.checkpoint import require_checkpoint_kind
+    require_checkpoint_kind(ckpt, path, ["fgvc"], "prediction / export")  # names a SparK or MetaFormer file as such
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and ckpt.get("classes")):
         keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not an fgvc training checkpoint (it has no training config and class list; "

@@ -353,6 +353,11 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
         resume_path, ckpt = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
     state = TrainState()
     if ckpt is not None:
+        from sparse_mim.utils.checkpoint import CheckpointError, require_checkpoint_kind
+        require_checkpoint_kind(ckpt, resume_path, ["fgvc"], "resume")  # a SparK / MetaFormer file named as such
+        if "optimizer" not in ckpt or "train_state" not in ckpt:
+            raise CheckpointError(f"resume: {resume_path} holds the weights only (best.pth keeps no optimizer "
+                                  f"state); resume from the run's last.pth, or start a new run from these weights")
         state.load_state_dict(ckpt["train_state"])
         final_path = os.path.join(out_dir, "final.json")
         if state.epoch >= cfg.train.epochs and os.path.isfile(final_path):

@@ -220,7 +220,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     from .export import export_backbone
     from .utils.amp import load_scaler_state, resolve_amp
     from .utils.checkpoint import (FORMAT_VERSION, NonFiniteStateError, checkpoint_name, resume_auto,
-                                   load_checkpoint, non_finite_tensors, remove_orphan_temps, save_checkpoint,
+                                   require_checkpoint_kind, load_checkpoint, non_finite_tensors, remove_orphan_temps, save_checkpoint,
                                    unwrap_model)
     from .utils.config import save_config
     from .utils.logger import RunLogger
@@ -284,6 +284,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     elif cfg.resume:
         resume_path, ck = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
     if ck is not None:
+        require_checkpoint_kind(ck, resume_path, ["spark-pretrain"], "resume")  # names an fgvc / other file as such
         if not isinstance(ck, dict) or "train_state" not in ck or "model" not in ck:
             raise ConfigError(f"resume={resume_path!r} is not a pre-training checkpoint of this toolkit (no "
                               "'model' / 'train_state'); use model.pretrained=PATH to start from its weights")
@@ -307,6 +308,8 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
         from .spark import load_spark_checkpoint
         from .utils.checkpoint import check_state_finite
         start = load_checkpoint(cfg.model.pretrained, check_finite=True)
+        require_checkpoint_kind(start, cfg.model.pretrained, ["spark-pretrain", "spark-weights", "unknown"],
+                                "model.pretrained")
         check_state_finite(start, f"model.pretrained={cfg.model.pretrained!r}")
         load_spark_checkpoint(model, start)
 

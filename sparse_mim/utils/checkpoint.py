@@ -48,7 +48,7 @@ __all__ = [
     "resolve_resume", "checkpoint_name", "remove_orphan_temps", "non_finite_tensors", "check_state_finite",
     "get_rng_state", "set_rng_state", "unwrap_model", "unwrap_state_dict", "compare_state_dicts", "format_keys",
     "read_pt2_checked", "resume_auto", "disk_full_error", "is_orphan_temp", "is_disk_full",
-    "atomic_write_dir",
+    "atomic_write_dir", "CHECKPOINT_KINDS", "checkpoint_kind", "require_checkpoint_kind",
 ]
 
 FORMAT_VERSION = 1
@@ -626,3 +626,76 @@ def read_pt2_checked(path: str | os.PathLike) -> bytes:
                 raise refuse(f"{fqn_s!r} in {rel!r} is a pickled payload (use_pickle / custom or opaque object), "
                              "which torch.export.load unpickles with weights_only=False")
     return data
+
+
+# ---------------------------------------------------------------------------- which half wrote a checkpoint
+CHECKPOINT_KINDS = {
+    "spark-pretrain": "a SparK pre-training checkpoint",
+    "spark-weights": "SparK weights (encoder and decoder)",
+    "backbone": "a backbone-only state dict",
+    "fgvc": "an fgvc training checkpoint",
+    "metaformer-weights": "MetaFormer weights",
+    "unknown": "a file this toolkit did not write",
+}
+_KIND_USES = {
+    "spark-pretrain": "spark-pretrain resume=PATH continues it; spark-visualize / spark-export read it; its encoder "
+                      "(spark-export PATH backbone.pth) is what fgvc-train takes as model.init_backbone",
+    "spark-weights": "spark-pretrain takes it as model.pretrained; spark-visualize / spark-export read it",
+    "backbone": "fgvc-train takes it as model.init_backbone (convnet hybrids); it has no decoder and no training "
+                "state, so it cannot be resumed, visualised or fine-tuned as a MetaFormer",
+    "fgvc": "fgvc-eval / fgvc-predict / fgvc-export read it and fgvc-train resume=PATH continues its run (last.pth)",
+    "metaformer-weights": "fgvc-train takes it as model.pretrained; fgvc-eval reads it with its recipe (-c)",
+    "unknown": "",
+}
+_BACKBONE_MARKS = (("conv1.weight", "layer1."), ("stem.", "stages."), ("downsample_layers.", "stages."))
+_METAFORMER_MARKS = ("cl_1_fc.", "aggregate.", "stage_1.", "stage_2.", "meta_")
+
+
+def checkpoint_kind(obj: Any) -> tuple[str, str]:
+    """``(kind, description)`` of a loaded checkpoint: which half of the toolkit (or which model) it is for.
+
+    Kinds (``CHECKPOINT_KINDS``): ``spark-pretrain`` (a pre-training run's last.pth / keeps),
+    ``spark-weights`` (SparK encoder + decoder weights, e.g. an official ``*_withdecoder_*`` file),
+    ``backbone`` (an exported encoder: torchvision / timm names), ``fgvc`` (an fgvc run's best.pth /
+    last.pth), ``metaformer-weights`` (official MetaFormer files, plain MetaFormer state dicts) and
+    ``unknown``. The description adds what the file says about itself (backbone, model, classes, step).
+    """
+    if not isinstance(obj, Mapping):
+        return "unknown", f"{CHECKPOINT_KINDS['unknown']} (a {type(obj).__name__})"
+    ts = obj.get("train_state") if isinstance(obj.get("train_state"), Mapping) else {}
+    cfg = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}
+    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), Mapping) else {}
+    if obj.get("format") == "sparse_mim.pretrain" or (isinstance(obj.get("spark"), Mapping) and ts):
+        spark = obj.get("spark") if isinstance(obj.get("spark"), Mapping) else {}
+        name = spark.get("backbone") or model_cfg.get("backbone") or "?"
+        return "spark-pretrain", f"{CHECKPOINT_KINDS['spark-pretrain']} (backbone {name}, step {ts.get('step', '?')})"
+    if obj.get("classes") is not None and "meta_groups" in obj:
+        extra = "" if "optimizer" in obj else ", weights only"
+        return "fgvc", (f"{CHECKPOINT_KINDS['fgvc']} ({model_cfg.get('name', '?')}, {len(obj['classes'])} classes, "
+                        f"epoch {ts.get('epoch', '?')}{extra})")
+    try:
+        keys = [str(k) for k in unwrap_state_dict(obj, prefixes=("module.",))]
+    except ValueError:
+        keys = []
+    if any(k.startswith(("sparse_encoder.", "dense_decoder.")) for k in keys):
+        return "spark-weights", f"{CHECKPOINT_KINDS['spark-weights']} ({len(keys)} tensors)"
+    if any(k.startswith(_METAFORMER_MARKS) for k in keys):
+        return "metaformer-weights", f"{CHECKPOINT_KINDS['metaformer-weights']} ({len(keys)} tensors)"
+    if any(all(any(k.startswith(m) for k in keys) for m in marks) for marks in _BACKBONE_MARKS):
+        return "backbone", f"{CHECKPOINT_KINDS['backbone']} ({len(keys)} tensors, e.g. {keys[0]})"
+    shown = ", ".join(keys[:3] or [str(k) for k in list(obj)[:3]])
+    return "unknown", f"{CHECKPOINT_KINDS['unknown']} (keys: {shown[:160]}{', ...' if len(keys) > 3 else ''})"
+
+
+def require_checkpoint_kind(obj: Any, path: str, accept: Iterable[str], use: str,
+                            error: type = CheckpointError) -> str:
+    """The one check of every command that takes a checkpoint: the file is of a kind ``use`` accepts
+    (``"unknown"`` among them leaves files of no known kind to the reader's own checks), else ``error``
+    naming what it is (the other half, another model) and where it does belong."""
+    accept = tuple(accept)
+    kind, desc = checkpoint_kind(obj)
+    if kind in accept:
+        return kind
+    wanted = " or ".join(CHECKPOINT_KINDS[k] for k in accept if k != "unknown")
+    where = f"; {_KIND_USES[kind]}" if _KIND_USES[kind] else ""
+    raise error(f"{use}: {path} is {desc}, not {wanted}{where}")
