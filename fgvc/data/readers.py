@@ -282,8 +282,8 @@ def _load_json(path: str, what: str):
     try:
         from sparse_mim.utils.config import read_text_file
         return json.loads(read_text_file(path, what, error=ValueError))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path!r} is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python recurses
+        raise ValueError(f"{what}: {path!r} is not valid JSON ({str(e)[:200]})") from None
 
 
 def _inat_files(root: str, year: int, split: str):

@@ -99,3 +99,17 @@ def test_bytes_that_are_not_utf8_name_the_file(tmp_path):
         with pytest.raises(ValueError) as e:
             read(str(tmp_path / "meta.csv"))
         assert str(tmp_path / "meta.csv") in str(e.value) and "not UTF-8" in str(e.value) and "line 2" in str(e.value)
+
+
+def test_a_run_lock_of_any_shape_is_not_a_crash(tmp_path):
+    from sparse_mim.utils.rundir import LOCK_NAME, prepare_run_dir
+    for text in ("[1, 2]", '{"pid": "abc", "host": 3}', "null", "[" * 50000):
+        (tmp_path / LOCK_NAME).write_text(text)
+        prepare_run_dir(str(tmp_path), "auto", log=lambda *a: None).release()
+
+
+def test_a_deeply_nested_json_index_is_a_one_line_error(tmp_path):
+    from fgvc.data.readers import _load_json
+    (tmp_path / "train2021.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        _load_json(str(tmp_path / "train2021.json"), "iNat annotations")
