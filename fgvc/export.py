@@ -117,8 +117,16 @@ def export_onnx(predictor, path: str, batch: int = 2, opset: int = 18) -> str:
         onnx_program = torch.onnx.export(wrapper, example, dynamo=True, input_names=names, output_names=["logits"],
                                          dynamic_shapes=tuple({0: bdim} for _ in example), opset_version=opset)
     tmp = path + ".tmp"
-    onnx_program.save(tmp)
-    os.replace(tmp, path)
+    try:
+        onnx_program.save(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk or a kill leaves no partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        from sparse_mim.utils.checkpoint import disk_full_error, is_disk_full
+        if is_disk_full(e):
+            raise disk_full_error(path) from e
+        raise
     return path
 
 

@@ -152,8 +152,9 @@ def _read_vector(value, dim: int, what: str) -> np.ndarray:
         if path.endswith(".npy"):
             arr = np.load(path, allow_pickle=False)
         else:
-            with open(path, "r", encoding="utf-8") as f:
-                rows = [ln.replace(",", " ").split() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+            from sparse_mim.utils.config import read_text_file
+            rows = [ln.replace(",", " ").split() for ln in read_text_file(path, what, error=ValueError).splitlines()
+                    if ln.strip() and not ln.lstrip().startswith("#")]
             flat = [x for r in rows for x in r]
             try:
                 numbers = [float(x) for x in flat]

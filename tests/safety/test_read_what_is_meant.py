@@ -113,3 +113,12 @@ def test_a_deeply_nested_json_index_is_a_one_line_error(tmp_path):
     (tmp_path / "train2021.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ValueError, match="is not valid JSON"):
         _load_json(str(tmp_path / "train2021.json"), "iNat annotations")
+
+
+def test_meta_vector_file_with_a_bom_or_foreign_bytes(tmp_path):
+    from fgvc.predict import _read_vector
+    _write(tmp_path / "attrs.txt", "1 0 1\n", bom=True)
+    np.testing.assert_array_equal(_read_vector(str(tmp_path / "attrs.txt"), 3, "attributes"), [1, 0, 1])
+    _write(tmp_path / "bad.txt", "1 0 \xe9\n", encoding="latin-1")
+    with pytest.raises(ValueError, match="bad.txt.*not UTF-8"):
+        _read_vector(str(tmp_path / "bad.txt"), 3, "attributes")
