@@ -141,18 +141,18 @@ def find_images(root: str) -> list[str]:
 
 def read_image_list(list_file: str) -> list[str]:
     """Paths from a list file (one per line; relative to the list file; a trailing label column is ignored)."""
+    from .utils.config import read_text_file  # UTF-8 (a BOM is fine); other bytes name the file and line
     base = os.path.dirname(os.path.abspath(list_file))
     paths = []
-    with open(list_file) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            path = line if os.path.isabs(line) else os.path.join(base, line)
-            if not os.path.exists(path) and len(line.split()) > 1:  # "path label"
-                first = line.rsplit(None, 1)[0]
-                path = first if os.path.isabs(first) else os.path.join(base, first)
-            paths.append(path)
+    for line in read_text_file(list_file, "image list", error=DataError).splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = line if os.path.isabs(line) else os.path.join(base, line)
+        if not os.path.exists(path) and len(line.split()) > 1:  # "path label"
+            first = line.rsplit(None, 1)[0]
+            path = first if os.path.isabs(first) else os.path.join(base, first)
+        paths.append(path)
     return paths
 
 

@@ -122,3 +122,12 @@ def test_meta_vector_file_with_a_bom_or_foreign_bytes(tmp_path):
     _write(tmp_path / "bad.txt", "1 0 \xe9\n", encoding="latin-1")
     with pytest.raises(ValueError, match="bad.txt.*not UTF-8"):
         _read_vector(str(tmp_path / "bad.txt"), 3, "attributes")
+
+
+def test_pretraining_image_list_with_a_bom_or_foreign_bytes(tmp_path):
+    from sparse_mim.data import DataError, read_image_list
+    _write(tmp_path / "list.txt", "a.png\n# comment\nsub/b.png 3\n", bom=True)
+    assert read_image_list(str(tmp_path / "list.txt")) == [str(tmp_path / "a.png"), str(tmp_path / "sub/b.png")]
+    _write(tmp_path / "bad.txt", "a.png\ncaf\xe9.png\n", encoding="latin-1")
+    with pytest.raises(DataError, match="bad.txt.*not UTF-8.*line 2"):
+        read_image_list(str(tmp_path / "bad.txt"))
