@@ -62,13 +62,13 @@ def _train_argv(argv: Sequence[str]) -> List[str]:
 
 def _train(argv: List[str]) -> int:
     from sparse_mim.utils.config import config_arg_parser, parse_config
-    from sparse_mim.utils.preemption import PREEMPTED_EXIT_CODE
+    from sparse_mim.utils.preemption import stop_exit_code
     from .train import DEFAULTS, train as run_train, validate_config
     parser = config_arg_parser(TRAIN_DESCRIPTION, prog="fgvc-train")
     cfg, _ = parse_config(DEFAULTS, _train_argv(argv), parser=parser, validate=validate_config)
     summary = run_train(cfg)
     if summary.get("stopped") and summary.get("preempted"):
-        return PREEMPTED_EXIT_CODE
+        return stop_exit_code(summary["preempted"])  # 130 after Ctrl-C, 75 (requeue) after SIGTERM / SIGUSR1
     return 0
 
 

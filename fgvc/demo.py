@@ -28,7 +28,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from sparse_mim.utils.checkpoint import atomic_write_text
+from sparse_mim.utils.checkpoint import atomic_write_dir, atomic_write_text
 
 __all__ = ["make_demo_dataset", "demo_data_config", "is_demo_dataset", "DEMO_META_GROUPS"]
 
@@ -90,6 +90,36 @@ def class_names(n_looks: int):
     return names
 
 
+def _write_demo(root: str, settings: Dict) -> None:
+    n_looks, train_per_class, test_per_class = settings["n_looks"], settings["train_per_class"], \
+        settings["test_per_class"]
+    image_size, seed, train_counts = settings["image_size"], settings["seed"], settings.get("train_counts")
+    stamp = os.path.join(root, "demo.json")
+    rng = np.random.default_rng(seed)
+    names = class_names(n_looks)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        rows = []
+        for look in range(n_looks):
+            for side in (0, 1):
+                label = names[2 * look + side]
+                n = per_class if split == "test" or train_counts is None else int(train_counts[2 * look + side])
+                for k in range(n):
+                    rel = f"images/{split}/{label}/{k:04d}.png"
+                    os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+                    _draw(rng, look, image_size).save(os.path.join(root, rel))
+                    lat, lon, month = _meta(rng, look, side)
+                    day, hour = int(rng.integers(1, 29)), int(rng.integers(0, 24))
+                    rows.append((rel, label, f"{lat:.4f}", f"{lon:.4f}", f"2020-{month:02d}-{day:02d} {hour:02d}:00:00"))
+        order = rng.permutation(len(rows))
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerow(["path", "label", "lat", "lon", "date"])
+        w.writerows(rows[i] for i in order)
+        atomic_write_text(os.path.join(root, f"{split}.csv"), buf.getvalue())
+    atomic_write_text(stamp, json.dumps(settings))
+
+
 def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, test_per_class: int = 24,
                       image_size: int = 64, seed: int = 0, overwrite: bool = False,
                       train_counts: Optional[Sequence[int]] = None) -> Dict:
@@ -115,30 +145,8 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
     if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(stamp):
         raise FileExistsError(f"{root!r} is not empty and holds no demo dataset (demo.json); the demo data is only "
                               f"written into an empty folder or over an earlier demo dataset")
-    rng = np.random.default_rng(seed)
-    names = class_names(n_looks)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        rows = []
-        for look in range(n_looks):
-            for side in (0, 1):
-                label = names[2 * look + side]
-                n = per_class if split == "test" or train_counts is None else int(train_counts[2 * look + side])
-                for k in range(n):
-                    rel = f"images/{split}/{label}/{k:04d}.png"
-                    os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
-                    _draw(rng, look, image_size).save(os.path.join(root, rel))
-                    lat, lon, month = _meta(rng, look, side)
-                    day, hour = int(rng.integers(1, 29)), int(rng.integers(0, 24))
-                    rows.append((rel, label, f"{lat:.4f}", f"{lon:.4f}", f"2020-{month:02d}-{day:02d} {hour:02d}:00:00"))
-        order = rng.permutation(len(rows))
-        buf = io.StringIO(newline="")
-        w = csv.writer(buf)
-        w.writerow(["path", "label", "lat", "lon", "date"])
-        w.writerows(rows[i] for i in order)
-        atomic_write_text(os.path.join(root, f"{split}.csv"), buf.getvalue())
-    with open(stamp, "w") as f:
-        json.dump(settings, f)
+    # written into a temp folder that takes root's place at the end: a kill or a full disk leaves no partial data
+    atomic_write_dir(root, lambda tmp: _write_demo(tmp, settings))
     return demo_data_config(root)
 
 

@@ -92,6 +92,8 @@ def load_eval_config(checkpoint: str, ckpt: Mapping, config_file: Optional[str] 
                      overrides: Sequence[str] = ()) -> tuple[Config, bool]:
     """(config, ours): defaults <- the checkpoint's stored config <- ``config_file`` <- ``overrides``."""
     from .train import validate_config
+    from sparse_mim.utils.checkpoint import require_checkpoint_kind
+    require_checkpoint_kind(ckpt, checkpoint, ["fgvc", "metaformer-weights", "unknown"], "fgvc-eval")
     ours = isinstance(ckpt, Mapping) and isinstance(ckpt.get("config"), Mapping) and "classes" in ckpt
     if not ours and not config_file:
         raise ConfigError(f"{checkpoint} holds no training config (an official MetaFormer file?): pass its recipe "

@@ -3,8 +3,8 @@
     from fgvc.export import export_checkpoint
     paths = export_checkpoint("outputs/fgvc_demo/best.pth", "outputs/fgvc_demo/model.pt2")
 
-    program = torch.export.load("outputs/fgvc_demo/model.pt2").module()
-    logits = program(images, meta, meta_present)      # [B, 3, H, W], [B, D] float, [B, G] bool
+    module, info = load_program("outputs/fgvc_demo/model.pt2")   # checked: nothing pickled runs
+    logits = module(images, meta, meta_present)       # [B, 3, H, W], [B, D] float, [B, G] bool
 
 The exported graph takes the same three tensors the training loop feeds (an image-only model
 takes ``images`` alone): ``meta`` is the meta groups' encodings concatenated (see
@@ -118,15 +118,29 @@ def export_onnx(predictor, path: str, batch: int = 2, opset: int = 18) -> str:
         onnx_program = torch.onnx.export(wrapper, example, dynamo=True, input_names=names, output_names=["logits"],
                                          dynamic_shapes=tuple({0: bdim} for _ in example), opset_version=opset)
     tmp = path + ".tmp"
-    onnx_program.save(tmp)
-    os.replace(tmp, path)
+    try:
+        onnx_program.save(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk or a kill leaves no partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        from sparse_mim.utils.checkpoint import disk_full_error, is_disk_full
+        if is_disk_full(e):
+            raise disk_full_error(path) from e
+        raise
     return path
 
 
 def load_program(path: str):
-    """(callable module, metadata dict) of a .pt2 written by :func:`export_program`."""
+    """(callable module, metadata dict) of a .pt2 written by :func:`export_program`.
+
+    Safe on files from elsewhere: the archive is checked first and nothing pickled in it is
+    loaded (:func:`sparse_mim.utils.checkpoint.read_pt2_checked`); the checked bytes are loaded."""
+    import io
+    from sparse_mim.utils.checkpoint import read_pt2_checked
+    data = read_pt2_checked(path)
     extra = {"fgvc.json": ""}
-    program = torch.export.load(path, extra_files=extra)
+    program = torch.export.load(io.BytesIO(data), extra_files=extra)
     meta = json.loads(extra["fgvc.json"]) if extra["fgvc.json"] else {}
     return program.module(), meta
 
@@ -203,7 +217,7 @@ EXPORT_DESCRIPTION = """Export a trained fgvc checkpoint to a deployable format.
   fgvc-export outputs/fgvc_demo/best.pth                              # -> outputs/fgvc_demo/best.pt2 + best.json
   fgvc-export outputs/fgvc_demo/best.pth --out deploy/birds.pt2 --format pt2 onnx
 
-pt2: a torch.export program (load with torch.export.load(path).module(); inputs images
+pt2: a torch.export program (load with fgvc.export.load_program(path); inputs images
 [B,3,H,W], meta [B,D], meta_present [B,G] bool; dynamic batch). onnx: the same graph as ONNX
 (needs the onnx and onnxscript packages). Each export is compared with the eager model and the
 largest logit difference printed. The .json next to it lists the classes, meta groups and the

@@ -59,6 +59,8 @@ def read_fgvc_checkpoint(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path (a training run writes "
                                 f"<output_dir>/best.pth and last.pth)")
     ckpt = load_checkpoint(path)
+    from sparse_mim.utils.checkpoint import require_checkpoint_kind
+    require_checkpoint_kind(ckpt, path, ["fgvc"], "prediction / export")  # names a SparK or MetaFormer file as such
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and ckpt.get("classes")):
         keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not an fgvc training checkpoint (it has no training config and class list; "
@@ -150,8 +152,9 @@ def _read_vector(value, dim: int, what: str) -> np.ndarray:
         if path.endswith(".npy"):
             arr = np.load(path, allow_pickle=False)
         else:
-            with open(path, "r", encoding="utf-8") as f:
-                rows = [ln.replace(",", " ").split() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+            from sparse_mim.utils.config import read_text_file
+            rows = [ln.replace(",", " ").split() for ln in read_text_file(path, what, error=ValueError).splitlines()
+                    if ln.strip() and not ln.lstrip().startswith("#")]
             flat = [x for r in rows for x in r]
             try:
                 numbers = [float(x) for x in flat]
@@ -342,7 +345,8 @@ class Predictor:
             image = Image.fromarray(image)
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a path, a PIL image or an HxWx3 uint8 array, got {type(image).__name__}")
-        return self.transform(image.convert("RGB"))
+        from sparse_mim.data import upright
+        return self.transform(upright(image).convert("RGB"))  # a PIL image opened by the caller keeps its EXIF
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, meta: Optional[torch.Tensor] = None,
@@ -442,14 +446,12 @@ def read_meta_csv(path: str, predictor: Optional[Predictor] = None) -> Dict[str,
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"meta CSV {path!r} does not exist")
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        rows = list(reader)
+    from .data.readers import check_one_row_per, read_csv_table
+    header, numbered = read_csv_table(path, "meta CSV")
     key = next((c for c in _PATH_COLUMNS if c in header), None)
     if key is None:
         raise ValueError(f"{path}: no image column; name one of {_PATH_COLUMNS} (found {header})")
+    check_one_row_per(path, numbered, key)  # two rows for one image: an error naming both lines
 
     def cell(row, *names):
         for n in names:
@@ -461,7 +463,7 @@ def read_meta_csv(path: str, predictor: Optional[Predictor] = None) -> Dict[str,
     out = {}
     groups = predictor.meta_groups if predictor is not None else []
     columns = predictor.custom_columns if predictor is not None else {}
-    for n, row in enumerate(rows, 2):
+    for n, row in numbered:
         img = cell(row, key)
         if not img:
             continue

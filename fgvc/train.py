@@ -365,7 +365,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     from fgvc.engine import (RandomStreams, ResumableSampler, SeededDataset, TrainState, evaluate,
                              meta_dropout_prob, train_one_epoch)
     from sparse_mim.utils.amp import load_scaler_state, resolve_amp
-    from sparse_mim.utils.checkpoint import (checkpoint_name, find_resumable, load_checkpoint, save_checkpoint,
+    from sparse_mim.utils.checkpoint import (checkpoint_name, load_checkpoint, resume_auto, save_checkpoint,
                                              unwrap_model)
     from sparse_mim.utils.config import save_config
     from sparse_mim.utils.distributed import barrier
@@ -379,20 +379,18 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     # ---- resume: the newest loadable, finite checkpoint (a truncated last.pth falls back to a keep)
     ckpt, resume_path = None, None
     if cfg.resume == "auto":
-        resume_path, ckpt = find_resumable(out_dir, log=say)
+        resume_path, ckpt = resume_auto(out_dir, log=say)  # raises when checkpoints exist but none loads
         if resume_path is None:
-            import glob
-            found = [os.path.basename(p) for p in [os.path.join(out_dir, "last.pth")] +
-                     glob.glob(os.path.join(glob.escape(out_dir), "checkpoint-*.pth")) if os.path.isfile(p)]
-            if found:
-                raise RuntimeError(f"resume=auto: none of the checkpoints in {out_dir} ({', '.join(found)}) can be "
-                                   f"loaded (see the messages above); nothing was overwritten. Start a new run with "
-                                   f"another output_dir, or resume=<path> to a good copy")
             say(f"[resume] resume=auto: no checkpoint in {out_dir} yet, starting a new run")
     elif cfg.resume:
         resume_path, ckpt = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
     state = TrainState()
     if ckpt is not None:
+        from sparse_mim.utils.checkpoint import CheckpointError, require_checkpoint_kind
+        require_checkpoint_kind(ckpt, resume_path, ["fgvc"], "resume")  # a SparK / MetaFormer file named as such
+        if "optimizer" not in ckpt or "train_state" not in ckpt:
+            raise CheckpointError(f"resume: {resume_path} holds the weights only (best.pth keeps no optimizer "
+                                  f"state); resume from the run's last.pth, or start a new run from these weights")
         state.load_state_dict(ckpt["train_state"])
         final_path = os.path.join(out_dir, "final.json")
         if state.epoch >= cfg.train.epochs and os.path.isfile(final_path):

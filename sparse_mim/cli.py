@@ -22,18 +22,19 @@ PRETRAIN_EPILOG = """examples:
   spark-pretrain -c configs/pretrain/resnet50.yaml data.root=... output_dir=runs/r50 resume=auto
   spark-pretrain train.epochs=1 data.batch_size=8 --print-config
 
-exit status: 0 done, 1 error, 2 bad config, 75 pre-empted (SIGTERM / SIGUSR1) after writing last.pth"""
+exit status: 0 done, 1 error, 2 bad config, 75 pre-empted (SIGTERM / SIGUSR1) after writing last.pth,
+130 stopped by Ctrl-C after writing last.pth (a second Ctrl-C aborts at once)"""
 
 
 def _pretrain_main(argv: list[str]) -> int:
     from .train import DEFAULTS, pretrain as run, validate_config
     from .utils.config import config_arg_parser, parse_config
-    from .utils.preemption import PREEMPTED_EXIT_CODE
+    from .utils.preemption import stop_exit_code
     parser = config_arg_parser("SparK pre-training (sparse masked image modelling for convnets).",
                                PRETRAIN_EPILOG, prog="spark-pretrain")
     cfg, _ = parse_config(DEFAULTS, argv, parser=parser, validate=validate_config)
     summary = run(cfg)
-    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
+    return stop_exit_code(summary.get("stop_signal")) if summary.get("preempted") else 0
 
 
 def _export_main(argv: list[str]) -> int:

@@ -44,7 +44,8 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS", "ImageTooLargeError", "load_rgb", "PretrainTransform",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS", "ImageTooLargeError", "load_rgb", "upright",
+    "PretrainTransform",
     "ImageFileDataset", "SyntheticImageDataset",
     "ResumableBatchSampler", "build_pretrain_dataset", "find_images", "read_image_list", "sample_seed",
     "generate_image", "DataError",
@@ -140,18 +141,18 @@ def find_images(root: str) -> list[str]:
 
 def read_image_list(list_file: str) -> list[str]:
     """Paths from a list file (one per line; relative to the list file; a trailing label column is ignored)."""
+    from .utils.config import read_text_file  # UTF-8 (a BOM is fine); other bytes name the file and line
     base = os.path.dirname(os.path.abspath(list_file))
     paths = []
-    with open(list_file) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            path = line if os.path.isabs(line) else os.path.join(base, line)
-            if not os.path.exists(path) and len(line.split()) > 1:  # "path label"
-                first = line.rsplit(None, 1)[0]
-                path = first if os.path.isabs(first) else os.path.join(base, first)
-            paths.append(path)
+    for line in read_text_file(list_file, "image list", error=DataError).splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = line if os.path.isabs(line) else os.path.join(base, line)
+        if not os.path.exists(path) and len(line.split()) > 1:  # "path label"
+            first = line.rsplit(None, 1)[0]
+            path = first if os.path.isabs(first) else os.path.join(base, first)
+        paths.append(path)
     return paths
 
 
@@ -183,7 +184,23 @@ def load_rgb(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         w, h = img.size
         if max_pixels and w * h > max_pixels:
             raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels is more than data.max_pixels={max_pixels}")
-        return _to_rgb(img)
+        return _to_rgb(upright(img))
+
+
+def upright(img):
+    """The image as it is meant to be seen: its EXIF orientation applied (a phone photo stored rotated is
+    turned upright, as every viewer shows it); an unreadable EXIF block leaves the pixels as stored."""
+    from PIL import ImageOps
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block is not a damaged image
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001
+        return img
 
 
 

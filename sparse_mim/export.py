@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .utils.checkpoint import atomic_write, check_state_finite, load_checkpoint
+from .utils.checkpoint import atomic_write, check_state_finite, load_checkpoint, require_checkpoint_kind
 
 __all__ = ["backbone_state_dict", "export_backbone", "backbone_from_checkpoint", "export_from_checkpoint"]
 
@@ -66,6 +66,9 @@ def export_from_checkpoint(checkpoint_path: str | os.PathLike, out_path: str | o
     """Export the encoder of a pre-training checkpoint to ``out_path``; returns a small report."""
     source = os.fspath(checkpoint_path)
     ck = load_checkpoint(source)
+    from .spark import NotASparKCheckpointError
+    require_checkpoint_kind(ck, source, ["spark-pretrain", "spark-weights", "unknown"], "spark-export",
+                            NotASparKCheckpointError)
     state, name, kwargs = backbone_from_checkpoint(ck, source)
     check_state_finite(state, f"{source} is not usable (its encoder weights)")
     if verify and name:

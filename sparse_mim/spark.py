@@ -288,9 +288,11 @@ class SparK(nn.Module):
         stored config. ``sparse``: override the sparse / dense-masked choice; ``overrides``:
         other constructor arguments (e.g. ``mask_ratio``). Drop-path is 0 (inference).
         """
-        from .utils.checkpoint import check_state_finite, load_checkpoint
+        from .utils.checkpoint import check_state_finite, load_checkpoint, require_checkpoint_kind
         if isinstance(path_or_checkpoint, (str, os.PathLike)):
             checkpoint, source = load_checkpoint(path_or_checkpoint), str(path_or_checkpoint)
+            require_checkpoint_kind(checkpoint, source, ["spark-pretrain", "spark-weights", "unknown"],
+                                    "reading a SparK model", NotASparKCheckpointError)
         else:
             checkpoint, source = path_or_checkpoint, "the given checkpoint"
         args = spark_args_from_checkpoint(checkpoint, source)

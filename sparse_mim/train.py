@@ -235,8 +235,8 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     from .engine_pretrain import TrainState, train_one_epoch
     from .export import export_backbone
     from .utils.amp import load_scaler_state, resolve_amp
-    from .utils.checkpoint import (FORMAT_VERSION, NonFiniteStateError, checkpoint_name, find_resumable,
-                                   load_checkpoint, non_finite_tensors, remove_orphan_temps, save_checkpoint,
+    from .utils.checkpoint import (FORMAT_VERSION, NonFiniteStateError, checkpoint_name, resume_auto,
+                                   require_checkpoint_kind, load_checkpoint, non_finite_tensors, remove_orphan_temps, save_checkpoint,
                                    unwrap_model)
     from .utils.config import save_config
     from .utils.logger import RunLogger
@@ -294,12 +294,13 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     # ---- resume / init
     run_id, ck, resume_path = None, None, None
     if cfg.resume == "auto":
-        resume_path, ck = find_resumable(out_dir, log=say)
+        resume_path, ck = resume_auto(out_dir, log=say)  # raises when checkpoints exist but none loads
         if resume_path is None:
-            say(f"resume=auto: no loadable checkpoint in {out_dir}, starting from scratch")
+            say(f"resume=auto: no checkpoint in {out_dir} yet, starting from scratch")
     elif cfg.resume:
         resume_path, ck = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
     if ck is not None:
+        require_checkpoint_kind(ck, resume_path, ["spark-pretrain"], "resume")  # names an fgvc / other file as such
         if not isinstance(ck, dict) or "train_state" not in ck or "model" not in ck:
             raise ConfigError(f"resume={resume_path!r} is not a pre-training checkpoint of this toolkit (no "
                               "'model' / 'train_state'); use model.pretrained=PATH to start from its weights")
@@ -323,6 +324,8 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
         from .spark import load_spark_checkpoint
         from .utils.checkpoint import check_state_finite
         start = load_checkpoint(cfg.model.pretrained, check_finite=True)
+        require_checkpoint_kind(start, cfg.model.pretrained, ["spark-pretrain", "spark-weights", "unknown"],
+                                "model.pretrained")
         check_state_finite(start, f"model.pretrained={cfg.model.pretrained!r}")
         load_spark_checkpoint(model, start)
 
@@ -469,7 +472,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
                "wandb_run_id": logger.run_id, "epoch_means": epoch_means,
                "checkpoint": saved["path"] or (last_path if os.path.isfile(last_path) else None),
                "backbone": None, "reconstruction_png": None, "stopped_early": stopped or preempted,
-               "preempted": preempted, "knn": None}
+                "preempted": preempted, "stop_signal": guard.signal_name if preempted else None, "knn": None}
     if knn_monitor is not None and not (stopped or preempted):
         knn_monitor.end(state)
         summary["knn"] = knn_monitor.results

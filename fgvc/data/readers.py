@@ -107,15 +107,15 @@ def _dataset_folder_hint(root: str, *names: str) -> str:
 
 def _read_table(path: str, min_fields: int, issues: MetaIssues):
     """Yield (line_number, fields) of a whitespace-separated file; short lines are reported."""
-    with open(path, "r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) < min_fields:
-                issues.add(path, n, "bad line", f"expected at least {min_fields} fields, got {line.strip()!r}")
-                continue
-            yield n, fields
+    from sparse_mim.utils.config import read_text_file
+    for n, line in enumerate(read_text_file(path, "dataset file", error=ValueError).splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < min_fields:
+            issues.add(path, n, "bad line", f"expected at least {min_fields} fields, got {line.strip()!r}")
+            continue
+        yield n, fields
 
 
 def _finish(records: FGVCRecords, strict: bool) -> FGVCRecords:
@@ -294,10 +294,10 @@ def read_nabirds(root: str, split: str = "train", check_files: bool = True, stri
 def _load_json(path: str, what: str):
     _require(path, what)
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path!r} is not valid JSON ({e})") from e
+        from sparse_mim.utils.config import read_text_file
+        return json.loads(read_text_file(path, what, error=ValueError))
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested deeper than Python recurses
+        raise ValueError(f"{what}: {path!r} is not valid JSON ({str(e)[:200]})") from None
 
 
 def _inat_files(root: str, year: int, split: str):
@@ -428,16 +428,41 @@ def custom_meta_groups(meta_spec: Sequence[dict]) -> List[MetaGroup]:
     return groups
 
 
-def _read_csv_rows(csv_path: str):
-    _require(csv_path, "custom dataset CSV")
-    with open(csv_path, "r", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise ValueError(f"{csv_path}: empty CSV (a header line with the column names is required)")
-        header = [h.strip() for h in reader.fieldnames]
-        reader.fieldnames = header
-        rows = [(n, row) for n, row in enumerate(reader, 2)]  # line 1 is the header
+def read_csv_table(csv_path: str, what: str = "CSV", key: Optional[str] = None):
+    """``(header, [(line, row dict), ...])`` of a CSV file: UTF-8 with or without a BOM (Excel), header names
+    stripped, each row with the line it starts on. Bytes that are not UTF-8 are refused naming the file and
+    line; with ``key`` (a column) two rows with the same non-empty value are refused naming both lines."""
+    import io
+    from sparse_mim.utils.config import read_text_file
+    text = read_text_file(csv_path, what, error=ValueError)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise ValueError(f"{csv_path}: empty CSV (a header line with the column names is required)")
+    header = [h.strip() for h in reader.fieldnames]
+    reader.fieldnames = header
+    rows, start = [], reader.line_num + 1
+    for row in reader:
+        rows.append((start, row))
+        start = reader.line_num + 1
+    if key is not None:
+        check_one_row_per(csv_path, rows, key)
     return header, rows
+
+
+def check_one_row_per(csv_path: str, rows, key: str) -> None:
+    """Refuse two rows with the same non-empty ``key`` value (one image listed twice), naming both lines:
+    which one is meant cannot be guessed, and taking the last silently trains or predicts on the wrong one."""
+    first: Dict[str, int] = {}
+    for n, row in rows:
+        value = (row.get(key) or "").strip()
+        if value and first.setdefault(value, n) != n:
+            raise ValueError(f"{csv_path}: lines {first[value]} and {n} are both for {key} {value[:200]!r}; "
+                             f"keep one row per image")
+
+
+def _read_csv_rows(csv_path: str, key: Optional[str] = None):
+    _require(csv_path, "custom dataset CSV")
+    return read_csv_table(csv_path, "custom dataset CSV", key)
 
 
 def custom_classes(csv_path: str, label_column: str = "label", num_classes: Optional[int] = None) -> List[str]:
@@ -462,7 +487,7 @@ def read_custom_csv(csv_path: str, image_root: Optional[str] = None, classes: Op
     groups like ``{name: where, type: latlon, columns: [lat, lon]}``; types: ``date``
     (one column), ``month_hour`` (month[, hour]), ``latlon``, ``numeric`` (any columns).
     """
-    header, rows = _read_csv_rows(csv_path)
+    header, rows = _read_csv_rows(csv_path, key=path_column)  # one row per image: a duplicate is an error
     for col in (path_column, label_column):
         if col not in header:
             raise ValueError(f"{csv_path}: column {col!r} not in header {header}; set data.path_column / "

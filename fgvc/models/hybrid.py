@@ -25,6 +25,7 @@ plain torchvision / timm state dicts that ``tools/export_backbone.py`` writes
 error that lists them).
 """
 import logging
+import os
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -123,6 +124,14 @@ def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
     ``fc`` / ``stages.3`` / ``norm_pre`` / ``head``, reported in the returned
     notes), else ``ValueError`` listing the offending keys.
     """
+    source = ""
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+        from sparse_mim.utils.checkpoint import checkpoint_kind, load_checkpoint, require_checkpoint_kind
+        path = os.fspath(checkpoint)
+        checkpoint = load_checkpoint(path, check_finite=True)
+        require_checkpoint_kind(checkpoint, path, ["backbone", "spark-pretrain", "spark-weights", "unknown"],
+                                "model.init_backbone")
+        source = f": {path} is {checkpoint_kind(checkpoint)[1]}"
     state_dict = _read_backbone_state(trunk, checkpoint)
     target = trunk.state_dict()
     missing = sorted(k for k in target if k not in state_dict and not k.endswith("num_batches_tracked"))
@@ -133,7 +142,8 @@ def load_backbone_weights(trunk: nn.Module, checkpoint) -> List[str]:
     if missing or wrong_shape or stray:
         def _fmt(title, keys, sep=", "):
             return f"  {title} ({len(keys)}): " + sep.join(keys[:20]) + (" ..." if len(keys) > 20 else "")
-        lines = [f"backbone weights do not fit the {trunk.name} trunk (is the file of another backbone or size?)"]
+        lines = [f"backbone weights do not fit the {trunk.name} trunk{source} (is the file of another backbone or "
+                 "size?)"]
         if missing:
             lines.append(_fmt("missing in the file", missing))
         if wrong_shape:

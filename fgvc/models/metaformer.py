@@ -35,6 +35,7 @@ Differences from the official code (deliberate):
 """
 import logging
 import math
+import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -952,7 +953,10 @@ def load_pretrained(model: MetaFormer, checkpoint, strict: bool = True) -> List[
     :func:`checkpoint_filter_fn` (also logged).
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        checkpoint = read_weights(checkpoint)
+        path = os.fspath(checkpoint)
+        checkpoint = read_weights(path)
+        from sparse_mim.utils.checkpoint import require_checkpoint_kind
+        require_checkpoint_kind(checkpoint, path, ["metaformer-weights", "fgvc", "unknown"], "model.pretrained")
     state_dict, notes = checkpoint_filter_fn(checkpoint, model)
     result = model.load_state_dict(state_dict, strict=False)
     if strict and result.unexpected_keys:

@@ -39,6 +39,7 @@ the choices for the run's config / wandb.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -206,6 +207,7 @@ class _State:
     disk: dict | None = None  # entries loaded from the cache file (lazily)
     disk_file: str | None = None
     warned_write: bool = False
+    warned_files: set = field(default_factory=set)  # cache files already reported as malformed
     cpu_clock: str = "process"  # process | wall
     last_path: str | None = None
 
@@ -361,7 +363,8 @@ def cache_file(device: torch.device | str | None = None) -> str | None:
         if env is not None and env.strip():
             setting = False if env.strip().lower() in _OFF else env
         else:
-            setting = os.path.join(os.path.expanduser("~"), ".cache", "sparse_mim", "autotune")
+            base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+            setting = os.path.join(base, "sparse_mim", "autotune")
     if setting is False:
         return None
     if str(setting).endswith(".json"):
@@ -378,19 +381,93 @@ def _meta(device: torch.device) -> dict:
     return {"format": 1, "device": _device_name(device), **_versions()}
 
 
+CACHE_MAX_BYTES = 16 << 20  # thousands of entries take a few hundred KB
+
+
+def _warn_cache_once(path: str, problem: str) -> None:
+    if path not in _S.warned_files:
+        _S.warned_files.add(path)
+        warnings.warn(f"autotune cache {path}: {problem}; ignoring what is wrong (the file is rewritten with "
+                      "good entries at the next tuning)")
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("times_ms", {}), dict) and isinstance(entry.get("desc", {}), dict))
+
+
+def _read_cache_file(path: str, device: torch.device) -> dict:
+    """The well-formed entries of the cache file at ``path`` for this device and versions.
+
+    Missing, or written for another device / versions: ``{}``. Any wrong shape (not JSON, not an
+    object, ``entries`` not an object, an entry that is not ``{"path": str, ...}``, a file above
+    ``CACHE_MAX_BYTES``) is reported once per file, naming it, and the bad part is ignored.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return {}
+    if size > CACHE_MAX_BYTES:
+        _warn_cache_once(path, f"{size} bytes, above the {CACHE_MAX_BYTES} bytes a cache may have")
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        _warn_cache_once(path, f"unreadable ({str(e)[:120]})")
+        return {}
+    if not isinstance(data, dict):
+        _warn_cache_once(path, f"holds a JSON {type(data).__name__}, not an object with 'meta' and 'entries'")
+        return {}
+    if data.get("meta") != _meta(device):
+        return {}  # another device or torch / spconv version: not ours to read (nor to report)
+    entries = data.get("entries")
+    if not isinstance(entries, dict):
+        _warn_cache_once(path, f"'entries' is a JSON {type(entries).__name__}, not an object")
+        return {}
+    good = {k: v for k, v in entries.items() if _valid_entry(v)}
+    if len(good) != len(entries):
+        bad = next(k for k in entries if k not in good)
+        _warn_cache_once(path, f"{len(entries) - len(good)} entr{'y' if len(entries) - len(good) == 1 else 'ies'} "
+                               f"of the wrong shape (e.g. {bad[:80]!r}: {str(entries[bad])[:80]})")
+    return good
+
+
 def _load_disk(device: torch.device) -> dict:
     path = cache_file(device)
     if path != _S.disk_file or _S.disk is None:
         _S.disk_file, _S.disk = path, {}
-        if path is not None and os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-                if data.get("meta") == _meta(device) and isinstance(data.get("entries"), dict):
-                    _S.disk = data["entries"]
-            except (OSError, ValueError) as e:
-                warnings.warn(f"autotune cache {path} is unreadable ({e}); ignoring it (it will be rewritten)")
+        if path is not None:
+            _S.disk = _read_cache_file(path, device)
     return _S.disk
+
+
+@contextlib.contextmanager
+def _locked(path: str, timeout_s: float = 30.0):
+    """An exclusive advisory lock (``flock`` on ``.<name>.lock`` next to ``path``) around a read-merge-write,
+    so concurrent writers of one cache keep every entry. Without ``fcntl``, or past ``timeout_s``, the
+    write goes ahead unlocked (the atomic rename still leaves a whole file)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".lock")
+    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    break
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _is_rank0() -> bool:
@@ -408,16 +485,12 @@ def _save_disk(device: torch.device, key: str, choice: Choice) -> None:
     entries = dict(_load_disk(device))
     entries[key] = {"path": choice.path, "times_ms": choice.times_ms, "desc": choice.desc}
     try:
-        if os.path.isfile(path):  # merge with what another process wrote meanwhile
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-                if data.get("meta") == _meta(device):
-                    entries = {**data.get("entries", {}), **entries}
-            except (OSError, ValueError):
-                pass
-        from ..utils.checkpoint import atomic_write_text  # the one atomic writer (a full disk leaves no temp file)
-        atomic_write_text(path, json.dumps({"meta": _meta(device), "entries": entries}, indent=1, sort_keys=True))
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with _locked(path):  # merge with what other processes wrote meanwhile, one writer at a time
+            entries = {**_read_cache_file(path, device), **entries}
+            from ..utils.checkpoint import atomic_write_text  # the one atomic writer (a full disk leaves no temp file)
+            atomic_write_text(path, json.dumps({"meta": _meta(device), "entries": entries}, indent=1,
+                                               sort_keys=True))
         _S.disk = entries
     except OSError as e:
         if not _S.warned_write:

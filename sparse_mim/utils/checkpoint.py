@@ -33,6 +33,7 @@ import os
 import random
 import re
 import tempfile
+import time
 import zipfile
 from typing import Any, Callable, Iterable, Mapping
 
@@ -46,6 +47,8 @@ __all__ = [
     "atomic_write", "atomic_write_text", "save_checkpoint", "load_checkpoint", "find_last", "find_resumable",
     "resolve_resume", "checkpoint_name", "remove_orphan_temps", "non_finite_tensors", "check_state_finite",
     "get_rng_state", "set_rng_state", "unwrap_model", "unwrap_state_dict", "compare_state_dicts", "format_keys",
+    "read_pt2_checked", "resume_auto", "disk_full_error", "is_orphan_temp", "is_disk_full",
+    "atomic_write_dir", "CHECKPOINT_KINDS", "checkpoint_kind", "require_checkpoint_kind",
 ]
 
 FORMAT_VERSION = 1
@@ -87,23 +90,93 @@ def _fsync_dir(path: str) -> None:
 
 
 def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
-        return True
-    text = str(e).lower()  # torch's C++ writer: "PytorchStreamWriter failed writing file ...: file write failed"
-    return isinstance(e, RuntimeError) and ("file write failed" in text or "no space left" in text)
+    """ENOSPC / EDQUOT anywhere in the exception chain: torch's C++ writer turns the OSError of the
+    file's ``write`` into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``,
+    with the OSError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            return True
+        text = str(e).lower()  # torch's C++ writer: "PytorchStreamWriter failed writing file ...: file write failed"
+        if isinstance(e, RuntimeError) and ("file write failed" in text or "no space left" in text):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Public name of the disk-full test (used by the command line and every writer)."""
+    return _is_disk_full(e)
+
+
+def disk_full_error(path: str, what: str | None = None) -> DiskFullError:
+    """The one "no space left on device while writing PATH; ..." error of every writer."""
+    if what is None:
+        what = "the previous file is intact" if os.path.exists(path) else "nothing was written"
+        if os.path.exists(path) and path.endswith(".pth"):
+            what = "the previous checkpoint is intact"
+    err = DiskFullError(f"no space left on device while writing {path}; {what}. "
+                        "Free space (or point output_dir elsewhere) and resume with resume=auto")
+    err.errno = errno.ENOSPC
+    return err
+
+
+ORPHAN_AGE_S = 3600  # a temp file of another host untouched this long has no live writer (writes keep it fresh)
+
+
+def _host_tag() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 
 
 def _temp_prefix(path: str) -> str:
-    return "." + os.path.basename(path) + "."
+    """``.<name>.<pid>@<host>.``: the writer's identity, so a sweep can tell a live writer's file."""
+    return "." + os.path.basename(path) + f".{os.getpid()}@{_host_tag()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def is_orphan_temp(path: str, now: float | None = None) -> bool:
+    """Whether a temp file can have no live writer: its owner (pid on this host) is dead, or it
+    belongs to another host and was not touched for ``ORPHAN_AGE_S``; a name without an owner
+    (written by an older version of the toolkit) counts as orphaned."""
+    m = re.search(r"\.(\d+)@([A-Za-z0-9-]+)\.[^.]*\.tmp$", os.path.basename(path))
+    if m is None:
+        return True
+    if m.group(2) == _host_tag():
+        return not _pid_alive(int(m.group(1)))
+    try:
+        return (now or time.time()) - os.path.getmtime(path) > ORPHAN_AGE_S
+    except OSError:
+        return False
 
 
 def remove_orphan_temps(folder: str, name: str | None = None) -> list[str]:
-    """Delete temporary files left by killed writers (``.<name>.*.tmp``; any name if None); returns them."""
-    pattern = os.path.join(glob.escape(folder), (glob.escape(_temp_prefix(name)) if name else ".*.") + "*.tmp")
+    """Delete temporary files left by killed writers (``.<name>.*.tmp``; any name if None); returns them.
+
+    Only provable orphans go (``is_orphan_temp``): concurrent writers of one file (processes
+    sharing a cache) never delete each other's files in flight."""
+    pattern = os.path.join(glob.escape(folder), (glob.escape("." + name + ".") if name else ".*.") + "*.tmp")
     removed = []
+    now = time.time()
     for p in glob.glob(pattern):
+        if os.path.islink(p) or not is_orphan_temp(p, now):
+            continue
         try:
-            os.remove(p)
+            if os.path.isdir(p):  # a folder written by atomic_write_dir
+                import shutil
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
             removed.append(p)
         except OSError:
             pass
@@ -134,16 +207,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         except OSError:
             pass
         if _is_disk_full(e):
-            what = "the previous file is intact" if os.path.exists(path) else "nothing was written"
-            if os.path.exists(path) and path.endswith(".pth"):
-                what = "the previous checkpoint is intact"
-            err = DiskFullError(f"no space left on device while writing {path}; {what}. "
-                                "Free space (or point output_dir elsewhere) and resume with resume=auto")
-            err.errno = errno.ENOSPC
-            raise err from e
+            raise disk_full_error(path) from e
         raise
     _fsync_dir(folder)
     remove_orphan_temps(folder, os.path.basename(path))
+    return path
+
+
+def atomic_write_dir(path: str | os.PathLike, fill: Callable[[str], None]) -> str:
+    """Create a folder atomically: ``fill(tmp)`` writes its contents into a temp folder next to ``path``
+    (``.<name>.<pid>@<host>.<random>.tmp``), which then takes the place of ``path`` (an earlier
+    folder there is replaced). On any failure the temp folder is removed and ``path`` is left as it
+    was; a full disk raises ``DiskFullError``."""
+    import shutil
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.lexists(path):
+            aside = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent)
+            os.replace(path, os.path.join(aside, "old"))
+            os.replace(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise disk_full_error(path, "nothing was left behind") from e
+        raise
+    _fsync_dir(parent)
     return path
 
 
@@ -329,6 +425,24 @@ def find_resumable(out_dir: str, log: Callable[[str], None] | None = print,
     return best_path, best
 
 
+def resume_auto(out_dir: str, log: Callable[[str], None] | None = print,
+                validate: Callable[[Any], None] | None = None) -> tuple[str | None, Any]:
+    """``resume=auto`` for both trainers: ``find_resumable``, and when checkpoints exist but none
+    loads, a ``CheckpointError`` naming them (never "starting from scratch": a new run would
+    overwrite the damaged files, which may still be recoverable). ``(None, None)`` only for a
+    folder without any checkpoint."""
+    path, ck = find_resumable(out_dir, log=log, validate=validate)
+    if path is not None:
+        return path, ck
+    found = [p for p in [os.path.join(out_dir, LAST_NAME)] + [p for _, p in _keeps(out_dir)] if os.path.exists(p)]
+    if found:
+        raise CheckpointError(
+            f"resume=auto: none of the checkpoints in {out_dir} ({', '.join(os.path.basename(p) for p in found)}) "
+            f"can be loaded (see the messages above); nothing was overwritten or removed. Resume from a good copy "
+            f"with resume=<path>, or start a new run with another output_dir")
+    return None, None
+
+
 def resolve_resume(resume: str | None, out_dir: str) -> str | None:
     """Turn the ``resume`` option into a file: "" / None -> None, "auto" -> find_last, else the path."""
     if not resume:
@@ -430,3 +544,158 @@ def set_rng_state(state: Mapping) -> None:
         cuda_states = list(state["cuda"])
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------- torch.export programs (.pt2)
+_PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+
+
+def read_pt2_checked(path: str | os.PathLike) -> bytes:
+    """The bytes of a ``torch.export`` ``.pt2`` file, after checking nothing in it can run code when loaded.
+
+    ``torch.export.load`` unpickles payloads marked ``use_pickle`` (tensor subclasses), custom and
+    opaque objects and legacy ``.pt`` members with ``weights_only=False``, and falls back to
+    ``weights_only=False`` for sample inputs. This reads the file once (memory bounded by its size),
+    and refuses, naming the file and the member, anything but: raw weight / constant bytes,
+    their JSON configs with no pickled payload, the program JSON, extra files, and sample inputs
+    that load with ``torch.load(weights_only=True)``. Compressed members (a decompression bomb)
+    and the pre-2.7 archive layout are refused too. Load the returned bytes (``io.BytesIO``), not
+    the path, so the checked bytes are the loaded ones. Raises ``CheckpointError``.
+    """
+    import io
+    import json
+    path = os.fspath(path)
+    if os.path.isdir(path) or not os.path.isfile(path):
+        raise FileNotFoundError(f"program {path!r} does not exist or is not a file; give the path of a .pt2 file")
+    with open(path, "rb") as f:
+        data = f.read()
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"refusing to load program {path!r}: {why}; nothing in it was run. Re-export the "
+                               "model with fgvc-export (its .pt2 files hold plain tensors only)")
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read program {path!r}: it is not a .pt2 (zip) file or it is truncated "
+                              f"({e})") from None
+    names = {i.filename for i in infos}
+    root = next((n[: -len("archive_format")] for n in names if n.endswith("archive_format")
+                 and n.count("/") <= 1), None)
+    if root is None:
+        raise refuse("it is not a torch.export archive of the current layout (no archive_format member; the "
+                     "older layout unpickles its contents)")
+    configs = []
+    for info in infos:
+        name = info.filename
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise refuse(f"member {name!r} is compressed (torch.export stores members uncompressed)")
+        if not name.startswith(root) or ".." in name.split("/"):
+            raise refuse(f"member {name!r} lies outside the archive folder {root!r}")
+        rel = name[len(root):]
+        if rel.endswith("/") or rel in _PT2_FIXED or rel.startswith("extra/"):
+            continue
+        if re.fullmatch(r"models/[\w.-]+\.json", rel):
+            continue
+        if re.fullmatch(r"data/(weights|constants)/[\w.-]+_(weights|constants)_config\.json", rel):
+            configs.append(rel)
+            continue
+        if re.fullmatch(r"data/weights/weight_\d+|data/constants/tensor_\d+", rel):
+            continue  # raw tensor bytes, read with as_strided (no unpickling)
+        if re.fullmatch(r"data/sample_inputs/[\w.-]+\.pt", rel):
+            try:
+                torch.load(io.BytesIO(zf.read(info)), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any refusal means torch would retry with weights_only=False
+                raise refuse(f"its sample inputs {rel!r} pickle Python objects besides tensors "
+                             f"({_load_error_detail(e)})") from None
+            continue
+        raise refuse(f"member {rel!r} is not a plain weight, constant, program or extra file (pickled or "
+                     "compiled payloads are not accepted)")
+    for rel in configs:
+        try:
+            config = json.loads(zf.read(root + rel)).get("config")
+        except (ValueError, AttributeError) as e:
+            raise refuse(f"{rel!r} is not valid JSON ({e})") from None
+        if not isinstance(config, Mapping):
+            raise refuse(f"{rel!r} holds no 'config' mapping")
+        for fqn, meta in config.items():
+            if not isinstance(meta, Mapping) or meta.get("use_pickle") is not False or \
+                    not re.fullmatch(r"weight_\d+|tensor_\d+", str(meta.get("path_name", ""))):
+                fqn_s = str(fqn)[:80]
+                raise refuse(f"{fqn_s!r} in {rel!r} is a pickled payload (use_pickle / custom or opaque object), "
+                             "which torch.export.load unpickles with weights_only=False")
+    return data
+
+
+# ---------------------------------------------------------------------------- which half wrote a checkpoint
+CHECKPOINT_KINDS = {
+    "spark-pretrain": "a SparK pre-training checkpoint",
+    "spark-weights": "SparK weights (encoder and decoder)",
+    "backbone": "a backbone-only state dict",
+    "fgvc": "an fgvc training checkpoint",
+    "metaformer-weights": "MetaFormer weights",
+    "unknown": "a file this toolkit did not write",
+}
+_KIND_USES = {
+    "spark-pretrain": "spark-pretrain resume=PATH continues it; spark-visualize / spark-export read it; its encoder "
+                      "(spark-export PATH backbone.pth) is what fgvc-train takes as model.init_backbone",
+    "spark-weights": "spark-pretrain takes it as model.pretrained; spark-visualize / spark-export read it",
+    "backbone": "fgvc-train takes it as model.init_backbone (convnet hybrids); it has no decoder and no training "
+                "state, so it cannot be resumed, visualised or fine-tuned as a MetaFormer",
+    "fgvc": "fgvc-eval / fgvc-predict / fgvc-export read it and fgvc-train resume=PATH continues its run (last.pth)",
+    "metaformer-weights": "fgvc-train takes it as model.pretrained; fgvc-eval reads it with its recipe (-c)",
+    "unknown": "",
+}
+_BACKBONE_MARKS = (("conv1.weight", "layer1."), ("stem.", "stages."), ("downsample_layers.", "stages."))
+_METAFORMER_MARKS = ("cl_1_fc.", "aggregate.", "stage_1.", "stage_2.", "meta_")
+
+
+def checkpoint_kind(obj: Any) -> tuple[str, str]:
+    """``(kind, description)`` of a loaded checkpoint: which half of the toolkit (or which model) it is for.
+
+    Kinds (``CHECKPOINT_KINDS``): ``spark-pretrain`` (a pre-training run's last.pth / keeps),
+    ``spark-weights`` (SparK encoder + decoder weights, e.g. an official ``*_withdecoder_*`` file),
+    ``backbone`` (an exported encoder: torchvision / timm names), ``fgvc`` (an fgvc run's best.pth /
+    last.pth), ``metaformer-weights`` (official MetaFormer files, plain MetaFormer state dicts) and
+    ``unknown``. The description adds what the file says about itself (backbone, model, classes, step).
+    """
+    if not isinstance(obj, Mapping):
+        return "unknown", f"{CHECKPOINT_KINDS['unknown']} (a {type(obj).__name__})"
+    ts = obj.get("train_state") if isinstance(obj.get("train_state"), Mapping) else {}
+    cfg = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}
+    model_cfg = cfg.get("model") if isinstance(cfg.get("model"), Mapping) else {}
+    if obj.get("format") == "sparse_mim.pretrain" or (isinstance(obj.get("spark"), Mapping) and ts):
+        spark = obj.get("spark") if isinstance(obj.get("spark"), Mapping) else {}
+        name = spark.get("backbone") or model_cfg.get("backbone") or "?"
+        return "spark-pretrain", f"{CHECKPOINT_KINDS['spark-pretrain']} (backbone {name}, step {ts.get('step', '?')})"
+    if obj.get("classes") is not None and "meta_groups" in obj:
+        extra = "" if "optimizer" in obj else ", weights only"
+        return "fgvc", (f"{CHECKPOINT_KINDS['fgvc']} ({model_cfg.get('name', '?')}, {len(obj['classes'])} classes, "
+                        f"epoch {ts.get('epoch', '?')}{extra})")
+    try:
+        keys = [str(k) for k in unwrap_state_dict(obj, prefixes=("module.",))]
+    except ValueError:
+        keys = []
+    if any(k.startswith(("sparse_encoder.", "dense_decoder.")) for k in keys):
+        return "spark-weights", f"{CHECKPOINT_KINDS['spark-weights']} ({len(keys)} tensors)"
+    if any(k.startswith(_METAFORMER_MARKS) for k in keys):
+        return "metaformer-weights", f"{CHECKPOINT_KINDS['metaformer-weights']} ({len(keys)} tensors)"
+    if any(all(any(k.startswith(m) for k in keys) for m in marks) for marks in _BACKBONE_MARKS):
+        return "backbone", f"{CHECKPOINT_KINDS['backbone']} ({len(keys)} tensors, e.g. {keys[0]})"
+    shown = ", ".join(keys[:3] or [str(k) for k in list(obj)[:3]])
+    return "unknown", f"{CHECKPOINT_KINDS['unknown']} (keys: {shown[:160]}{', ...' if len(keys) > 3 else ''})"
+
+
+def require_checkpoint_kind(obj: Any, path: str, accept: Iterable[str], use: str,
+                            error: type = CheckpointError) -> str:
+    """The one check of every command that takes a checkpoint: the file is of a kind ``use`` accepts
+    (``"unknown"`` among them leaves files of no known kind to the reader's own checks), else ``error``
+    naming what it is (the other half, another model) and where it does belong."""
+    accept = tuple(accept)
+    kind, desc = checkpoint_kind(obj)
+    if kind in accept:
+        return kind
+    wanted = " or ".join(CHECKPOINT_KINDS[k] for k in accept if k != "unknown")
+    where = f"; {_KIND_USES[kind]}" if _KIND_USES[kind] else ""
+    raise error(f"{use}: {path} is {desc}, not {wanted}{where}")

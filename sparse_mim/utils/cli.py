@@ -34,6 +34,20 @@ def one_line(exc: BaseException) -> str:
     return lines[0] if len(lines) == 1 else " ".join(lines)
 
 
+def _disk_full_as_one_line(e: Exception) -> Exception:
+    """A full disk anywhere in the exception chain becomes the one documented line (naming the file
+    when the error knows it), whatever layer raised it."""
+    from .checkpoint import DiskFullError, disk_full_error, is_disk_full
+    if isinstance(e, DiskFullError) or not is_disk_full(e):
+        return e
+    cur, name = e, None
+    while cur is not None and name is None:
+        name = getattr(cur, "filename", None)
+        cur = cur.__cause__ or cur.__context__
+    return disk_full_error(str(name) if name else "a file of this run (--debug shows which)",
+                           "files written before are intact")
+
+
 def run_cli(fn: Callable[[list[str]], Any], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run ``fn(argv)`` as a command-line program and return its exit status (see module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -52,6 +66,7 @@ def run_cli(fn: Callable[[list[str]], Any], argv: Sequence[str] | None = None, p
     except Exception as e:  # noqa: BLE001 - the one place exceptions become exit codes
         if debug:
             raise
+        e = _disk_full_as_one_line(e)
         kind = "" if isinstance(e, (ConfigError, UsageError)) else f"{type(e).__name__}: "
         print(f"{prog}: error: {kind}{one_line(e)}  (--debug shows the traceback)", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, UsageError)) else 1

@@ -27,7 +27,8 @@ import yaml
 __all__ = [
     "Config", "ConfigError", "K", "load_config", "parse_config", "apply_overrides", "merge_config",
     "save_config", "flatten", "config_arg_parser", "config_help", "split_schema", "schema_defaults",
-    "resolve_recipe", "shipped_recipes_dir", "split_argv",
+    "resolve_recipe", "shipped_recipes_dir", "split_argv", "safe_yaml", "read_text_file", "short_repr",
+    "RECIPE_MAX_BYTES",
 ]
 
 
@@ -193,8 +194,116 @@ def _unknown_key_error(key: str, valid: Iterable[str], source: str) -> ConfigErr
     valid = sorted(valid)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r} (from {source}).{hint} Valid keys: see --help "
+    return ConfigError(f"unknown config key {short_repr(key, 80)} (from {source}).{hint} Valid keys: see --help "
                        f"({len(valid)} keys: {', '.join(valid[:6])}{', ...' if len(valid) > 6 else ''})")
+
+
+RECIPE_MAX_BYTES = 1 << 20     # a recipe is a few KB; anything near this is not a recipe
+YAML_MAX_NODES_PER_BYTE = 16   # alias expansion allowed: values per byte of YAML (plus a floor)
+YAML_MIN_NODE_BUDGET = 10_000
+
+
+def short_repr(value: Any, limit: int = 160) -> str:
+    """``repr`` bounded in work and length (nested / aliased values of hostile files stay cheap)."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset, r.maxstring, r.maxother = 3, 6, 8, 8, 8, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (naming both lines)."""
+
+    source = "<yaml>"
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:
+                    continue
+                if first is not None:
+                    where = f"lines {first} and {line}" if first != line else f"line {line}, twice"
+                    raise ConfigError(f"{self.source}: key {short_repr(key, 60)} appears twice ({where}); "
+                                      "keep one of them")
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, budget: int, source: str) -> int:
+    """Values the node stands for once YAML aliases are expanded (shared nodes counted at each use);
+    raises once ``budget`` is passed or an alias refers to itself."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n) -> int:
+        key = id(n)
+        if key in memo:
+            return memo[key]
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to its own anchor (a recursive value); "
+                              "write the value out")
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            for child in n.value:
+                total += size(child)
+                if total > budget:
+                    break
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                total += size(k) + size(v)
+                if total > budget:
+                    break
+        active.discard(key)
+        memo[key] = total
+        if total > budget:
+            raise ConfigError(f"{source}: its YAML aliases expand to more than {budget} values (from "
+                              "anchors used over and over: an alias bomb?); write the values out or use fewer "
+                              "aliases")
+        return total
+    return size(node)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely and boundedly: no Python objects, duplicate keys refused, alias expansion
+    bounded by the text's size. Errors (``ConfigError``) name ``source``."""
+    loader = _RecipeLoader(text)
+    loader.source = source
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, max(YAML_MIN_NODE_BUDGET, YAML_MAX_NODES_PER_BYTE * len(text)), source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_text_file(path: str, what: str = "file", max_bytes: int | None = None,
+                   error: type = ConfigError) -> str:
+    """A text file's contents as UTF-8 (a BOM, as Excel writes, is dropped): a file above ``max_bytes`` or with
+    bytes that are not UTF-8 is refused (``error``, one line naming the file, the offset of the bad byte and
+    how to fix it)."""
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        raise error(f"{what} {path!r} is {size / 2**20:.1f} MiB, above the {max_bytes / 2**20:g} MiB a "
+                          f"{what} may have; is it the right file?")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1 if max_bytes is not None else -1)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{what} {path!r} is not UTF-8 text: byte {data[e.start:e.start + 1]!r} at offset "
+                          f"{e.start} (line {line}); save it as UTF-8") from None
 
 
 _TRUE = {"true", "yes", "on", "1", "y"}
@@ -209,13 +318,13 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     """
     if isinstance(value, str) and not isinstance(default, str):
         try:
-            value = yaml.safe_load(value) if value.strip() != "" else None
+            value = safe_yaml(value, f"{key} (from {source})") if value.strip() != "" else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{key}={value!r} (from {source}) is not a valid value: {e}") from None
+            raise ConfigError(f"{key}={short_repr(value)} (from {source}) is not a valid value: {e}") from None
     if default is None or value is None:
         return value
     expected = type(default)
-    what = f"{key}={value!r} (from {source})"
+    what = f"{key}={short_repr(value)} (from {source})"
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -336,11 +445,11 @@ def read_recipe(path: str, _chain: tuple = ()) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
         where = f" (a _base_ of {_chain[-1]!r})" if _chain else ""
         raise ConfigError(f"config file {path!r}{where} not found; pass an existing YAML file with -c/--config")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    text = read_text_file(path, "config file", RECIPE_MAX_BYTES)
+    try:
+        data = safe_yaml(text, f"config file {path!r}") or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
     data = dict(data)
@@ -391,7 +500,7 @@ def _validate(cfg: Config, specs: Mapping[str, K], sources: Mapping[str, str]) -
         error = spec.validate(value)
         if error:
             source = sources.get(key, "default")
-            raise ConfigError(f"{key}={value!r} (from {source}): {error}")
+            raise ConfigError(f"{key}={short_repr(value)} (from {source}): {error}")
 
 
 def load_config(defaults: Mapping, config_file: str | None = None, overrides: Sequence[str] = (),

@@ -47,6 +47,25 @@ def wandb_dirs(out_dir: str) -> dict:
     return {var: os.path.join(os.path.abspath(out_dir), "wandb", sub) for var, sub in _WANDB_DIR_VARS.items()}
 
 
+def _append_line(path: str, line: str) -> None:
+    """Append one whole line or nothing: a failed write (a full disk) is cut back to the last full
+    line and reported as ``DiskFullError`` naming the file."""
+    with open(path, "ab") as f:
+        end = f.tell()
+        try:
+            f.write(line.encode())
+            f.flush()
+        except OSError as e:
+            try:
+                f.truncate(end)
+            except OSError:
+                pass
+            from .checkpoint import disk_full_error, is_disk_full
+            if is_disk_full(e):
+                raise disk_full_error(path, "the lines written before are intact") from e
+            raise
+
+
 def new_run_id() -> str:
     """An 8-character id in wandb's alphabet (lower-case letters and digits)."""
     alphabet = string.ascii_lowercase + string.digits
@@ -147,8 +166,7 @@ class RunLogger:
             return
         row = {"step": int(step)}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        _append_line(self.metrics_path, json.dumps(row) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 

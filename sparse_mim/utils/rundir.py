@@ -52,10 +52,17 @@ def _pid_alive(pid: int) -> bool:
 
 def _read_lock(path: str) -> Optional[dict]:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1 << 16).decode("utf-8"))  # a lock is a few bytes; bounded either way
+    except (OSError, ValueError, RecursionError):
         return None
+    if not isinstance(data, dict):
+        return None  # any other shape: treated as no lock (the run folder's other checks still apply)
+    try:
+        data["pid"] = int(data.get("pid", -1))
+    except (TypeError, ValueError):
+        data["pid"] = -1
+    return data
 
 
 def _existing_run(output_dir: str) -> list[str]:
