@@ -406,20 +406,73 @@ class _MaskedMode(torch.overrides.TorchFunctionMode):
         return dispatch._tree(func(*args, **kwargs), mask)
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` but keeps sparse / dense-masked BN sparse / masked.
+def _sync_bn_act_class(role: str | None) -> type:
+    """timm's ``SyncBatchNormAct`` for a ``BatchNormAct2d`` of a plain model, or its sparse / dense-masked twin.
 
-    In place (class switch, parameters shared); returns the module.
+    timm's ``BatchNormAct2d`` (EfficientNet, MobileNetV3, RegNet, CSPNet, DenseNet, RepVGG) is left as it is by
+    `sparsify` / `dense_masked`: its ``F.batch_norm`` call goes through the sparse dispatch or the dense-masked
+    mode. timm's ``SyncBatchNormAct`` calls ``nn.SyncBatchNorm.forward`` instead, whose synchronised path is an
+    autograd Function that neither the dispatch nor the mode sees; the twins run it on the visible rows
+    (statistics over visible sites of every rank), then the layer's dropout and activation, as the
+    ``BatchNormAct2d`` did.
+    """
+    from timm.layers.norm_act import SyncBatchNormAct
+    if role is None:
+        return SyncBatchNormAct
+    key = (SyncBatchNormAct, role)
+    twin = _SYNC_TWINS.get(key)
+    if twin is None:
+        from .nn import _SparseBatchNormMixin
+        mixin = _SparseBatchNormMixin if role == "sparse" else _MaskedBatchNormMixin
+        name = f"{'Sparse' if role == 'sparse' else 'Masked'}SyncBatchNormAct"
+        twin = type(name, (mixin, SyncBatchNormAct), {
+            "__module__": __name__,
+            "__doc__": f"timm's SyncBatchNormAct on the visible sites ({role} twin of BatchNormAct2d)."})
+        _SYNC_TWINS[key] = twin
+        globals()[name] = twin
+    return twin
+
+
+_SYNC_TWINS: dict[tuple[type, str], type] = {}
+
+
+def _is_bn_act(m: nn.Module) -> bool:
+    try:
+        from timm.layers.norm_act import BatchNormAct2d
+    except ImportError:
+        return False
+    return isinstance(m, BatchNormAct2d)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` (and timm's ``convert_sync_batchnorm``) but in place and
+    aware of the sparse / dense-masked twins: every BatchNorm of the model becomes synchronised and stays what
+    it was (sparse, dense-masked or plain).
+
+    * ``nn.BatchNorm1d/2d/3d``, `SparseBatchNorm2d`, ``MaskedBatchNorm2d`` -> ``nn.SyncBatchNorm``,
+      `SparseSyncBatchNorm`, ``MaskedSyncBatchNorm``;
+    * timm's ``BatchNormAct2d`` (norm + dropout + activation in one layer) -> timm's ``SyncBatchNormAct``, or its
+      sparse / dense-masked twin when the layer belongs to a converted model (`_sync_bn_act_class`);
+    * any other ``_BatchNorm`` subclass that keeps torch's ``forward`` -> ``nn.SyncBatchNorm``.
+    A BatchNorm subclass with its own forward raises `UnsupportedLayerError` (converting it would drop that code).
+
+    Class switch: every Parameter and buffer (running statistics, ``num_batches_tracked``) stays the same object;
+    returns the module.
     """
     mapping = {SparseBatchNorm2d: SparseSyncBatchNorm, MaskedBatchNorm2d: MaskedSyncBatchNorm}
-    for m in module.modules():
+    for name, m in module.named_modules():
         t = type(m)
         if t in mapping:
             m.__class__ = mapping[t]
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
-            if t not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-                raise UnsupportedLayerError(f"cannot convert {t.__qualname__} to SyncBatchNorm")
-            m.__class__ = nn.SyncBatchNorm
+            if _is_bn_act(m):
+                m.__class__ = _sync_bn_act_class(report.role_of(m))
+            elif t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or t.forward is nn.modules.batchnorm._BatchNorm.forward:
+                m.__class__ = nn.SyncBatchNorm
+            else:
+                raise UnsupportedLayerError(
+                    f"{name or 'the model'}: cannot convert {t.__module__}.{t.__qualname__} to SyncBatchNorm (it has "
+                    "its own forward); set train.sync_bn=false, or convert it yourself before training")
         else:
             continue
         m.process_group = process_group
