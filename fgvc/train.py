@@ -406,6 +406,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     # ---- model, optimizer, schedule, precision
     torch.manual_seed(RandomStreams(cfg.seed).seed_for("init"))  # the same initial weights on every rank and run
     model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None).to(device)
+    from sparse_mim.utils import device_perf
+    perf = device_perf.apply_perf_settings(device, model)  # cudnn.benchmark / channels-last, as pre-training
     say(f"[model] {cfg.model.name}: {count_parameters(model) / 1e6:.2f}M params, {train_rec.num_classes} classes, "
         f"meta groups {model_meta_spec(groups)}; train {len(train_rec)} / {select_name} {len(select_rec)} / "
         f"test {len(test_rec)} images")
@@ -422,7 +424,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     optimizer = build_optimizer(model, cfg.optim, lr)
     amp = resolve_amp(cfg.train.amp, device)
     scaler = amp.make_scaler()
-    say(f"[setup] {amp.describe()}; total batch {total_batch} -> peak lr {lr:.3g}; {updates_per_epoch} steps/epoch")
+    say(f"[setup] {amp.describe()}; {perf.describe()}; total batch {total_batch} -> peak lr {lr:.3g}; {updates_per_epoch} steps/epoch")
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3

@@ -75,6 +75,15 @@ class _MaskState:
             self.by_size[(height, width)] = m
         return m
 
+    def sites(self, height: int, width: int) -> Tensor:
+        """[N] int64 flat (b, y, x) positions of the visible sites at height x width, built once per scale: a
+        gather / scatter through it needs no ``nonzero`` (no host-device synchronisation) per layer."""
+        key = ("sites", height, width)
+        idx = self.by_size.get(key)
+        if idx is None:
+            idx = self.by_size[key] = self.at(height, width).flatten().nonzero().flatten()
+        return idx
+
     def on_grid(self, height: int, width: int) -> Tensor | None:
         """The mask at height x width, or None when that size is off the patch grid."""
         m = self.by_size.get((height, width))
@@ -144,6 +153,14 @@ def _grid_mask(x: Tensor) -> Tensor | None:
     return m[:, None].to(x.dtype)
 
 
+def _on_visible_rows(fn, x: Tensor, sites: Tensor) -> Tensor:
+    """``fn`` on the [N, C] visible rows of NCHW ``x`` (``sites``: `_MaskState.sites`), scattered back, 0 elsewhere."""
+    B, C, h, w = x.shape
+    y = fn(x.permute(0, 2, 3, 1).reshape(B * h * w, C).index_select(0, sites))
+    out = y.new_zeros((B * h * w, y.shape[1])).index_put((sites,), y)
+    return out.view(B, h, w, -1).permute(0, 3, 1, 2)
+
+
 def _masked(x: Tensor) -> Tensor:
     m = _grid_mask(x)
     return x if m is None else x * m
@@ -171,10 +188,7 @@ class _MaskedBatchNormMixin:
         if m is None:  # a tensor smaller than the patch grid: plain BatchNorm over all its sites
             y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
             return y.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
-        m = m[:, 0].bool()
-        y = super().forward(x.permute(0, 2, 3, 1)[m])
-        out = y.new_zeros((x.shape[0], x.shape[2], x.shape[3], y.shape[1])).index_put((m,), y)
-        return out.permute(0, 3, 1, 2)
+        return _on_visible_rows(super().forward, x, _ACTIVE.get().sites(int(x.shape[2]), int(x.shape[3])))
 
 
 class MaskedBatchNorm2d(_MaskedBatchNormMixin, nn.BatchNorm2d):
@@ -398,9 +412,8 @@ class _MaskedMode(torch.overrides.TorchFunctionMode):
             m = state.on_grid(int(x.shape[2]), int(x.shape[3])) if isinstance(x, Tensor) and x.dim() == 4 else None
             if m is None or x.shape[0] != m.shape[0]:
                 return func(*args, **kwargs)
-            rows = func(x.permute(0, 2, 3, 1)[m], *args[1:], **kwargs)
-            out = rows.new_zeros((x.shape[0], x.shape[2], x.shape[3], rows.shape[1])).index_put((m,), rows)
-            return out.permute(0, 3, 1, 2)
+            return _on_visible_rows(lambda rows: func(rows, *args[1:], **kwargs), x,
+                                    state.sites(int(x.shape[2]), int(x.shape[3])))
         args = dispatch._tree(args, mask)
         kwargs = dispatch._tree(kwargs, mask)
         return dispatch._tree(func(*args, **kwargs), mask)
