@@ -130,7 +130,7 @@ def _row_lookup(x: SparseMap) -> Tensor:
         # int32 rows (index_select / index_put_ take them) halve the memory of every table built from it
         dtype = torch.int32 if n + 2 < 2 ** 31 else torch.long
         lut = torch.full((x.mask.numel(),), n, dtype=dtype, device=x.mask.device)
-        lut[x.mask.flatten()] = torch.arange(n, device=x.mask.device, dtype=dtype)
+        lut[x.flat_index] = torch.arange(n, device=x.mask.device, dtype=dtype)
         x.cache["row_lookup"] = lut
     return lut
 

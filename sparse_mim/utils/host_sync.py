@@ -29,7 +29,7 @@ import contextlib
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -86,6 +86,8 @@ class HostSyncRecorder(TorchDispatchMode):
     stacks: bool = False
     syncs: list = field(default_factory=list)
     ops: Counter = field(default_factory=Counter)
+    # tensors that live on the host in a CUDA run too (an optimizer's step counter): reading them waits for nothing
+    host: Callable[[torch.Tensor], bool] | None = None
 
     def __post_init__(self):
         super().__init__()
@@ -94,6 +96,9 @@ class HostSyncRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         self.ops[func._schema.name.split("::")[-1]] += 1
         reason = sync_reason(func, args, kwargs)
+        if reason is not None and self.host is not None and args and isinstance(args[0], torch.Tensor) \
+                and self.host(args[0]):
+            reason = None
         if reason is not None:
             self.note(reason)
         return func(*args, **kwargs)
@@ -103,9 +108,9 @@ class HostSyncRecorder(TorchDispatchMode):
 
     @staticmethod
     def _where() -> str:
-        frames = [f for f in traceback.extract_stack()[:-1] if "sparse_mim" in f.filename
-                  and "host_sync" not in f.filename]
-        return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[::-1][:4])
+        stack = traceback.StackSummary.extract(traceback.walk_stack(None), lookup_lines=False)  # innermost first
+        frames = [f for f in stack if "sparse_mim" in f.filename and "host_sync" not in f.filename]
+        return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[:4])
 
     def __enter__(self):
         _ACTIVE.append(self)
@@ -121,8 +126,11 @@ class HostSyncRecorder(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def record_host_syncs(stacks: bool = True) -> Iterator[HostSyncRecorder]:
-    """``with record_host_syncs() as rec:`` records the synchronising aten calls made inside (forward and backward)."""
-    rec = HostSyncRecorder(stacks=stacks)
+def record_host_syncs(stacks: bool = True, host: Callable[[torch.Tensor], bool] | None = None
+                      ) -> Iterator[HostSyncRecorder]:
+    """``with record_host_syncs() as rec:`` records the synchronising aten calls made inside (forward and backward).
+
+    ``host(t)``: True for tensors that stay on the host in a CUDA run (reading them is no synchronisation)."""
+    rec = HostSyncRecorder(stacks=stacks, host=host)
     with rec:
         yield rec
