@@ -7,10 +7,10 @@
 #              the table in sparse_mim/utils/amp.py agrees
 #   convs      fp16 sparse convs (spconv) against the dense-masked twin at ResNet-50 / ConvNeXt-S channel counts
 #   syncs      host-device synchronisations of one pre-training step (CUDA's sync debug mode + aten recorder)
-#   checks     every conv mode on backbones vs dense-masked and CPU, SparK, amp settings
-#   autotune   the autotuner's choice per scale, autotune / table / dense-masked steps
 #   ddp        pre-training with one process per visible GPU (NCCL, SyncBatchNorm, the autotune broadcast and the
 #              dead-peer check run with 2+ GPUs; says so plainly with one), then resume=auto from its checkpoint
+#   checks     every conv mode on backbones vs dense-masked and CPU, SparK, amp settings
+#   autotune   (only when named in GPU_CHECK_STEPS) the autotuner's tables under fp16 / bf16
 #   bench_ops, bench_backbone   the op and backbone benchmarks
 # Each section runs under a time limit within GPU_CHECK_BUDGET (default 540 s) even if an earlier one failed; its
 # result is written as soon as it has it ($OUT/gpu_check/SUMMARY.txt, */results.jsonl), so a time-out keeps what
@@ -35,7 +35,7 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}   # cpu: dry-run of this script on a machine wi
 # section time limits are sized for one H100; a CPU dry run gets them times GPU_CHECK_TIME_SCALE (default 5 on cpu)
 SCALE=${GPU_CHECK_TIME_SCALE:-$([[ $DEVICE == cpu ]] && echo 5 || echo 1)}
 BUDGET=${GPU_CHECK_BUDGET:-$(( 540 * SCALE ))}
-STEPS=${GPU_CHECK_STEPS:-"env precision convs syncs checks autotune ddp bench_ops bench_backbone"}
+STEPS=${GPU_CHECK_STEPS:-"env precision convs syncs ddp checks bench_ops bench_backbone"}
 QUICK=${GPU_CHECK_QUICK:-0}
 PY=${PYTHON:-python3}
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
@@ -89,13 +89,10 @@ if ! check env 120 env && [[ " $STEPS " == *" env "* ]]; then
     exit 1
   fi
 fi
-check precision 240 precision
+check precision 270 precision
 [[ -f "$LOG/precision/precision.md" ]] && cat "$LOG/precision/precision.md"
 check convs 60 convs
 check syncs 60 syncs
-check checks 150 backbone spark amp
-check autotune 120 autotune
-
 # DDP: one process per visible GPU (2 gloo processes in the CPU dry run), then resume=auto from its checkpoint.
 # The run folder is this section's own scratch: removed first, so a rerun does not meet the run-folder guard.
 if [[ "$DEVICE" == "cpu" ]]; then NPROC=2; else
@@ -107,7 +104,11 @@ if [[ " $STEPS " == *" ddp "* ]]; then
   if (( NPROC < 2 )); then
     summarise "NOTE  ddp: only ${NPROC} GPU visible: one process, so NCCL, SyncBatchNorm, the autotune broadcast and the dead-peer check are NOT exercised"
   else
-    echo "== ddp: $NPROC processes on $DEVICE ($([[ $DEVICE == cpu ]] && echo gloo || echo NCCL)): SyncBatchNorm, the autotune broadcast and the dead-peer check run"
+    if [[ "$DEVICE" == "cpu" ]]; then
+      echo "== ddp: $NPROC processes on the CPU (gloo): the autotune broadcast and the dead-peer check run; SyncBatchNorm needs CUDA (each process keeps its own statistics)"
+    else
+      echo "== ddp: $NPROC processes on $NPROC GPUs (NCCL): SyncBatchNorm, the autotune broadcast and the dead-peer check run"
+    fi
   fi
 fi
 (( NPROC < 1 )) && NPROC=1
@@ -119,8 +120,16 @@ run_step ddp 150 bash -c "$PY -m torch.distributed.run --standalone --nproc_per_
   $PY -m torch.distributed.run --standalone --nproc_per_node=$NPROC tools/pretrain.py output_dir=$DDP_DIR \
   $DDP_ARGS train.epochs=2 resume=auto && grep -q 'resumed from' '$LOG/ddp.log'"
 
-run_bench bench_ops 60 tools/benchmark_sparse_ops.py --device $DEVICE
-run_bench bench_backbone 60 tools/benchmark_backbone.py --device $DEVICE
+check checks 150 backbone spark amp
+check autotune 120 autotune   # not in the default sections: precision times autotune / table / dense-masked already
+
+bench_ops_args="" bench_backbone_args=""
+if (( QUICK )); then  # the dry run: small shapes, a few models
+  bench_ops_args="--size 64 --batch 2 --repeats 1 --modes table --only conv3x3,dw7x7"
+  bench_backbone_args="--models resnet18 convnextv2_atto --input-size 64 --batch-size 2 --repeats 1 --no-memory"
+fi
+run_bench bench_ops 60 tools/benchmark_sparse_ops.py --device $DEVICE $bench_ops_args
+run_bench bench_backbone 60 tools/benchmark_backbone.py --device $DEVICE $bench_backbone_args
 
 echo; echo "== gpu_check summary ($(( SECONDS - START ))s; logs in $LOG)"
 cat "$SUMMARY_FILE"
