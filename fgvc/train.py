@@ -371,6 +371,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     from sparse_mim.utils.distributed import barrier
     from sparse_mim.utils.logger import RunLogger
     from sparse_mim.utils.misc import count_parameters
+    from sparse_mim.utils import device_perf
     from sparse_mim.utils.preemption import PreemptionGuard
 
     is_main, device, rank, world = dist_info.is_main, dist_info.device, dist_info.rank, dist_info.world_size
@@ -444,6 +445,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     torch.manual_seed(RandomStreams(cfg.seed).seed_for("init"))  # the same initial weights on every rank and run
     model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None,
                         classes=list(train_rec.classes), log=say).to(device)
+    perf = device_perf.apply_perf_settings(device, model)  # cudnn.benchmark / channels-last, as pre-training
     say(f"[model] {cfg.model.name}: {count_parameters(model) / 1e6:.2f}M params, {train_rec.num_classes} classes, "
         f"meta groups {model_meta_spec(groups)}; train {len(train_rec)} / {select_name} {len(select_rec)} / "
         f"test {len(test_rec)} images")
@@ -461,8 +463,8 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
     optimizer = build_optimizer(model, cfg.optim, lr)
     amp = resolve_amp(cfg.train.amp, device)
     scaler = amp.make_scaler()
-    say(f"[setup] {amp.describe()}; total batch {total_batch} -> peak lr {lr:.3g}; {updates_per_epoch} steps/epoch; "
-        f"{describe_param_groups(optimizer)}")
+    say(f"[setup] {amp.describe()}; {perf.describe()}; total batch {total_batch} -> peak lr {lr:.3g}; "
+        f"{updates_per_epoch} steps/epoch; {describe_param_groups(optimizer)}")
     ema = None
     if cfg.train.ema:
         from timm.utils import ModelEmaV3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import re
 import statistics
 import sys
@@ -223,6 +224,8 @@ def sparse_ops_benchmark(batch: int = 16, size: int = 224, mask_ratio: float = 0
     only = set(only) if only else None
     scale = size / 224
     autotune.reset()
+    from .utils.device_perf import apply_perf_settings
+    apply_perf_settings(device)  # cudnn.benchmark as training sets it
     print_fn(f"# sparse vs dense-masked: batch {batch}, {size}px, mask ratio {mask_ratio}, device {device}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {repeats}; "
              f"{'process CPU' if _clock(clock, torch.device(device)) is time.process_time else 'wall'} ms; "
@@ -385,7 +388,7 @@ def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small")
                        input_size: Sequence[int] = (224,), mask_ratio: float = 0.6, decoder_width: int = 768,
                        steps: int = 3, warmup: int = 1, device: str = "cpu",
                        modes: Sequence[str] = ("autotune", "table", "dense"), amp: Sequence[str] = ("off",),
-                       channels_last: bool = False, flops: bool = False, seed: int = 0, clock: str = "auto",
+                       channels_last: bool | None = None, flops: bool = False, seed: int = 0, clock: str = "auto",
                        autotune_cache: str | bool = False, print_fn: Callable[[str], object] = print,
                        progress: Callable[[str], object] | None = None) -> dict:
     """Full SparK steps (fwd, bwd, LAMB) under each conv mode and the dense-masked twin, interleaved.
@@ -403,6 +406,11 @@ def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small")
         def progress(line):
             print(line, file=sys.stderr, flush=True)
     device = torch.device(device)
+    from .utils.device_perf import apply_perf_settings  # cudnn.benchmark / channels-last as training sets them
+    perf = apply_perf_settings(device)
+    if channels_last is None:
+        channels_last = perf.channels_last
+    perf = dataclasses.replace(perf, channels_last=channels_last)
     use_cpu_clock = clock == "cpu" or (clock == "auto" and device.type == "cpu")
     clk = _clock(clock, device)
     for m in modes:
@@ -441,9 +449,7 @@ def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small")
                 run_models = {m: copy.deepcopy(model) for m, model in models.items()} if len(amp) > 1 else models
                 for mode, model in run_models.items():
                     model.to(device).train()
-                    if channels_last:
-                        model.dense_decoder.to(memory_format=torch.channels_last)
-                        model.densify_projs.to(memory_format=torch.channels_last)
+                    perf.prepare_model(model)
                     beta2 = 0.95 if "resnet" in name else 0.999
                     opts[mode] = Lamb(param_groups(model, 0.04), lr=2e-4 * batch / 256, betas=(0.9, beta2),
                                       max_grad_norm=5.0)

@@ -10,12 +10,18 @@ What happens per micro-batch:
 2. the global torch generator (drop-path draws from it) is seeded from
    ``(seed, "drop_path", rank, step, micro-batch)``: drop-path is a function of the
    position in the run, whatever happened before (loader workers starting, a resume);
-3. forward under the run's autocast policy; the loss averaged over processes *before*
-   backward, so every rank sees the same NaN / inf and stops together;
+3. forward under the run's autocast policy; the loss averaged over processes, so every rank
+   sees the same NaN / inf and stops together (a non-finite loss makes the gradients
+   non-finite, so the optimizer step is skipped before the run stops);
 4. backward and, after ``accum_steps`` micro-batches, the shared ``optimizer_step``
    (unscale, clip, LAMB step; DDP's all-reduce only on the last micro-batch); lr /
    weight decay for the next step; then ``on_step(state)`` (checkpoints, pictures) and
    ``should_stop(state)`` (pre-emption, debug stop).
+
+Host read-backs: one per optimizer step. The step's loss, image counts, gradient norm and loss
+scale come back in one transfer with the gradient norm (``optimizer_step(read_with=...)``); the
+skip decision for non-finite gradients needs that norm on the host before the optimizer runs
+(timm's LAMB has no device-side skip, unlike torch's fused optimizers with ``found_inf``).
 """
 from __future__ import annotations
 
@@ -111,7 +117,8 @@ def train_one_epoch(
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
     set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step) if wd_schedule else None)
     optimizer.zero_grad(set_to_none=True)
-    micro, step_failed, step_images, stopped, steps_done = 0, 0, 0, False, 0
+    micro, step_images, stopped, steps_done = 0, 0, False, 0
+    step_failed = torch.zeros((), dtype=torch.long)
     step_loss = torch.zeros((), device=device)
     for images, seeds, n_failed in loader:
         if micro == 0 and peer_timeout:
@@ -125,33 +132,39 @@ def train_one_epoch(
             with autocast():
                 loss, _, _ = train_model(images, visible)
             loss_global = dist_utils.all_reduce_mean(loss.detach().float())
-            check_finite(loss_global, "loss", step=state.step + 1)
+            step_loss += loss_global
+            step_failed = step_failed + torch.as_tensor(n_failed).sum()  # the loader's counts, on the CPU
+            step_images += images.shape[0]
+            read_with = ()
+            if last_micro:  # the step's scalars travel with the gradient norm: one host read-back per step
+                counts = dist_utils.all_reduce_sum(
+                    torch.stack([step_failed.float(), torch.tensor(float(step_images))]).to(device))
+                read_with = (step_loss, counts[0], counts[1])
             result = optimizer_step(loss, optimizer, scaler=scaler, params=params, clip_grad=clip_grad,
-                                    accum_steps=accum_steps, boundary=last_micro)
-        step_loss += loss_global
-        step_failed += int(n_failed.sum())
-        step_images += images.shape[0]
+                                    accum_steps=accum_steps, boundary=last_micro, read_with=read_with)
         micro += 1
         if not last_micro:
             continue
 
+        loss_sum, n_failed_step, n_images_step = result.extra
+        # a non-finite loss made the gradients non-finite: optimizer_step skipped the update; stop here (every
+        # rank sees the same all-reduced loss)
+        step_loss_value = check_finite(loss_sum / accum_steps, "loss", step=state.step + 1)
         lr = lr_schedule(state.step)  # the values used for this step
         wd = wd_schedule(state.step) if wd_schedule else None
         state.step += 1
         micro = 0
-        counts = dist_utils.all_reduce_sum(torch.tensor([float(step_failed), float(step_images)], device=device))
-        state.failed_images += int(counts[0])
-        state.images_seen += int(counts[1])
+        state.failed_images += int(n_failed_step)
+        state.images_seen += int(n_images_step)
         state.skipped_steps += int(result.skipped)
-        step_loss_value = float(step_loss) / accum_steps
         loss_meter.update(step_loss_value)
         norm_meter.update(result.grad_norm)
-        rate = speed.update(int(counts[1]))
+        rate = speed.update(int(n_images_step))
         if state.first_loss is None:
             state.first_loss = step_loss_value
         state.last_loss = step_loss_value
         step_loss.zero_()
-        step_failed, step_images = 0, 0
+        step_failed, step_images = torch.zeros((), dtype=torch.long), 0
         set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step) if wd_schedule else None)
 
         if bar is not None:

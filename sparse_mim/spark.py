@@ -345,18 +345,21 @@ class SparK(nn.Module):
         """
         to_decoder = []
         for i, feat in enumerate(reversed(list(features))):
+            # rows are gathered / scattered through the flat index of the visible sites (built once per scale),
+            # not the bool mask: indexing by a mask is a nonzero, a host-device synchronisation, every time
             if isinstance(feat, SparseMap):
-                rows, site_mask = feat.features, feat.mask
+                rows, site_mask, sites = feat.features, feat.mask, feat.flat_index
             else:
                 factor = feat.shape[-1] // visible.shape[-1]
                 site_mask = upsample_mask(visible, factor)
-                rows = feat.permute(0, 2, 3, 1)[site_mask]
+                sites = site_mask.flatten().nonzero().flatten()
+                rows = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1]).index_select(0, sites)
             rows = self.densify_norms[i](rows)
             token = self.mask_tokens[i]
             B, (h, w), C = site_mask.shape[0], site_mask.shape[1:], token.shape[1]
             # Channels-last buffer of mask tokens, visible rows written in (differentiable w.r.t. both).
-            dense = token.view(1, 1, 1, C).to(rows.dtype).expand(B, h, w, C).clone()
-            dense = dense.index_put((site_mask,), rows).permute(0, 3, 1, 2)
+            dense = token.view(1, C).to(rows.dtype).expand(B * h * w, C).clone()
+            dense = dense.index_put((sites,), rows).view(B, h, w, C).permute(0, 3, 1, 2)
             to_decoder.append(self.densify_projs[i](dense))
         return to_decoder
 

@@ -268,6 +268,8 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
             model = _convert_sync_bn(model)
         else:
             say("note: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm statistics")
+    from .utils import device_perf
+    perf = device_perf.apply_perf_settings(device, model)  # cudnn.benchmark / channels-last: the one decision
 
     # ---- data
     dataset = build_pretrain_dataset(cfg.data.root, model.input_size, scale=cfg.aug.scale, hflip=cfg.aug.hflip,
@@ -338,6 +340,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
                        entity=cfg.wandb.entity or None, run_id=run_id, enabled=is_main, job_type="pretrain",
                        use_wandb=cfg.wandb.enabled)
     logger.log_config({"amp_resolved": amp.as_dict()})  # what train.amp picked on this hardware (bf16/fp16/fp32)
+    logger.log_config({"perf": perf.as_dict()})
     prefix = _backbone_prefix(model)
     spark_args = model.init_args()
     last_path = os.path.join(out_dir, "last.pth")
@@ -416,7 +419,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
     say(f"SparK {cfg.model.backbone} ({'sparse' if cfg.model.sparse else 'dense-masked'}), "
         f"{count_parameters(model) / 1e6:.2f} M params ({count_parameters(model.backbone) / 1e6:.2f} M backbone), "
         f"input {list(model.input_size)}, {len(dataset)} images, {info.world_size} process(es) on {device.type}, "
-        f"{amp.describe()}, global batch {global_batch}, lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), "
+        f"{amp.describe()}, {perf.describe()}, global batch {global_batch}, lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), "
         f"output {out_dir}")
 
     knn_monitor = _knn_monitor(cfg, model, device, steps_per_epoch, logger, say, amp)

@@ -50,8 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=["autotune", "table", "dense"],
                    choices=list(autotune.MODES) + ["dense"],
                    help="conv modes of the sparse model, and dense = the dense-masked twin (the baseline)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="densify projections + decoder in channels_last memory format (all models)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense convs (decoder, densify projections, dense-masked backbone) in channels_last memory; "
+                        "default: what training uses on the device (sparse_mim.utils.device_perf)")
     p.add_argument("--flops", action="store_true", help="count the dense model's MACs per image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",

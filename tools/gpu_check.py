@@ -24,8 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="small models / shapes only (CPU self-test)")
     p.add_argument("--out", default=None, help="folder for results.json and autotune.md")
-    p.add_argument("--only", nargs="*", default=None, choices=["env", "backbone", "spark", "amp", "autotune"],
-                   help="run only these checks")
+    from sparse_mim.gpu_check import CHECKS
+    p.add_argument("--only", nargs="*", default=None, choices=list(CHECKS), help="run only these checks")
     args = p.parse_args(argv)
     from sparse_mim.gpu_check import run_checks
     return run_checks(args.device, quick=args.quick, out=args.out, only=args.only)

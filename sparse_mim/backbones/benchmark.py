@@ -153,9 +153,12 @@ def run_benchmark(models: Sequence[str] = FAMILIES, input_size: int = 128, batch
 
     if not str(device).startswith("cuda"):
         _fix_mmap_threshold()  # once, before the models are built
+    from ..utils.device_perf import apply_perf_settings
+    perf = apply_perf_settings(device)  # cudnn.benchmark / channels-last as training sets them
     rows = []
     for name in tqdm(models, desc="backbones", disable=on_row is not None and len(models) < 2):
         sparse, dense, images, visible = build_twins(name, input_size, batch_size, mask_ratio, device)
+        perf.prepare_model(dense)
         share, fallbacks = sparse_mac_share(sparse, images, visible)
         t_sparse, t_dense = time_twins(sparse, dense, images, visible, repeats, device)
         m_sparse = m_dense = math.nan

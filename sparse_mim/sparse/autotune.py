@@ -59,7 +59,7 @@ __all__ = [
     "MODES", "Candidate", "OpCall", "register_candidate", "register_table_rule", "candidates", "choose",
     "set_mode", "get_mode", "set_cache", "cache_file", "set_budget", "get_budget", "reset", "choices",
     "log_dict", "format_table", "report", "sync_choices", "settle", "configure", "CONFIG_DEFAULTS",
-    "tuning_seconds", "run_candidate", "last_path",
+    "tuning_seconds", "run_candidate", "last_path", "BackendError",
 ]
 
 log = logging.getLogger("sparse_mim.autotune")
@@ -170,10 +170,48 @@ def _table_choice(call: OpCall, names: list[str]) -> str:
     return name
 
 
+class BackendError(RuntimeError):
+    """A forced conv implementation (``conv_backend=spconv``, ...) failed on a layer; the message says which and
+    what to do."""
+
+
+def _fail_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}".rstrip(": ")
+
+
 def run_candidate(call: OpCall, name: str) -> Tensor:
-    """Run implementation ``name`` of ``call.kind`` (the one `choose` returned)."""
+    """Run implementation ``name`` of ``call.kind`` (the one `choose` returned).
+
+    When it raises (e.g. spconv has no fp16 kernel for a channel count), a forced mode stops with a one-line
+    `BackendError` naming the layer's configuration and the fix; the table and autotune modes announce it once
+    (a warning) and run the exact gather path, and `choose` never picks the failed implementation for that
+    configuration again. Out-of-memory errors propagate unchanged (the fallback would only fail later).
+    """
     _S.last_path = name
-    return _REGISTRY[call.kind][name].run(call)
+    try:
+        return _REGISTRY[call.kind][name].run(call)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an implementation that cannot run this layer
+        if name == "gather" or not _usable(call, "gather"):
+            raise
+        desc = call.describe()
+        where = (f"{desc['op']} {_short(desc)} {desc['in']}>{desc['out']} at {desc['size'][0]}x{desc['size'][1]} "
+                 f"({desc['dtype']}{'' if desc['autocast'] == 'none' else ', autocast ' + desc['autocast']}, "
+                 f"{desc['device']})")
+        if _S.mode == name:
+            raise BackendError(
+                f"conv_backend={name}: the {name} implementation failed on a {where}: {_fail_text(e)}. Use "
+                f"conv_backend=autotune or table (they run the exact gather path where {name} cannot), or change "
+                "the precision (train.amp)") from e
+        key = _key(desc)
+        if key not in _S.failed:
+            warnings.warn(f"sparse conv: {name} failed on a {where} ({_fail_text(e)}); this configuration runs the "
+                          "exact gather path from now on", RuntimeWarning, stacklevel=2)
+        _S.failed[key] = name
+        _S.choices[key] = Choice("gather", {name: f"failed: {_fail_text(e)}"}, "fallback", 0.0, desc)
+        _S.last_path = "gather"
+        return _REGISTRY[call.kind]["gather"].run(call)
 
 
 def last_path() -> str | None:
@@ -186,7 +224,7 @@ def last_path() -> str | None:
 class Choice:
     path: str
     times_ms: dict  # name -> float ms, or a string: "failed: ...", "skipped (budget)"
-    source: str  # tuned | cache | rank 0 | budget, or the fixed mode that chose it (table | gather | ...)
+    source: str  # tuned | cache | rank 0 | budget | fallback (the chosen one raised), or the fixed mode (table | ...)
     tuning_s: float
     desc: dict
 
@@ -210,6 +248,7 @@ class _State:
     warned_files: set = field(default_factory=set)  # cache files already reported as malformed
     cpu_clock: str = "process"  # process | wall
     last_path: str | None = None
+    failed: dict = field(default_factory=dict)  # key -> implementation that raised on it (run_candidate)
 
 
 _S = _State()
@@ -279,6 +318,7 @@ def reset(memory: bool = True) -> None:
     if memory:
         _S.choices.clear()
         _S.reported.clear()
+        _S.failed.clear()
     _S.spent_s = 0.0
     _S.disk, _S.disk_file = None, None
 
@@ -628,12 +668,16 @@ def choose(call: OpCall) -> str:
             name = name if _usable(call, name) else _fallback(call)
         desc = call.describe()
         key = _key(desc)
+        if mode == "table" and _S.failed.get(key) == name:
+            return "gather"  # run_candidate announced the fall-back
         if key not in _S.choices:  # recorded for the printed table only; autotune mode never reuses it
             _S.choices[key] = Choice(name, {}, mode, 0.0, desc)
         return name
     desc = call.describe()
     key = _key(desc)
     hit = _S.choices.get(key)
+    if hit is not None and hit.source == "fallback":
+        return hit.path
     if hit is not None and hit.source in _FIXED_SOURCES:
         hit = None  # recorded under a fixed mode: tune it now
     if hit is not None and _usable(call, hit.path):

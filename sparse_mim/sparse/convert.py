@@ -75,6 +75,15 @@ class _MaskState:
             self.by_size[(height, width)] = m
         return m
 
+    def sites(self, height: int, width: int) -> Tensor:
+        """[N] int64 flat (b, y, x) positions of the visible sites at height x width, built once per scale: a
+        gather / scatter through it needs no ``nonzero`` (no host-device synchronisation) per layer."""
+        key = ("sites", height, width)
+        idx = self.by_size.get(key)
+        if idx is None:
+            idx = self.by_size[key] = self.at(height, width).flatten().nonzero().flatten()
+        return idx
+
     def on_grid(self, height: int, width: int) -> Tensor | None:
         """The mask at height x width, or None when that size is off the patch grid."""
         m = self.by_size.get((height, width))
@@ -144,6 +153,14 @@ def _grid_mask(x: Tensor) -> Tensor | None:
     return m[:, None].to(x.dtype)
 
 
+def _on_visible_rows(fn, x: Tensor, sites: Tensor) -> Tensor:
+    """``fn`` on the [N, C] visible rows of NCHW ``x`` (``sites``: `_MaskState.sites`), scattered back, 0 elsewhere."""
+    B, C, h, w = x.shape
+    y = fn(x.permute(0, 2, 3, 1).reshape(B * h * w, C).index_select(0, sites))
+    out = y.new_zeros((B * h * w, y.shape[1])).index_put((sites,), y)
+    return out.view(B, h, w, -1).permute(0, 3, 1, 2)
+
+
 def _masked(x: Tensor) -> Tensor:
     m = _grid_mask(x)
     return x if m is None else x * m
@@ -171,10 +188,7 @@ class _MaskedBatchNormMixin:
         if m is None:  # a tensor smaller than the patch grid: plain BatchNorm over all its sites
             y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
             return y.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
-        m = m[:, 0].bool()
-        y = super().forward(x.permute(0, 2, 3, 1)[m])
-        out = y.new_zeros((x.shape[0], x.shape[2], x.shape[3], y.shape[1])).index_put((m,), y)
-        return out.permute(0, 3, 1, 2)
+        return _on_visible_rows(super().forward, x, _ACTIVE.get().sites(int(x.shape[2]), int(x.shape[3])))
 
 
 class MaskedBatchNorm2d(_MaskedBatchNormMixin, nn.BatchNorm2d):
@@ -398,28 +412,80 @@ class _MaskedMode(torch.overrides.TorchFunctionMode):
             m = state.on_grid(int(x.shape[2]), int(x.shape[3])) if isinstance(x, Tensor) and x.dim() == 4 else None
             if m is None or x.shape[0] != m.shape[0]:
                 return func(*args, **kwargs)
-            rows = func(x.permute(0, 2, 3, 1)[m], *args[1:], **kwargs)
-            out = rows.new_zeros((x.shape[0], x.shape[2], x.shape[3], rows.shape[1])).index_put((m,), rows)
-            return out.permute(0, 3, 1, 2)
+            return _on_visible_rows(lambda rows: func(rows, *args[1:], **kwargs), x,
+                                    state.sites(int(x.shape[2]), int(x.shape[3])))
         args = dispatch._tree(args, mask)
         kwargs = dispatch._tree(kwargs, mask)
         return dispatch._tree(func(*args, **kwargs), mask)
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` but keeps sparse / dense-masked BN sparse / masked.
+def _sync_bn_act_class(role: str | None) -> type:
+    """timm's ``SyncBatchNormAct`` for a ``BatchNormAct2d`` of a plain model, or its sparse / dense-masked twin.
 
-    In place (class switch, parameters shared); returns the module.
+    timm's ``BatchNormAct2d`` (EfficientNet, MobileNetV3, RegNet, CSPNet, DenseNet, RepVGG) is left as it is by
+    `sparsify` / `dense_masked`: its ``F.batch_norm`` call goes through the sparse dispatch or the dense-masked
+    mode. timm's ``SyncBatchNormAct`` calls ``nn.SyncBatchNorm.forward`` instead, whose synchronised path is an
+    autograd Function that neither the dispatch nor the mode sees; the twins run it on the visible rows
+    (statistics over visible sites of every rank), then the layer's dropout and activation, as the
+    ``BatchNormAct2d`` did.
+    """
+    from timm.layers.norm_act import SyncBatchNormAct
+    if role is None:
+        return SyncBatchNormAct
+    key = (SyncBatchNormAct, role)
+    twin = _SYNC_TWINS.get(key)
+    if twin is None:
+        from .nn import _SparseBatchNormMixin
+        mixin = _SparseBatchNormMixin if role == "sparse" else _MaskedBatchNormMixin
+        name = f"{'Sparse' if role == 'sparse' else 'Masked'}SyncBatchNormAct"
+        twin = type(name, (mixin, SyncBatchNormAct), {
+            "__module__": __name__,
+            "__doc__": f"timm's SyncBatchNormAct on the visible sites ({role} twin of BatchNormAct2d)."})
+        _SYNC_TWINS[key] = twin
+        globals()[name] = twin
+    return twin
+
+
+_SYNC_TWINS: dict[tuple[type, str], type] = {}
+
+
+def _is_bn_act(m: nn.Module) -> bool:
+    try:
+        from timm.layers.norm_act import BatchNormAct2d
+    except ImportError:
+        return False
+    return isinstance(m, BatchNormAct2d)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` (and timm's ``convert_sync_batchnorm``) but in place and
+    aware of the sparse / dense-masked twins: every BatchNorm of the model becomes synchronised and stays what
+    it was (sparse, dense-masked or plain).
+
+    * ``nn.BatchNorm1d/2d/3d``, `SparseBatchNorm2d`, ``MaskedBatchNorm2d`` -> ``nn.SyncBatchNorm``,
+      `SparseSyncBatchNorm`, ``MaskedSyncBatchNorm``;
+    * timm's ``BatchNormAct2d`` (norm + dropout + activation in one layer) -> timm's ``SyncBatchNormAct``, or its
+      sparse / dense-masked twin when the layer belongs to a converted model (`_sync_bn_act_class`);
+    * any other ``_BatchNorm`` subclass that keeps torch's ``forward`` -> ``nn.SyncBatchNorm``.
+    A BatchNorm subclass with its own forward raises `UnsupportedLayerError` (converting it would drop that code).
+
+    Class switch: every Parameter and buffer (running statistics, ``num_batches_tracked``) stays the same object;
+    returns the module.
     """
     mapping = {SparseBatchNorm2d: SparseSyncBatchNorm, MaskedBatchNorm2d: MaskedSyncBatchNorm}
-    for m in module.modules():
+    for name, m in module.named_modules():
         t = type(m)
         if t in mapping:
             m.__class__ = mapping[t]
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
-            if t not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-                raise UnsupportedLayerError(f"cannot convert {t.__qualname__} to SyncBatchNorm")
-            m.__class__ = nn.SyncBatchNorm
+            if _is_bn_act(m):
+                m.__class__ = _sync_bn_act_class(report.role_of(m))
+            elif t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or t.forward is nn.modules.batchnorm._BatchNorm.forward:
+                m.__class__ = nn.SyncBatchNorm
+            else:
+                raise UnsupportedLayerError(
+                    f"{name or 'the model'}: cannot convert {t.__module__}.{t.__qualname__} to SyncBatchNorm (it has "
+                    "its own forward); set train.sync_bn=false, or convert it yourself before training")
         else:
             continue
         m.process_group = process_group

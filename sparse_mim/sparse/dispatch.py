@@ -207,7 +207,7 @@ def row_operand(m: SparseMap, t: Tensor) -> Tensor:
     if hw == m.spatial_shape:
         t = t.expand((m.batch_size,) + tuple(cd) + hw).movedim(1, -1) if D == 1 else \
             t.expand((m.batch_size,) + tuple(cd) + hw).permute(0, D + 1, D + 2, *range(1, D + 1))
-        return t[m.mask]
+        return m.gather_sites(t)
     raise _Unhandled
 
 
@@ -269,7 +269,7 @@ def _sparsify_dense(t: Tensor, ref: SparseMap) -> SparseMap | None:
     if entry is None:
         return None
     mask, cache = entry
-    return SparseMap(t.permute(0, 2, 3, 1)[mask], mask, cache)
+    return SparseMap.from_sites(t, mask, cache)
 
 
 def resparsify_output(output, ref: SparseMap):

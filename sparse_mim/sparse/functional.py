@@ -48,7 +48,7 @@ from .tensor import SparseMap
 __all__ = [
     "conv2d", "depthwise_conv2d", "max_pool2d", "batch_norm", "layer_norm", "global_response_norm",
     "global_avg_pool", "drop_path", "coarse_map", "neighbour_table", "set_conv_backend", "get_conv_backend",
-    "gather_rows",
+    "gather_rows", "segment_reduce",
 ]
 
 def set_conv_backend(name: str) -> str:
@@ -130,7 +130,7 @@ def _row_lookup(x: SparseMap) -> Tensor:
         # int32 rows (index_select / index_put_ take them) halve the memory of every table built from it
         dtype = torch.int32 if n + 2 < 2 ** 31 else torch.long
         lut = torch.full((x.mask.numel(),), n, dtype=dtype, device=x.mask.device)
-        lut[x.mask.flatten()] = torch.arange(n, device=x.mask.device, dtype=dtype)
+        lut[x.flat_index] = torch.arange(n, device=x.mask.device, dtype=dtype)
         x.cache["row_lookup"] = lut
     return lut
 
@@ -163,8 +163,11 @@ def coarse_map(x: SparseMap, stride: tuple[int, int], features: Tensor | None = 
             entry = scales.register(*entry)
         x.cache[key] = entry
     mask, cache = entry
-    if features is None:
-        features = x.features.new_zeros((int(mask.sum()), x.num_channels))
+    if features is None:  # a placeholder of the right shape (the op replaces it): no memory, no read-back
+        n = cache.get("num_sites")
+        if n is None:  # once per scale
+            n = cache["num_sites"] = int(mask.sum())
+        features = x.features.new_zeros(()).expand(n, x.num_channels)
     return SparseMap(features, mask, cache)
 
 
@@ -234,7 +237,20 @@ def _segment_sum(x: SparseMap, values: Tensor) -> Tensor:
     Low-precision rows are summed in fp32 (``segment_reduce`` would accumulate in bf16 and lose
     everything past 256 equal terms); the result is fp32 then, callers cast.
     """
-    return torch.segment_reduce(values.to(_acc_dtype(values)), "sum", lengths=x.sites_per_sample, axis=0)
+    return segment_reduce(x, values.to(_acc_dtype(values)), "sum")
+
+
+def segment_reduce(x: SparseMap, values: Tensor, reduce: str) -> Tensor:
+    """``torch.segment_reduce`` of ``values`` [N, ...] (rows of ``x``) per sample, with ``unsafe=True``.
+
+    Without ``unsafe`` torch checks the lengths with two read-backs (``lengths.min().item()`` and
+    ``lengths.sum().item() == N``, aten/src/ATen/native/SegmentReduce.cpp): two host-device
+    synchronisations per call on CUDA, in every GRN and squeeze-excitation gate. Both checks hold by
+    construction here: ``x.sites_per_sample`` counts the True entries of each sample's mask (>= 0), and a
+    map's rows are exactly its mask's True entries, in canonical (batch-major) order (`SparseMap.from_sites`,
+    `coarse_map`; ``replace_features`` refuses another row count), so the lengths sum to N.
+    """
+    return torch.segment_reduce(values, reduce, lengths=x.sites_per_sample, axis=0, unsafe=True)
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -543,7 +559,7 @@ def _run_windows(call: "autotune.OpCall") -> Tensor:
 def _run_dense(call: "autotune.OpCall") -> Tensor:
     """The dense conv on the zero-filled map (channels-last in and out), read back at the output sites."""
     out = F.conv2d(call.x.dense(), call.weight, None, call.stride, call.padding, call.dilation, call.groups)
-    return out.permute(0, 2, 3, 1)[call.target.mask]
+    return call.target.gather_sites(out.permute(0, 2, 3, 1))
 
 
 def _run_spconv(call: "autotune.OpCall") -> Tensor:

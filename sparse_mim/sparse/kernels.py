@@ -237,15 +237,14 @@ def spatial_reduce(x: SparseMap, op: str) -> Tensor:
     lengths = x.sites_per_sample
     h, w = x.spatial_shape
     if op in ("sum", "mean"):
-        out = torch.segment_reduce(flat, "sum", lengths=lengths, axis=0)
+        out = SF.segment_reduce(x, flat, "sum")  # unsafe=True: valid by construction, no read-back
         if op == "mean":
             out = out / (h * w)
     elif op in ("amax", "amin"):
-        out = torch.segment_reduce(flat, "max" if op == "amax" else "min", lengths=lengths, axis=0)
-        hidden = (lengths < h * w)[:, None]
-        if bool(hidden.any()):
-            zero = torch.zeros((), dtype=out.dtype, device=out.device)
-            out = torch.where(hidden, torch.maximum(out, zero) if op == "amax" else torch.minimum(out, zero), out)
+        out = SF.segment_reduce(x, flat, "max" if op == "amax" else "min")
+        hidden = (lengths < h * w)[:, None]  # applied unconditionally: deciding "any hidden?" would be a read-back
+        zero = torch.zeros((), dtype=out.dtype, device=out.device)
+        out = torch.where(hidden, torch.maximum(out, zero) if op == "amax" else torch.minimum(out, zero), out)
     else:
         raise ValueError(f"unknown spatial reduction {op!r}")
     return out.reshape((x.batch_size,) + tuple(cshape))

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["mac_report", "MacReport", "install_scopes", "current_scope", "record", "new_pass", "reset_warnings",
+__all__ = ["mac_report", "MacReport", "install_scopes", "current_scope", "role_of", "record", "new_pass", "reset_warnings",
            "mark_dense"]
 
 logger = logging.getLogger("sparse_mim.sparse")
@@ -119,6 +119,12 @@ def install_scopes(model: nn.Module, role: str) -> None:
         if not had:
             m.register_forward_pre_hook(_enter)
             m.register_forward_hook(_exit, always_call=True)
+
+
+def role_of(module: nn.Module) -> str | None:
+    """``"sparse"`` / ``"masked"`` for a module of a model `sparsify` / `dense_masked` converted, else None."""
+    scope = module.__dict__.get(_ATTR)
+    return None if scope is None else scope[1]
 
 
 def current_scope() -> _Frame | None:

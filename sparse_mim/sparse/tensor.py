@@ -146,7 +146,14 @@ class SparseMap:
         mask = upsample_mask(visible, factor)
         # patch_factor: the mask is constant on aligned patch_factor^2 blocks (lets convs work per patch window)
         mask, cache = Scales(visible).register(mask, {"patch_factor": factor})
-        return cls(x.permute(0, 2, 3, 1)[mask], mask, cache)
+        return cls.from_sites(x, mask, cache)
+
+    @classmethod
+    def from_sites(cls, x: Tensor, mask: Tensor, cache: dict[str, Any] | None = None) -> "SparseMap":
+        """The map of dense ``x`` [B, C, h, w] at the active sites of ``mask`` (sharing ``cache``, its scale's)."""
+        out = cls(x.new_empty((0, x.shape[1])), mask, cache)
+        out.features = out.gather_sites(x.permute(0, 2, 3, 1))
+        return out
 
     def replace_features(self, features: Tensor) -> "SparseMap":
         """A map at the same sites (sharing the index cache) with new features."""
@@ -232,6 +239,27 @@ class SparseMap:
         return idx
 
     @property
+    def flat_index(self) -> Tensor:
+        """[N] int64 position of every row in the flattened [B * h * w] grid (cached per scale).
+
+        Scatter and gather through it instead of through the bool mask: indexing by a mask runs a
+        ``nonzero`` every time, and on CUDA each one stalls the host until the GPU catches up. This index
+        is built once per scale (from `indices`, the one ``nonzero`` of the scale) and reused by every layer.
+        """
+        flat = self.cache.get("flat_index")
+        if flat is None:
+            h, w = self.spatial_shape
+            idx = self.indices.long()
+            flat = (idx[:, 0] * h + idx[:, 1]) * w + idx[:, 2]
+            self.cache["flat_index"] = flat
+        return flat
+
+    def gather_sites(self, dense_nhwc: Tensor) -> Tensor:
+        """Rows of a dense [B, h, w, *C] tensor at this map's sites, canonical order (differentiable; no sync)."""
+        rows = dense_nhwc.reshape((-1,) + tuple(dense_nhwc.shape[3:]))
+        return rows.index_select(0, self.flat_index)
+
+    @property
     def batch_index(self) -> Tensor:
         """[N] int64 batch index of every row."""
         b = self.cache.get("batch_index")
@@ -258,9 +286,9 @@ class SparseMap:
     def dense(self, fill: float = 0.0) -> Tensor:
         """Scatter back to a dense [B, C, h, w] tensor with ``fill`` at hidden sites (differentiable)."""
         B, (h, w), C = self.batch_size, self.spatial_shape, self.num_channels
-        out = self.features.new_full((B, h, w, C), fill)
-        out = out.index_put((self.mask,), self.features)
-        return out.permute(0, 3, 1, 2)
+        out = self.features.new_full((B * h * w, C), fill)
+        out = out.index_put((self.flat_index,), self.features)  # an index built once per scale: no sync
+        return out.view(B, h, w, C).permute(0, 3, 1, 2)
 
     def to(self, *args, **kwargs) -> "SparseMap":
         features = self.features.to(*args, **kwargs)

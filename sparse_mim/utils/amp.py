@@ -6,8 +6,9 @@ into an `AmpPolicy`:
 =====================  ==============================================================
 device                 ``auto`` picks
 =====================  ==============================================================
-CUDA, capability >= 8  bf16 autocast, no gradient scaler (Ampere, Hopper, Ada, ...)
-CUDA, capability < 8   fp16 autocast + ``GradScaler`` (Volta, Turing: no fast bf16)
+CUDA                   per GPU generation, `CUDA_AUTO_TABLE` (one line each, with the
+                       reason printed at run start): bf16 on Ampere and newer, fp16 +
+                       ``GradScaler`` on Volta / Turing, fp32 before Volta
 CPU with bf16 instr.   bf16 autocast (x86 AVX512-BF16 / AMX-BF16, Arm BF16 extension)
 any other CPU, MPS...  fp32 (bf16 there is emulated and slower than fp32)
 =====================  ==============================================================
@@ -41,12 +42,12 @@ import functools
 import math
 import platform
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 __all__ = ["AmpError", "AmpPolicy", "StepResult", "AMP_CHOICES", "resolve_amp", "cpu_bf16_support",
-           "cuda_capability", "optimizer_step", "grad_norm", "load_scaler_state"]
+           "cuda_capability", "CUDA_AUTO_TABLE", "CudaAutoRule", "cuda_auto_rule", "optimizer_step", "grad_norm", "load_scaler_state"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -181,6 +182,40 @@ def _normalise(setting: Any) -> str:
     return _ALIASES[key]
 
 
+# ---------------------------------------------------------------------------- amp=auto on CUDA
+@dataclass(frozen=True)
+class CudaAutoRule:
+    """What ``amp=auto`` picks on one GPU generation, and why. ``measured``: where the choice was measured
+    (None: chosen by reasoning; tools/gpu_check.sh, section ``precision``, measures it and prints whether the
+    numbers agree with this table, so a run on that generation can update its line)."""
+
+    min_capability: tuple[int, int]
+    generation: str
+    choice: str  # bf16 | fp16 | off
+    reason: str
+    measured: Optional[str] = None
+
+
+_BF16_REASON = ("bf16 needs no loss scaling, and every sparse path (gather GEMM, patch windows, cuDNN on the "
+                "zero-filled map) accumulates in fp32; spconv has no bf16 kernels, so it does not run, and its fp16 "
+                "kernels may accumulate in fp16 (spconv 2.3 hard-codes use_f32_as_accum=false)")
+# One line per generation, newest first; the first rule whose capability is <= the GPU's applies.
+CUDA_AUTO_TABLE: tuple[CudaAutoRule, ...] = (
+    CudaAutoRule((10, 0), "Blackwell", "bf16", _BF16_REASON),
+    CudaAutoRule((9, 0), "Hopper", "bf16", _BF16_REASON),
+    CudaAutoRule((8, 9), "Ada", "bf16", _BF16_REASON),
+    CudaAutoRule((8, 0), "Ampere", "bf16", _BF16_REASON),
+    CudaAutoRule((7, 5), "Turing", "fp16", "no bf16 tensor cores: fp16 with a gradient scaler (spconv eligible)"),
+    CudaAutoRule((7, 0), "Volta", "fp16", "no bf16 tensor cores: fp16 with a gradient scaler (spconv eligible)"),
+    CudaAutoRule((0, 0), "Pascal or older", "off", "no tensor cores: fp16 / bf16 would not be faster than fp32"),
+)
+
+
+def cuda_auto_rule(capability: tuple[int, int]) -> CudaAutoRule:
+    """The `CUDA_AUTO_TABLE` line for a GPU of compute ``capability``."""
+    return next(r for r in CUDA_AUTO_TABLE if tuple(capability) >= r.min_capability)
+
+
 # ---------------------------------------------------------------------------- resolution
 def resolve_amp(setting: Any, device: torch.device | str) -> AmpPolicy:
     """The `AmpPolicy` for ``setting`` (auto | bf16 | fp16 | off) on ``device``.
@@ -203,10 +238,15 @@ def resolve_amp(setting: Any, device: torch.device | str) -> AmpPolicy:
                 raise AmpError(f"amp=bf16 on a CUDA device with {cc}: bf16 needs 8.0 or newer (Ampere+); "
                                "use amp=fp16 (with a gradient scaler) or amp=auto")
             return AmpPolicy("bf16", torch.bfloat16, False, dt, f"bf16 requested ({cc})", s)
-        if major >= 8:
-            return AmpPolicy("bf16", torch.bfloat16, False, dt, f"CUDA {cc} runs bf16 natively", s)
-        return AmpPolicy("fp16", torch.float16, True, dt,
-                         f"CUDA {cc} has no fast bf16: fp16 with a gradient scaler", s)
+        rule = cuda_auto_rule((major, minor))
+        why = (f"{rule.generation}, {cc}: {rule.reason}; "
+               + (f"measured: {rule.measured}" if rule.measured else
+                  "not measured on this generation yet (tools/gpu_check.sh, section precision)"))
+        if rule.choice == "bf16":
+            return AmpPolicy("bf16", torch.bfloat16, False, dt, why, s)
+        if rule.choice == "fp16":
+            return AmpPolicy("fp16", torch.float16, True, dt, why, s)
+        return AmpPolicy("fp32", None, False, dt, why, s)
 
     if dt == "cpu":
         native, evidence = cpu_bf16_support()
@@ -239,6 +279,7 @@ class StepResult:
     skipped: bool = False
     grad_norm: float = math.nan
     scale: float = 1.0
+    extra: tuple = ()  # the values of ``read_with``, read back with the gradient norm
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -257,7 +298,7 @@ def optimizer_step(loss: Optional[torch.Tensor], optimizer: torch.optim.Optimize
                    scaler: Optional["torch.amp.GradScaler"] = None,
                    params: Optional[Iterable[torch.Tensor]] = None,
                    clip_grad: float = 0.0, accum_steps: int = 1, boundary: bool = True,
-                   zero_grad: bool = True) -> StepResult:
+                   zero_grad: bool = True, read_with: Sequence[torch.Tensor] = ()) -> StepResult:
     """Backward of one micro-batch and, at an accumulation boundary, the optimizer step.
 
     loss: this micro-batch's mean loss (divided by ``accum_steps`` here; pass None when the
@@ -268,6 +309,11 @@ def optimizer_step(loss: Optional[torch.Tensor], optimizer: torch.optim.Optimize
     is skipped and the scale lowered (the usual fp16 overflow handling); without one
     (bf16 / fp32) the step is skipped as well and ``skipped`` is reported, so the trainer
     can count or stop.
+
+    Host read-backs: one per step. The gradient norm (the skip decision needs it on the host before the
+    optimizer runs), the loss scale and any scalars in ``read_with`` (the trainer's loss and counts) come
+    back in one transfer (`sparse_mim.utils.host_sync.read_back`); their values are ``StepResult.extra``.
+    (torch's ``GradScaler.step`` adds its own read of the inf flag for non-fused optimizers.)
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -279,15 +325,22 @@ def optimizer_step(loss: Optional[torch.Tensor], optimizer: torch.optim.Optimize
     if not boundary:
         return StepResult(stepped=False)
 
+    from .host_sync import read_back
     params = _optimizer_params(optimizer) if params is None else [p for p in params]
-    scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+    scale_t = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
     if scaler is not None:
         scaler.unscale_(optimizer)
     if clip_grad and clip_grad > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, float(clip_grad), error_if_nonfinite=False)
     else:
         norm = grad_norm(params)
-    norm_value = float(norm)
+    pack = [norm] + ([scale_t] if scale_t is not None else []) + list(read_with)
+    device = next((t.device for t in pack if t.device.type != "cpu"), norm.device)
+    values = read_back([t.detach().float().reshape(()).to(device) for t in pack])  # one transfer
+    norm_value = values[0]
+    scale = values[1] if scale_t is not None else (float(scaler.get_scale()) if scaler is not None else 1.0)
+    # (scale_t is None only before the scaler's first scale(): get_scale() then returns its initial value, no read)
+    extra = tuple(values[1 + (scale_t is not None):])
     finite = math.isfinite(norm_value)
     if scaler is not None:
         scaler.step(optimizer)  # skips by itself when unscale_ found inf / nan
@@ -296,7 +349,7 @@ def optimizer_step(loss: Optional[torch.Tensor], optimizer: torch.optim.Optimize
         optimizer.step()
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
-    return StepResult(stepped=True, skipped=not finite, grad_norm=norm_value, scale=scale)
+    return StepResult(stepped=True, skipped=not finite, grad_norm=norm_value, scale=scale, extra=extra)
 
 
 def load_scaler_state(scaler: Optional["torch.amp.GradScaler"], state: Optional[Mapping]) -> bool:
