@@ -264,6 +264,24 @@ class ErrorModel:
                 self.compare(f"{what} {n}", sparse[n], twin[n], g, rounded[n], GRAD_SCALE_FRACTION * largest)
 
 
+    def compare_buffers(self, sparse: dict, twin: dict, reference: dict, rounded: dict, modules: dict) -> None:
+        """Buffers by name (BN running statistics after a train-mode step; integer buffers must be equal).
+
+        A running mean moves by momentum * (mean of the batch); summing N values errs relative to their
+        magnitude (~ the standard deviation), not to their mean, which may be near 0. So its denominator is
+        at least momentum * sqrt(max running_var) of the same layer."""
+        for n, b in sparse.items():
+            if not b.is_floating_point():
+                assert torch.equal(b, twin[n]) and torch.equal(b, reference[n].to(b.dtype)), f"buffer {n} differs"
+                continue
+            scale = 0.0
+            if n.endswith("running_mean") and n[:-4] + "var" in reference:
+                layer = modules.get(n.rsplit(".", 1)[0] if "." in n else "")
+                momentum = getattr(layer, "momentum", None) or 1.0
+                scale = momentum * reference[n[:-4] + "var"].double().clamp_min(0).max().sqrt().item()
+            self.compare(f"buffer {n}", b, twin[n], reference[n], rounded[n], scale)
+
+
 # ---------------------------------------------------------------------------------------------------- reference
 def visible_at(visible: Tensor, height: int, width: int) -> Optional[Tensor]:
     """The patch mask upsampled (nearest) to ``height`` x ``width``, or None when that size is not a whole
@@ -510,11 +528,8 @@ def assert_equivalent(module: nn.Module, x: Tensor, visible: Tensor, grad: bool 
         model.compare("input grad", r["gx_s"], r["gx_d"], ref["gx"], rnd["gx"])
         model.compare_grads("grad of", {n: a for n, a, _ in r["gp"]}, {n: b for n, _, b in r["gp"]},
                             ref["grads"], rnd["grads"])
-    for name, b_s, b_d in r["buffers"]:
-        if b_d.is_floating_point():
-            model.compare(f"buffer {name}", b_s, b_d, ref["buffers"][name], rnd["buffers"][name])
-        else:
-            assert torch.equal(b_s, b_d) and torch.equal(b_d, ref["buffers"][name].to(b_d.dtype)), name
+    model.compare_buffers({n: b for n, b, _ in r["buffers"]}, {n: b for n, _, b in r["buffers"]}, ref["buffers"],
+                          rnd["buffers"], dict(r["sparse_model"].named_modules()))
     r["report"] = model.report.raise_if_failed()
     return r
 
@@ -590,9 +605,52 @@ def assert_backbones_equivalent(sparse: nn.Module, dense: nn.Module, images: Ten
         assert grads_d[n] is not None, f"{n} got no gradient in the dense-masked backbone"
     model.compare_grads("grad of", grads_s, grads_d, grads_r, grads_m)
     if train:
-        for n, b in buf_s.items():
-            if b.is_floating_point():
-                model.compare(f"buffer {n}", b, buf_d[n], buf_r[n], buf_m[n])
-            else:
-                assert torch.equal(b, buf_d[n]) and torch.equal(b, buf_r[n]), f"buffer {n} differs"
+        model.compare_buffers(buf_s, buf_d, buf_r, buf_m, dict(sparse.named_modules()))
+    return model.report.raise_if_failed()
+
+
+# ---------------------------------------------------------------------------------------------------- SparK
+def _spark_pass(model: nn.Module, images: Tensor, visible: Tensor, seed: int) -> tuple:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss, rec, _ = model(images.to(next(model.parameters()).dtype), visible)
+    loss.backward()
+    return (loss.detach(), rec.detach(), {n: p.grad for n, p in model.named_parameters()},
+            dict(model.named_buffers()))
+
+
+def assert_spark_equivalent(sparse: nn.Module, dense: nn.Module, images: Tensor, visible: Tensor,
+                            reference_backbone: Optional[nn.Module] = None, seed: int = 0) -> ErrorReport:
+    """Whole SparK model: the sparse-encoder model equals its dense reference (``SparK.dense_reference()``)
+    in loss, reconstruction, every parameter gradient and (train mode) BN buffers, under this module's
+    error model. The float64 reference is a copy of ``dense`` whose encoder is ``reference_backbone`` (a
+    plain backbone, ``create_backbone(name, sparse=None, ...)``) under `masked_reference` hooks; without
+    it, ``dense`` itself in float64. Raises `EquivalenceError`; returns the `ErrorReport`."""
+    dtype = next(sparse.parameters()).dtype
+    state = {k: v.detach().clone() for k, v in sparse.state_dict().items()}
+    prefix = "sparse_encoder.sp_cnn."
+    loss_s, rec_s, grads_s, buf_s = _spark_pass(sparse, images, visible, seed)
+    loss_d, rec_d, grads_d, buf_d = _spark_pass(dense, images, visible, seed)
+    refs = []
+    for rounding in (None, dtype):
+        ref = _with_rounding(copy.deepcopy(dense).double(), rounding, seed)
+        ref.load_state_dict(state)
+        if rounding is not None:  # the loss is a layer too: per-patch target statistics over patch_size^2 pixels
+            loss_fn, rel = ref.forward_loss, unit_roundoff(rounding) * ref.patch_size
+            gen = torch.Generator().manual_seed(20_000 + seed)
+            ref.forward_loss = lambda im, rec, vis: loss_fn(im, _round(rec, rel, gen), vis)
+        if reference_backbone is not None:
+            plain = copy.deepcopy(reference_backbone).double()
+            plain.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            encoder = masked_reference(plain, visible, rounding, seed).train(dense.training)
+            encoder.mode = "dense_masked"  # HierarchicalBackbone.forward masks the images and the 4 maps
+            ref.sparse_encoder.sp_cnn = encoder
+        refs.append(_spark_pass(ref, images, visible, seed))
+    (loss_r, rec_r, grads_r, buf_r), (loss_m, rec_m, grads_m, buf_m) = refs
+    model = ErrorModel(dtype, reduction_length(sparse))
+    model.compare("loss", loss_s, loss_d, loss_r, loss_m)
+    model.compare("reconstruction", rec_s, rec_d, rec_r, rec_m)
+    model.compare_grads("grad of", grads_s, grads_d, grads_r, grads_m)
+    if sparse.training:
+        model.compare_buffers(buf_s, buf_d, buf_r, buf_m, dict(sparse.named_modules()))
     return model.report.raise_if_failed()
