@@ -150,6 +150,22 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def layer_rounding(dtype: torch.dtype, reduction: int) -> float:
+    """The modelled relative error (standard deviation) of one layer computed in ``dtype`` whose output sums
+    ``reduction`` = K terms.
+
+    One round-to-nearest errs by a uniform amount in [-u, u]: standard deviation u / sqrt(3). float32 /
+    float64: the sum runs in that precision, K roundings that add up like a random walk (sqrt(K) u / sqrt(3);
+    the probabilistic bound of Higham & Mary; blocked and pairwise sums do better). bfloat16 / float16:
+    autocast rounds the weights to 16 bits and the output once more (the input is usually the previous
+    layer's 16-bit output already), and the GEMM accumulates in float32 (PyTorch's CPU kernels, oneDNN,
+    cuBLAS' default): sqrt(2) u_16 / sqrt(3) + sqrt(K) u_32 / sqrt(3)."""
+    s = math.sqrt(reduction) * unit_roundoff(dtype)
+    if torch.finfo(dtype).bits <= 16:
+        s = math.sqrt(2) * unit_roundoff(dtype) + math.sqrt(reduction) * unit_roundoff(torch.float32)
+    return s / math.sqrt(3)
+
+
 def reduction_length(module: nn.Module) -> int:
     """The longest dot product of ``module``: max fan-in (in_channels / groups * kh * kw, in_features) of its
     convs and linears (1 for a module without any, e.g. a pool)."""
@@ -228,13 +244,15 @@ class ErrorReport:
 class ErrorModel:
     """Applies the rule above for one compute dtype and reduction length."""
 
-    def __init__(self, dtype: torch.dtype, reduction: int):
+    def __init__(self, dtype: torch.dtype, reduction: int, sites: int = 1):
         self.dtype, self.reduction = dtype, max(int(reduction), 1)
-        self.floor = FLOOR_ULPS * unit_roundoff(dtype) * math.sqrt(self.reduction)
+        self.floor = FLOOR_ULPS * layer_rounding(dtype, self.reduction)
+        # a parameter gradient sums over every site of its layer's map (at most ``sites``, the input's B*H*W)
+        self.grad_floor = FLOOR_ULPS * layer_rounding(dtype, max(self.reduction, int(sites)))
         self.report = ErrorReport(dtype, self.reduction)
 
     def compare(self, what: str, sparse: Tensor, twin: Tensor, reference: Tensor, rounded: Tensor,
-                scale: float = 0.0) -> Check:
+                scale: float = 0.0, floor: Optional[float] = None) -> Check:
         """Add the `Check` of one tensor (sparse result, twin result, float64 reference, float64 reference
         with modelled rounding); ``scale``: a lower limit of the error's denominator (see the rule)."""
         ref = reference.detach().double()
@@ -245,8 +263,8 @@ class ErrorModel:
             assert y.shape == ref.shape, f"{what}: shape {tuple(y.shape)} != reference {tuple(ref.shape)}"
             return (y - ref).abs().max().item() / s if ref.numel() else 0.0
         e_s, e_t, e_m = err(sparse), err(twin), err(rounded)
-        bound_t = FACTOR * e_m + self.floor
-        check = Check(what, e_s, e_t, e_m, FACTOR * max(e_t, e_m) + self.floor, bound_t)
+        floor = self.floor if floor is None else floor
+        check = Check(what, e_s, e_t, e_m, FACTOR * max(e_t, e_m) + floor, FACTOR * e_m + floor)
         self.report.checks.append(check)
         return check
 
@@ -261,7 +279,8 @@ class ErrorModel:
         largest = max((g.abs().max().item() for g in present if g.numel()), default=0.0)
         for n, g in reference.items():
             if g is not None:
-                self.compare(f"{what} {n}", sparse[n], twin[n], g, rounded[n], GRAD_SCALE_FRACTION * largest)
+                self.compare(f"{what} {n}", sparse[n], twin[n], g, rounded[n], GRAD_SCALE_FRACTION * largest,
+                             self.grad_floor)
 
 
     def compare_buffers(self, sparse: dict, twin: dict, reference: dict, rounded: dict, modules: dict) -> None:
@@ -386,7 +405,6 @@ def masked_reference(module: nn.Module, visible: Tensor, rounding: Optional[torc
     generator seeded by ``seed`` (`_round`).
     """
     ref = copy.deepcopy(module).double()
-    u = 0.0 if rounding is None else unit_roundoff(rounding)
     gen = torch.Generator().manual_seed(10_000 + seed)
     for m in ref.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -400,7 +418,8 @@ def masked_reference(module: nn.Module, visible: Tensor, rounding: Optional[torc
             return tuple(_apply_mask(a, visible, layout) for a in args)
 
         def post(mod, args, out, layout=layout):
-            return _apply_mask(_round(out, u * _layer_reduction(mod, out) ** 0.5, gen), visible, layout)
+            rel = 0.0 if rounding is None else layer_rounding(rounding, _layer_reduction(mod, out))
+            return _apply_mask(_round(out, rel, gen), visible, layout)
         m.register_forward_pre_hook(pre)
         m.register_forward_hook(post)
     return ref
@@ -486,14 +505,12 @@ def _with_rounding(model: nn.Module, rounding: Optional[torch.dtype], seed: int)
     """Add `masked_reference`'s modelled rounding (no masking) to every weighted or normalising leaf."""
     if rounding is None:
         return model
-    u = unit_roundoff(rounding)
     gen = torch.Generator().manual_seed(10_000 + seed)
     for m in model.modules():
         if next(m.children(), None) is not None or _layout(m) is None:
             continue
-        fan_in = max([p[0].numel() for n, p in m.named_parameters(recurse=False) if p.dim() > 1], default=1)
-
-        m.register_forward_hook(lambda mod, args, out, rel=u * fan_in ** 0.5: _round(out, rel, gen))
+        m.register_forward_hook(lambda mod, args, out: _round(out, layer_rounding(rounding, _layer_reduction(mod, out)),
+                                                              gen))
     return model
 
 
@@ -522,7 +539,7 @@ def assert_equivalent(module: nn.Module, x: Tensor, visible: Tensor, grad: bool 
     g = r.get("out_weights")
     ref = run_reference(module, x, visible, seed, grad, reference=reference, out_weights=g)
     rnd = run_reference(module, x, visible, seed, grad, rounding=dtype, reference=reference, out_weights=g)
-    model = ErrorModel(dtype, reduction_length(module))
+    model = ErrorModel(dtype, reduction_length(module), x.numel() // x.shape[1])
     model.compare("output", out_s, out_d, ref["out"], rnd["out"])
     if grad:
         model.compare("input grad", r["gx_s"], r["gx_d"], ref["gx"], rnd["gx"])
@@ -589,7 +606,7 @@ def assert_backbones_equivalent(sparse: nn.Module, dense: nn.Module, images: Ten
     (out_r, gx_r, grads_r, buf_r), (out_m, gx_m, grads_m, buf_m) = refs
     num_maps = len(sparse.channels)
     assert len(out_s) == len(out_d) == len(out_r) == num_maps
-    model = ErrorModel(dtype, reduction_length(sparse))
+    model = ErrorModel(dtype, reduction_length(sparse), images.numel() // images.shape[1])
     for i, (a, b) in enumerate(zip(out_s, out_d)):
         stride = sparse.downsample_ratio // 2 ** (num_maps - 1 - i)
         assert a.shape == b.shape == (images.shape[0], sparse.channels[i], images.shape[2] // stride,
@@ -636,7 +653,7 @@ def assert_spark_equivalent(sparse: nn.Module, dense: nn.Module, images: Tensor,
         ref = _with_rounding(copy.deepcopy(dense).double(), rounding, seed)
         ref.load_state_dict(state)
         if rounding is not None:  # the loss is a layer too: per-patch target statistics over patch_size^2 pixels
-            loss_fn, rel = ref.forward_loss, unit_roundoff(rounding) * ref.patch_size
+            loss_fn, rel = ref.forward_loss, layer_rounding(rounding, ref.patch_size ** 2)
             gen = torch.Generator().manual_seed(20_000 + seed)
             ref.forward_loss = lambda im, rec, vis: loss_fn(im, _round(rec, rel, gen), vis)
         if reference_backbone is not None:
@@ -647,7 +664,7 @@ def assert_spark_equivalent(sparse: nn.Module, dense: nn.Module, images: Tensor,
             ref.sparse_encoder.sp_cnn = encoder
         refs.append(_spark_pass(ref, images, visible, seed))
     (loss_r, rec_r, grads_r, buf_r), (loss_m, rec_m, grads_m, buf_m) = refs
-    model = ErrorModel(dtype, reduction_length(sparse))
+    model = ErrorModel(dtype, reduction_length(sparse), images.numel() // images.shape[1])
     model.compare("loss", loss_s, loss_d, loss_r, loss_m)
     model.compare("reconstruction", rec_s, rec_d, rec_r, rec_m)
     model.compare_grads("grad of", grads_s, grads_d, grads_r, grads_m)
