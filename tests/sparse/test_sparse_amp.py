@@ -32,7 +32,7 @@ from torch import nn
 from sparse_mim.sparse import SparseMap, functional as SF, sparse_global_avg_pool
 from sparse_mim.testing import ChannelsLast, assert_equivalent, patch_mask, rel_err, run_both
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.precision]
 
 BF16 = torch.bfloat16
 U = 2.0 ** -8                  # bf16 unit roundoff

@@ -35,6 +35,7 @@ def _convnext(name):
     ("convnext_atto", 96, 64, 2, 0.6, torch.float32),
     ("convnextv2_atto", 64, 64, 2, 0.6, F64),
 ])
+@pytest.mark.precision
 def test_backbone_equivalence(name, H, W, B, ratio, dtype):
     """Whole trunks, unchanged timm / torchvision code: sparse twin == dense-masked twin (fwd, grads, BN stats)."""
     torch.manual_seed(0)
