@@ -127,44 +127,46 @@ def _avg_pool_classified_per_site(monkeypatch):
                         lambda func: "per_site" if dispatch._name(func) == "avg_pool2d" else classify(func))
 
 
+COMPUTE = {"float64": torch.float64, "float32": torch.float32, "bfloat16": BF16}
+
+
+def _op_control(precision: str, tight: bool, build, reduction: int, inject=None) -> None:
+    """Build the op (``build(size)``: the bug's size, 1 or ~32 modelled roundings when ``tight``), check that
+    the correct twins pass (when the bug is ``inject``ed afterwards), inject it, and require the helper to
+    fail; a tight control compares the forward result only and must fail by less than `MAX_RATIO`."""
+    size = 3 * _small(COMPUTE[precision], reduction) if tight else 1.0
+    torch.manual_seed(0)
+    module, dtype, compute = _setup(precision, build(size))
+    if inject is not None:
+        assert_equivalent(module, _input(dtype=dtype), VISIBLE, dtype=compute)  # the correct twins pass
+        inject()
+    ratio = _fails(lambda: assert_equivalent(module, _input(dtype=dtype), VISIBLE, dtype=compute, grad=not tight))
+    if tight:
+        assert ratio < MAX_RATIO
+
+
+TIGHT = pytest.mark.parametrize("tight", [False, True], ids=["full", "tight"])
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("tight", [False, True], ids=["full", "tight"])
+@TIGHT
 def test_op_missing_tap(precision, tight):
-    compute = {"float64": torch.float64, "float32": torch.float32, "bfloat16": BF16}[precision]
-    # one tap of 9 carries ~1/3 of a default-initialised 3x3 conv's output (norm): gamma sets the bug size
-    gamma = 3 * _small(compute, 8 * 9) if tight else 1.0
-    torch.manual_seed(0)
-    module, dtype, compute = _setup(precision, MissingTap(8, gamma))
-    ratio = _fails(lambda: assert_equivalent(module, _input(dtype=dtype), VISIBLE, dtype=compute, grad=not tight))
-    if tight:
-        assert ratio < MAX_RATIO
+    # one tap of 9 carries ~1/3 of a default-initialised 3x3 conv's output: gamma sets the bug's size
+    _op_control(precision, tight, lambda gamma: MissingTap(8, gamma), 8 * 9)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("tight", [False, True], ids=["full", "tight"])
+@TIGHT
 def test_op_hidden_site_leaks(monkeypatch, precision, tight):
-    compute = {"float64": torch.float64, "float32": torch.float32, "bfloat16": BF16}[precision]
-    shift = 3 * _small(compute, 8 * 9) if tight else 1.0
-    torch.manual_seed(0)
-    module, dtype, compute = _setup(precision, _ln_then(8, nn.Conv2d(8, 8, 3, padding=1), shift))
-    assert_equivalent(module, _input(dtype=dtype), VISIBLE, dtype=compute)  # the correct twin passes
-    _conv_input_not_masked(monkeypatch)
-    ratio = _fails(lambda: assert_equivalent(module, _input(dtype=dtype), VISIBLE, dtype=compute, grad=not tight))
-    if tight:
-        assert ratio < MAX_RATIO
+    _op_control(precision, tight, lambda shift: _ln_then(8, nn.Conv2d(8, 8, 3, padding=1), shift), 8 * 9,
+                lambda: _conv_input_not_masked(monkeypatch))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("tight", [False, True], ids=["full", "tight"])
+@TIGHT
 def test_op_spatial_op_classified_per_site(monkeypatch, precision, tight):
-    compute = {"float64": torch.float64, "float32": torch.float32, "bfloat16": BF16}[precision]
-    shift = 3 * _small(compute, 9) if tight else 1.0
-    module, dtype, compute = _setup(precision, _ln_then(8, Blur(), shift))
-    assert_equivalent(module, _input(dtype=dtype), VISIBLE, dtype=compute)
-    _avg_pool_classified_per_site(monkeypatch)
-    ratio = _fails(lambda: assert_equivalent(module, _input(dtype=dtype), VISIBLE, dtype=compute, grad=not tight))
-    if tight:
-        assert ratio < MAX_RATIO
+    _op_control(precision, tight, lambda shift: _ln_then(8, Blur(), shift), 9,
+                lambda: _avg_pool_classified_per_site(monkeypatch))
 
 
 def test_op_mask_off_by_one_patch(monkeypatch):
