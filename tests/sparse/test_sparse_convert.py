@@ -32,10 +32,9 @@ def _convnext(name):
 @pytest.mark.parametrize("name,H,W,B,ratio,dtype", [
     ("resnet18", 64, 96, 2, 0.6, F64),
     # float32: torch's float64 CPU convs (dense-masked side) are very slow for ConvNeXt's 1x1 / 7x7 convs
-    ("convnext_atto", 96, 64, 2, 0.6, torch.float32),
+    pytest.param("convnext_atto", 96, 64, 2, 0.6, torch.float32, marks=pytest.mark.precision),
     ("convnextv2_atto", 64, 64, 2, 0.6, F64),
 ])
-@pytest.mark.precision
 def test_backbone_equivalence(name, H, W, B, ratio, dtype):
     """Whole trunks, unchanged timm / torchvision code: sparse twin == dense-masked twin (fwd, grads, BN stats)."""
     torch.manual_seed(0)
