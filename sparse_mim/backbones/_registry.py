@@ -102,7 +102,7 @@ def _lookup(name: str) -> _Entry:
     return entry
 
 
-def create_backbone(name: str, sparse: bool | None = True, drop_path_rate: Optional[float] = None,
+def create_backbone(name: str, sparse: Optional[bool] = True, drop_path_rate: Optional[float] = None,
                     weights: Optional[str] = None, **kwargs) -> nn.Module:
     """Build a registered backbone, or any timm convnet, as a SparK encoder.
 
@@ -113,8 +113,10 @@ def create_backbone(name: str, sparse: bool | None = True, drop_path_rate: Optio
         sparse: True: true sparse computation on the visible sites (spconv / torch gathers).
             False: the dense-masked simulation of the official SparK code with the same
             parameter names (the reference and benchmark baseline; with ``visible=None``
-            it is the plain dense network, e.g. for fine-tuning). None: the plain dense
-            layers, unconverted (no patch mask allowed; the k-NN evaluation uses it).
+            it is the plain dense network, e.g. for fine-tuning).
+            None: the plain dense layers, unconverted: no patch mask allowed (the k-NN evaluation
+            uses it for all-visible forwards at dense speed, and `sparse_mim.testing.masked_reference`
+            masks it with hooks, a reference that shares no code with the engine).
         drop_path_rate: stochastic-depth rate of the last block (linear decay from 0);
             None = the architecture's default (SparK: R50 .05, R101 .08, R152 .10,
             R200 .15, ConvNeXt-S/B/L .2/.3/.4; see docs/backbones.md).
@@ -147,7 +149,7 @@ def create_backbone(name: str, sparse: bool | None = True, drop_path_rate: Optio
         from .weights import load_backbone_weights
 
         load_backbone_weights(model, weights)
-    if sparse is None:  # the plain dense network: all-visible forwards only (evaluation), at dense speed
+    if sparse is None:  # the plain dense network: all-visible forwards only, at dense speed
         return model
     return model.to_sparse() if sparse else model.to_dense_masked()
 

@@ -14,7 +14,7 @@ from sparse_mim.utils.amp import resolve_amp
 from sparse_mim.utils.config import load_config, shipped_recipes_dir
 from sparse_mim.utils.misc import NonFiniteLossError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.precision]
 
 DEMO_YAML = os.path.join(shipped_recipes_dir(), "fgvc", "demo.yaml")
 QUIET = dict(log=lambda *a: None)

@@ -8,7 +8,7 @@ import torch
 from sparse_mim.utils import amp as amp_mod
 from sparse_mim.utils.amp import AmpError, load_scaler_state, optimizer_step, resolve_amp
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.precision]
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,7 @@ from sparse_mim.train import DEFAULTS, pretrain, validate_config
 from sparse_mim.utils.checkpoint import load_checkpoint
 from sparse_mim.utils.config import load_config
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.precision]
 
 TINY = ["train.cpu_threads=1", "model.backbone=resnet18", "model.backbone_kwargs={depths: [1, 1, 1, 1]}",
         "model.img_size=64", "model.decoder_width=64", "data.num_workers=0", "log.progress=false", "log.vis_every=0",

@@ -1,24 +1,23 @@
-"""SparK with a true sparse encoder equals its dense-masked reference (same weights): loss, reconstruction, gradients.
+"""SparK with a true sparse encoder equals its dense-masked reference (same weights): loss, reconstruction,
+every gradient and BN buffer (`sparse_mim.testing.assert_spark_equivalent`).
 
-Real registry backbones, small CPU shapes. Why two precisions: in train mode at
-these tiny batches the gradient is ill-conditioned (batch-norm statistics over a
-handful of sites); perturbing the *dense* model's input by 1e-6 moves some of its
-parameter gradients by ~5e-3 relative. So exact equality of every gradient is
-proven in float64 (agreement ~1e-14, asserted at 1e-8), and float32 is checked
-where it is well-conditioned (loss in train mode; all gradients in eval mode) at
-the issue's 1e-4.
+Real registry backbones, small CPU shapes, float64 and float32. In train mode at these tiny batches the
+gradient is ill-conditioned (batch-norm statistics over a handful of sites: perturbing the input by 1e-6
+moves some parameter gradients by ~5e-3). The error model measures that: the float64 reference with one
+modelled rounding per layer moves as much, so each gradient is held to what its conditioning allows at the
+model's precision, on any CPU, rather than to one fixed number.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import sparse_mim
 from sparse_mim.spark import SparK
-from sparse_mim.testing import relative_error
+from sparse_mim.testing import assert_spark_equivalent
 
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.precision]
 
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _pair(name, size, dtype, train):
     torch.manual_seed(0)
@@ -30,40 +29,21 @@ def _pair(name, size, dtype, train):
     return sparse, dense
 
 
-def _run(model, images, visible):
-    model.zero_grad(set_to_none=True)
-    loss, rec, vis = model(images, visible)
-    loss.backward()
-    return loss.detach(), rec.detach(), vis
-
-
-def _assert_grads_close(sparse, dense, rtol):
-    grads = dict(dense.named_parameters())
-    checked = 0
-    for name, p in sparse.named_parameters():
-        q = grads[name]
-        if name.startswith("sparse_encoder.sp_cnn.head."):  # unused by pre-training (timm weight compatibility)
-            assert p.grad is None and q.grad is None
-            continue
-        assert p.grad is not None and q.grad is not None, f"{name} got no gradient"
-        err = relative_error(p.grad, q.grad)
-        assert err <= rtol, f"{name}: relative gradient difference {err:.2e} > {rtol:g}"
-        checked += 1
-    assert checked == len([n for n in grads if not n.startswith("sparse_encoder.sp_cnn.head.")])
+def _plain(name):
+    """The unconverted backbone: the reference's encoder under masking hooks (no engine code)."""
+    return sparse_mim.create_backbone(name, sparse=None, drop_path_rate=0.0)
 
 
 @pytest.mark.parametrize("name,size", [("resnet18", (64, 96)), ("convnextv2_atto", (64, 64))])
 def test_sparse_equals_dense_reference_float64(name, size):
-    """Train mode (batch statistics over visible sites, drop-path off); eval mode is covered in float32."""
+    """Train mode (batch statistics over visible sites, drop-path off)."""
     images = torch.randn(2, 3, *size, dtype=torch.float64)
     sparse, dense = _pair(name, size, torch.float64, True)
     visible = sparse.mask(2, generator=torch.Generator().manual_seed(1))
-    ls, rs, vs = _run(sparse, images, visible)
-    ld, rd, vd = _run(dense, images, visible)
-    assert torch.equal(vs, visible) and torch.equal(vd, visible)
-    assert abs(ls - ld) <= 1e-8 * abs(ld), (ls, ld)
-    torch.testing.assert_close(rs, rd, rtol=1e-8, atol=1e-10)
-    _assert_grads_close(sparse, dense, rtol=1e-8)
+    report = assert_spark_equivalent(sparse, dense, images, visible, reference_backbone=_plain(name))
+    assert len(report.checks) > 20  # loss, reconstruction, every gradient and BN buffer
+    _, _, vis = sparse(images, visible)
+    assert torch.equal(vis, visible)
 
 
 @pytest.mark.parametrize("name,size", [("resnet18", (64, 64)), ("convnextv2_atto", (96, 64))])
@@ -71,20 +51,11 @@ def test_sparse_equals_dense_reference_float32(name, size):
     images = torch.randn(2, 3, *size)
     sparse, dense = _pair(name, size, torch.float32, True)
     visible = sparse.mask(2, generator=torch.Generator().manual_seed(2))
-    ls, rs, _ = _run(sparse, images, visible)
-    ld, rd, _ = _run(dense, images, visible)
-    assert abs(ls - ld) <= 1e-4 * abs(ld)
-    torch.testing.assert_close(rs, rd, rtol=1e-4, atol=1e-4)
-    # BN running statistics were updated from the visible sites alike
-    buffers = dict(dense.named_buffers())
-    for n, b in sparse.named_buffers():
-        if b.is_floating_point():
-            torch.testing.assert_close(b, buffers[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_spark_equivalent(sparse, dense, images, visible, reference_backbone=_plain(name))
     sparse.eval(), dense.eval()
-    ls, rs, _ = _run(sparse, images, visible)
-    ld, rd, _ = _run(dense, images, visible)
-    assert abs(ls - ld) <= 1e-4 * abs(ld)
-    _assert_grads_close(sparse, dense, rtol=1e-4)
-    # given a mask, the result is deterministic
-    again, rec_again, _ = _run(sparse, images, visible)
+    assert_spark_equivalent(sparse, dense, images, visible, reference_backbone=_plain(name))
+    # given a mask, the result is deterministic: the same kernels on the same numbers (the autotuner keeps
+    # its choice), so bit equality holds by construction
+    ls, rs, _ = sparse(images, visible)
+    again, rec_again, _ = sparse(images, visible)
     assert torch.equal(again, ls) and torch.equal(rec_again, rs)

@@ -287,6 +287,7 @@ def test_configure_and_config_keys(tuner):
     assert autotune.cache_file("cpu").startswith(str(tuner))
 
 
+@pytest.mark.precision
 def test_backbone_equivalence_under_autotune(tuner):
     """A small ResNet-style stack (stride-1, strided, depthwise, pointwise) tuned, against the dense-masked twin."""
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),

@@ -32,7 +32,7 @@ def _convnext(name):
 @pytest.mark.parametrize("name,H,W,B,ratio,dtype", [
     ("resnet18", 64, 96, 2, 0.6, F64),
     # float32: torch's float64 CPU convs (dense-masked side) are very slow for ConvNeXt's 1x1 / 7x7 convs
-    ("convnext_atto", 96, 64, 2, 0.6, torch.float32),
+    pytest.param("convnext_atto", 96, 64, 2, 0.6, torch.float32, marks=pytest.mark.precision),
     ("convnextv2_atto", 64, 64, 2, 0.6, F64),
 ])
 def test_backbone_equivalence(name, H, W, B, ratio, dtype):
@@ -40,7 +40,7 @@ def test_backbone_equivalence(name, H, W, B, ratio, dtype):
     torch.manual_seed(0)
     model = (_resnet18_trunk() if name == "resnet18" else _convnext(name)).to(dtype).train()
     x = torch.randn(B, 3, H, W, dtype=dtype)
-    assert_equivalent(model, x, patch_mask(B, H // 32, W // 32, ratio), tol=1e-5)
+    assert_equivalent(model, x, patch_mask(B, H // 32, W // 32, ratio))
 
 
 def test_sparsify_keeps_parameters_and_state_dict():
