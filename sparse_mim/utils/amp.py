@@ -46,6 +46,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from .host_sync import read_back
+
 __all__ = ["AmpError", "AmpPolicy", "StepResult", "AMP_CHOICES", "resolve_amp", "cpu_bf16_support",
            "cuda_capability", "CUDA_AUTO_TABLE", "CudaAutoRule", "cuda_auto_rule", "optimizer_step", "grad_norm", "load_scaler_state"]
 
@@ -325,7 +327,6 @@ def optimizer_step(loss: Optional[torch.Tensor], optimizer: torch.optim.Optimize
     if not boundary:
         return StepResult(stepped=False)
 
-    from .host_sync import read_back
     params = _optimizer_params(optimizer) if params is None else [p for p in params]
     scale_t = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
     if scaler is not None:
