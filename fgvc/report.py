@@ -24,8 +24,8 @@ __all__ = ["load_pretrained_reported", "split_label", "position"]
 def load_pretrained_reported(model: torch.nn.Module, path: str, classes: Optional[Sequence[str]] = None) -> List[str]:
     """Load the MetaFormer file ``path`` into ``model`` (:func:`fgvc.models.load_pretrained`'s mapping);
     returns the report lines (module docstring)."""
-    from fgvc.models.metaformer import checkpoint_filter_fn, read_weights
-    ck = read_weights(path)
+    from fgvc.models.metaformer import checkpoint_filter_fn, read_pretrained
+    ck = read_pretrained(path)
     state, notes = checkpoint_filter_fn(ck, model)
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:

@@ -10,6 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+case "$(uname -m)" in
+    x86_64|amd64) ;;
+    *) echo "run_tests_restricted_isa.sh: SSE4.1 / AVX2 emulation is for x86-64 CPUs; nothing to do on $(uname -m)"; exit 0 ;;
+esac
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for isa in ${ISAS:-sse41 avx2}; do
     case "$isa" in

@@ -863,6 +863,15 @@ def read_weights(path) -> dict:
     return obj
 
 
+def read_pretrained(path: str) -> dict:
+    """:func:`read_weights` for ``model.pretrained``: a file of another kind (a SparK checkpoint, an
+    exported backbone) is refused and named as such, instead of a list of keys that do not fit."""
+    from sparse_mim.utils.checkpoint import require_checkpoint_kind
+    checkpoint = read_weights(path)
+    require_checkpoint_kind(checkpoint, path, ["metaformer-weights", "fgvc", "unknown"], "model.pretrained")
+    return checkpoint
+
+
 # ---------------------------------------------------------------------------------------------
 # What a state dict is: one-line descriptions for mismatch errors
 # ---------------------------------------------------------------------------------------------
@@ -953,10 +962,7 @@ def load_pretrained(model: MetaFormer, checkpoint, strict: bool = True) -> List[
     :func:`checkpoint_filter_fn` (also logged).
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-        path = os.fspath(checkpoint)
-        checkpoint = read_weights(path)
-        from sparse_mim.utils.checkpoint import require_checkpoint_kind
-        require_checkpoint_kind(checkpoint, path, ["metaformer-weights", "fgvc", "unknown"], "model.pretrained")
+        checkpoint = read_pretrained(os.fspath(checkpoint))
     state_dict, notes = checkpoint_filter_fn(checkpoint, model)
     result = model.load_state_dict(state_dict, strict=False)
     if strict and result.unexpected_keys:
