@@ -51,22 +51,27 @@ def test_spatio_temporal_encoding_values():
 
 
 # ------------------------------------------------------------------------------------------- CUB / NABirds
-def _make_cub(root, n_classes=3, per_class=2):
+def write_cub(root, items, colour=lambda c: (200, 30, 30), size=8):
+    """A CUB-200-2011 layout with one image per ``(class, is_training_image)`` of ``items`` (classes from 1);
+    returns the number of images."""
     images, labels, split = [], [], []
-    k = 0
-    for c in range(1, n_classes + 1):
-        for j in range(per_class):
-            k += 1
-            rel = f"{c:03d}.Bird_{c}/img_{k}.jpg"
-            _png(os.path.join(root, "images", rel))
-            images.append(f"{k} {rel}")
-            labels.append(f"{k} {c}")
-            split.append(f"{k} {1 if j == 0 else 0}")
+    for k, (c, is_train) in enumerate(items, 1):
+        rel = f"{c:03d}.Bird_{c}/img_{k}.jpg"
+        _png(os.path.join(root, "images", rel), colour=colour(c), size=size)
+        images.append(f"{k} {rel}")
+        labels.append(f"{k} {c}")
+        split.append(f"{k} {int(is_train)}")
+    n_classes = max(c for c, _ in items)
     _write(os.path.join(root, "images.txt"), "\n".join(images) + "\n")
     _write(os.path.join(root, "image_class_labels.txt"), "\n".join(labels) + "\n")
     _write(os.path.join(root, "train_test_split.txt"), "\n".join(split) + "\n")
     _write(os.path.join(root, "classes.txt"), "".join(f"{c} {c:03d}.Bird_{c}\n" for c in range(1, n_classes + 1)))
-    return k
+    return len(items)
+
+
+def _make_cub(root, n_classes=3, per_class=2):
+    """Each class: its first image for training, the rest for testing."""
+    return write_cub(root, [(c, j == 0) for c in range(1, n_classes + 1) for j in range(per_class)])
 
 
 def test_cub_reader_with_attributes_and_bad_lines(tmp_path):

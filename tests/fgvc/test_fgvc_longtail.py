@@ -12,7 +12,7 @@ from fgvc.longtail import (ClassAwareSampler, LogitAdjustedLoss, build_loss, cla
 from fgvc.train import DEFAULTS, validate_config
 from sparse_mim.utils.config import ConfigError, load_config
 
-from .test_fgvc_data import _png, _write
+from .test_fgvc_data import write_cub
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -116,19 +116,8 @@ def test_longtail_demo_data_and_comparison(tmp_path):
 
 def make_longtail_cub(root, counts, test_per_class=2, size=16):
     """A CUB-200-2011 layout whose training classes have ``counts`` images (a long tail)."""
-    images, labels, split, k = [], [], [], 0
-    for c, n in enumerate(counts, 1):
-        for j in range(n + test_per_class):
-            k += 1
-            rel = f"{c:03d}.Bird_{c}/img_{k}.jpg"
-            _png(os.path.join(root, "images", rel), colour=(40 * c % 256, 255 - 30 * c % 256, 90), size=size)
-            images.append(f"{k} {rel}")
-            labels.append(f"{k} {c}")
-            split.append(f"{k} {0 if j < test_per_class else 1}")
-    _write(os.path.join(root, "images.txt"), "\n".join(images) + "\n")
-    _write(os.path.join(root, "image_class_labels.txt"), "\n".join(labels) + "\n")
-    _write(os.path.join(root, "train_test_split.txt"), "\n".join(split) + "\n")
-    _write(os.path.join(root, "classes.txt"), "".join(f"{c} {c:03d}.Bird_{c}\n" for c in range(1, len(counts) + 1)))
+    items = [(c, j >= test_per_class) for c, n in enumerate(counts, 1) for j in range(n + test_per_class)]
+    write_cub(root, items, colour=lambda c: (40 * c % 256, 255 - 30 * c % 256, 90), size=size)
     return root
 
 
