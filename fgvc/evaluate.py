@@ -258,7 +258,7 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     from sparse_mim.utils.amp import resolve_amp
     from sparse_mim.utils.checkpoint import load_checkpoint
     from sparse_mim.utils.logger import RunLogger
-    from .train import build_model, build_splits, resolve_data_config
+    from .train import DEMO_DIR_NAME, build_model, build_splits, resolve_data_config
 
     ckpt = load_checkpoint(checkpoint, check_finite=True, allowed_globals=OFFICIAL_CONFIG_GLOBALS)
     cfg, ours = load_eval_config(checkpoint, ckpt, config_file, overrides)
@@ -268,7 +268,7 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     # the demo checkpoint's data lives next to it (the run folder the tool owns); a data.root given here is
     # only read, never written to
     data_cfg = resolve_data_config(cfg.data.to_dict(), os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
-                                                                    "demo_data"), log=log)
+                                                                    DEMO_DIR_NAME), log=log)
     stored_classes = list(ckpt["classes"]) if ours else None
     train_counts = ckpt.get("train_class_counts") if ours else None
     group = (ckpt.get("wandb_group") if ours else None) or cfg.wandb.group or None  # the training run's group

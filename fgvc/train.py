@@ -404,7 +404,7 @@ def _train(cfg, log, say, dist_info, run_dir) -> Dict:
                               f"train.epochs={cfg.train.epochs}; resume with train.epochs >= {state.epoch}")
 
     # ---- data (demo data generated on the main process, into the run's own folder)
-    demo_dir = os.path.join(out_dir, "demo_data")
+    demo_dir = os.path.join(out_dir, DEMO_DIR_NAME)
     if is_main:
         data_cfg = resolve_data_config(cfg.data.to_dict(), demo_dir, log=say)
     barrier()
