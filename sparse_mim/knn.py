@@ -16,7 +16,8 @@ patch visible): an image's feature is the global average of the last (stride-32)
 - :class:`KnnMonitor`: the k-NN inside pre-training (``eval.*`` keys of ``spark-pretrain``).
   Every process embeds its share of the images (whole batches, so one process and several
   compute the same numbers), the features are gathered across processes
-  (:func:`all_gather_rows`, padded for uneven shares) and every process gets the same result.
+  (`sparse_mim.utils.distributed.all_gather_rows`, padded for uneven shares) and every process gets the
+  same result.
 - :func:`evaluate_checkpoint`: the ``spark-knn`` command on any checkpoint: ours (``last.pth``,
   ``checkpoint-*.pth``, ``backbone.pth`` with ``--backbone``), official SparK release files
   (``*_withdecoder_1kpretrained_spark_style.pth``; ``*_1kpretrained_timm_style.pth`` with
@@ -46,7 +47,7 @@ from .utils import distributed as dist_utils
 
 __all__ = ["weighted_knn", "linear_probe", "LabelledImages", "BUILTIN_CLASSES", "builtin_labelled_images",
            "read_labelled", "labelled_split", "subsample", "eval_transform", "pooled_features", "extract_features",
-           "all_gather_rows", "dense_encoder", "KnnMonitor", "knn_sets", "evaluate_checkpoint", "format_result",
+           "dense_encoder", "KnnMonitor", "knn_sets", "evaluate_checkpoint", "format_result",
            "check_config", "knn_root_of", "PretrainKnn"]
 
 BUILTIN_CLASSES = ("stripes", "checkerboard", "blobs", "rings")  # generate_image's kinds: index % 4
@@ -350,25 +351,6 @@ def pooled_features(encoder: nn.Module, images: Tensor) -> Tensor:
     return maps[-1].float().mean(dim=(2, 3))
 
 
-def all_gather_rows(rows: Tensor) -> list[Tensor]:
-    """Every process's ``rows`` [n_r, ...] (n_r may differ): padded to the largest, gathered, unpadded.
-    One process: ``[rows]``."""
-    if not dist_utils.is_distributed():
-        return [rows]
-    import torch.distributed as dist
-    world = dist_utils.get_world_size()
-    count = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    biggest = max(counts)
-    padded = rows.new_zeros((biggest,) + tuple(rows.shape[1:]))
-    padded[:rows.shape[0]] = rows
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded.contiguous())
-    return [o[:c] for o, c in zip(out, counts)]
-
-
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: LabelledImages, batch_size: int = 64,
                      device: torch.device | str = "cpu", num_workers: int = 0, autocast=None,
@@ -410,7 +392,7 @@ def extract_features(encoder: nn.Module, dataset: LabelledImages, batch_size: in
         bar.close()
     encoder.train(was_training)
     local = torch.cat(rows) if rows else torch.zeros(0, width + 2, device=device)
-    gathered = torch.cat(all_gather_rows(local))
+    gathered = torch.cat(dist_utils.all_gather_rows(local))
     out = torch.empty(n, width + 2, device=device)
     out[gathered[:, 0].long()] = gathered
     labels = torch.tensor(dataset.labels, dtype=torch.long, device=device)

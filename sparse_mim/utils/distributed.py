@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo", "init_distributed", "parse_slurm_nodelist", "launcher_env", "get_rank", "get_world_size",
-    "is_main_process", "is_distributed", "barrier", "all_reduce_mean", "all_reduce_sum", "seed_everything",
-    "cleanup", "check_peers", "DeadPeerError",
+    "is_main_process", "is_distributed", "barrier", "all_reduce_mean", "all_reduce_sum", "all_gather_rows",
+    "seed_everything", "cleanup", "check_peers", "DeadPeerError",
 ]
 
 _MONITOR: dict = {"group": None, "timeout_s": 1800.0}
@@ -215,6 +215,23 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean over processes (a copy; identity with one process)."""
     return all_reduce_sum(t) / get_world_size()
+
+
+def all_gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``rows`` [n_r, ...] (n_r may differ): padded to the largest, gathered, unpadded.
+    One process: ``[rows]``."""
+    if not is_distributed():
+        return [rows]
+    world = get_world_size()
+    count = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = rows.new_zeros((max(counts),) + tuple(rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded.contiguous())
+    return [o[:c] for o, c in zip(out, counts)]
 
 
 def seed_everything(seed: int, rank: int | None = None) -> int:
