@@ -89,7 +89,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _is_disk_full(e: BaseException) -> bool:
+def is_disk_full(e: BaseException) -> bool:
     """ENOSPC / EDQUOT anywhere in the exception chain: torch's C++ writer turns the OSError of the
     file's ``write`` into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``,
     with the OSError as its context."""
@@ -103,11 +103,6 @@ def _is_disk_full(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """Public name of the disk-full test (used by the command line and every writer)."""
-    return _is_disk_full(e)
 
 
 def disk_full_error(path: str, what: str | None = None) -> DiskFullError:
@@ -206,7 +201,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
             os.remove(tmp)
         except OSError:
             pass
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise disk_full_error(path) from e
         raise
     _fsync_dir(folder)
@@ -236,7 +231,7 @@ def atomic_write_dir(path: str | os.PathLike, fill: Callable[[str], None]) -> st
             os.replace(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise disk_full_error(path, "nothing was left behind") from e
         raise
     _fsync_dir(parent)
