@@ -1,5 +1,10 @@
 """Worked example of a custom SparK backbone: a small ResNet-style net with Squeeze-Excite.
 
+This file is yours to copy: it is not part of the installed package (nothing registers it
+unless you import it), and ``tests/backbones/test_backbone_custom.py`` runs it so that it stays
+true. ``python docs/examples/custom_backbone.py`` builds the sparse encoder and its dense-masked
+twin and prints the maps and their largest difference.
+
 Everything a user-written backbone needs (documented in docs/backbones.md):
 
 1. subclass `HierarchicalBackbone`; set ``self.channels`` (one width per map, stride 4
@@ -12,19 +17,22 @@ Everything a user-written backbone needs (documented in docs/backbones.md):
    sparse model, which takes part in torch's dispatch), returning the maps at strides
    4, 8, 16, 32. This example uses the helpers `global_avg_pool` (mean over the
    *visible* sites) and `scale_channels`;
-4. register a factory that accepts ``drop_path_rate`` and build it with
-   ``sparse_mim.create_backbone(name)``.
+4. register a factory that accepts ``drop_path_rate`` (in your own module, run when it is
+   imported) and build it with ``sparse_mim.create_backbone(name)``; or skip the registry:
+   ``TinySENet().to_sparse()``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+from timm.layers import DropPath
 from torch import nn
 
-from ._base import DropPath, HierarchicalBackbone, drop_path_rates, global_avg_pool, scale_channels
-from ._registry import register_backbone
+import sparse_mim
+from sparse_mim.backbones import HierarchicalBackbone, global_avg_pool, register_backbone, scale_channels
 
-__all__ = ["TinySENet"]
+__all__ = ["TinySENet", "tiny_senet", "main"]
 
 
 class SqueezeExcite(nn.Module):
@@ -67,7 +75,8 @@ class TinySENet(HierarchicalBackbone):
         self.downsample_ratio = 32
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 4, stride=4, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU())
-        rates = drop_path_rates(drop_path_rate, 4 * depth)
+        n_blocks = 4 * depth  # stochastic depth: linear from 0 to drop_path_rate over the blocks
+        rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         self.stages = nn.ModuleList()
         for i, width in enumerate(widths):
             down = nn.Identity() if i == 0 else nn.Sequential(
@@ -87,3 +96,25 @@ class TinySENet(HierarchicalBackbone):
 @register_backbone("example_tiny_senet", family="custom")
 def tiny_senet(drop_path_rate: Optional[float] = None, **kwargs) -> TinySENet:
     return TinySENet(drop_path_rate=0.0 if drop_path_rate is None else drop_path_rate, **kwargs)
+
+
+def main() -> float:
+    """Build the registered backbone sparse and dense-masked (same weights), run both on a masked batch, print
+    the maps' shapes and their largest difference relative to the largest value; returns it."""
+    sparse = sparse_mim.create_backbone("example_tiny_senet").eval()
+    dense = sparse_mim.create_backbone("example_tiny_senet", sparse=False).eval()  # SparK's dense-masked twin
+    dense.load_state_dict(sparse.state_dict())
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    visible = torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(1)) > 0.6  # True: a visible 32x32 patch
+    visible[:, 0, 0] = True  # at least one visible patch per image
+    with torch.no_grad():
+        rel = 0.0
+        for s_map, d_map in zip(sparse(images, visible), dense(images, visible)):
+            rel = max(rel, ((s_map - d_map).abs().max() / d_map.abs().max()).item())
+            print(f"map {tuple(s_map.shape)}")
+    print(f"largest |sparse - dense-masked| / largest |dense-masked|: {rel:.1e}")
+    return rel
+
+
+if __name__ == "__main__":
+    main()
