@@ -126,7 +126,7 @@ def make_demo_dataset(root: str, n_looks: int = 4, train_per_class: int = 48, te
     """Write the demo dataset under ``root`` (idempotent: reuses a complete one with the same settings).
 
     ``train_counts`` (one per class, in :func:`class_names` order) replaces ``train_per_class`` for a
-    long-tailed training split (``fgvc.longtail_demo``); the test split stays balanced.
+    long-tailed training split (the long-tail demo, ``tools/longtail_fgvc.py``); the test split stays balanced.
 
     Returns the ``data:`` config entries that read it with the custom reader.
     """

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from sparse_mim import gpu_check
+from repotools import gpu_check
 
 CU130 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]

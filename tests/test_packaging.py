@@ -1,5 +1,6 @@
-"""Packaging: the wheel holds the packages, the shipped recipes and the console scripts; the CPU path
-imports and runs without spconv."""
+"""Packaging: the wheel holds the packages, the shipped recipes and the console scripts, not the development
+tooling (repotools), which the packages never import; the CPU path imports and runs without spconv."""
+import ast
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import zipfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRODUCT = ("sparse_mim", "fgvc")     # what the wheel installs (with the recipes)
+DEV = "repotools"                    # benchmarks, GPU check, fault injection: run from a clone, never installed
 
 
 def _pyproject() -> dict:
@@ -16,24 +19,57 @@ def _pyproject() -> dict:
         return tomllib.load(f)
 
 
-def test_package_list_matches_the_source_tree():
-    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
-    found = {"sparse_mim.recipes"}
-    for top in ("sparse_mim", "fgvc"):
+def _packages(tops) -> set:
+    found = set()
+    for top in tops:
         for dirpath, _, files in os.walk(os.path.join(REPO, top)):
             if "__init__.py" in files:
                 found.add(os.path.relpath(dirpath, REPO).replace(os.sep, "."))
+    return found
+
+
+def test_package_list_matches_the_source_tree():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = _packages(PRODUCT) | {"sparse_mim.recipes"}
     assert listed == found, f"pyproject.toml [tool.setuptools] packages must list exactly: {sorted(found)}"
+    dev = _packages([DEV])
+    assert DEV in dev and not dev & listed, f"the development package {DEV} must stay out of the wheel"
 
 
-def test_console_scripts_point_at_library_functions():
-    import importlib
-    scripts = _pyproject()["project"]["scripts"]
-    assert {"spark-pretrain", "spark-export", "spark-visualize", "fgvc-train", "fgvc-eval", "fgvc-predict",
-            "fgvc-export"} <= set(scripts)
-    for name, target in scripts.items():
-        module, func = target.split(":")
-        assert callable(getattr(importlib.import_module(module), func)), name
+def _names_dev(source: str, filename: str = "<probe>") -> bool:
+    """Whether Python source imports the development package: import / from-import (absolute), or a string
+    naming it or one of its modules (``importlib.import_module("...")``, lazy-attribute tables)."""
+    names = set()
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value.strip().split(":")[0])
+    return any(n == DEV or n.startswith(DEV + ".") for n in names)
+
+
+def test_product_packages_never_import_the_dev_package():
+    """sparse_mim / fgvc must work installed, where repotools does not exist: none of their modules imports it
+    (and a helper that both need lives in the product, not in the tooling)."""
+    offenders, files = [], 0
+    for top in PRODUCT:
+        for dirpath, _, names in os.walk(os.path.join(REPO, top)):
+            for name in names:
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    files += 1
+                    with open(path, encoding="utf-8") as f:
+                        if _names_dev(f.read(), path):
+                            offenders.append(os.path.relpath(path, REPO))
+    assert files > 50  # the walk saw the packages
+    assert offenders == [], f"product modules import the development package {DEV}: {offenders}"
+    # the check sees each form of import it is meant to catch, and passes what is not one
+    for line in (f"import {DEV}", f"from {DEV}.gpu_check import main", f"import os, {DEV}.benchmark_fgvc as b",
+                 f"def f():\n    import importlib\n    return importlib.import_module('{DEV}.fault_injection')"):
+        assert _names_dev(line), line
+    assert not _names_dev("from .benchmark import x\nimport sparse_mim.tools\ns = 'repotools are not installed'")
 
 
 @pytest.mark.slow
@@ -48,7 +84,7 @@ def test_wheel_contents(tmp_path):
     assert "sparse_mim/recipes/fgvc/demo.yaml" in names
     assert any(n.startswith("sparse_mim/recipes/pretrain/") for n in names)
     assert "sparse_mim/sparse/functional.py" in names and "fgvc/models/metaformer.py" in names
-    assert not any(n.startswith(("tests/", "tools/")) for n in names)
+    assert not any(n.startswith(("tests/", "tools/", "docs/", DEV + "/")) for n in names)
     assert "spark-pretrain = sparse_mim.cli:pretrain" in entry_points
     # installed (unpacked wheel, no checkout around it): -c finds the shipped recipes by name
     site = tmp_path / "site"

@@ -1,13 +1,15 @@
-"""Fault injection for both trainers (kills, pre-emption, Ctrl-C once and twice, truncated / full-disk /
-non-finite checkpoints, full disk while writing the demo data, bad configs, hostile recipes / checkpoints /
-.pt2 programs / CSVs / images, an unreadable resume, checkpoints of the other half, concurrent autotune-cache
-writers); prints scenarios tried / held / data lost. See docs/pretraining.md and docs/operations.md.
+#!/usr/bin/env python
+"""Fault injection for both trainers; prints scenarios tried / held / data lost (docs/pretraining.md).
 
-    python tools/fault_injection.py [--trainers pretrain fgvc] [--quick] [--workdir /tmp/fault_injection]
+Development tooling: the logic and the options are in ``repotools.fault_injection`` (a clone's, not installed with
+the package); ``--help`` lists them. See docs/benchmarks.md.
 """
+import os
 import sys
 
-from sparse_mim.fault_injection import main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the clone: repotools, sparse_mim, fgvc
+
+from repotools.fault_injection import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Long-tailed demo: uniform vs class-balanced vs square-root sampling vs the logit-adjusted loss.
 
-    python tools/longtail_fgvc.py --out outputs/fgvc_longtail --epochs 12
-
-The logic lives in ``fgvc.longtail_demo`` (``compare(out_dir)``); see docs/fgvc_training.md.
+Development tooling: the logic and the options are in ``repotools.longtail_fgvc`` (a clone's, not installed with
+the package); ``--help`` lists them. See docs/benchmarks.md.
 """
+import os
 import sys
 
-from fgvc.longtail_demo import longtail_command
-from sparse_mim.utils.cli import run_cli
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the clone: repotools, sparse_mim, fgvc
+
+from repotools.longtail_fgvc import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_cli(longtail_command, sys.argv[1:], prog="tools/longtail_fgvc.py"))
+    sys.exit(main())

@@ -2,8 +2,8 @@
 
 `perf_settings(device)` says what a run on ``device`` uses and why; `apply_perf_settings(device, model)`
 sets it (``torch.backends.cudnn.benchmark``) and converts the model's dense convolutions to
-channels-last where that is the choice. Both trainers, ``sparse_mim.benchmark`` and
-``sparse_mim.gpu_check`` call it, so what the benchmarks and the check measure is what training runs.
+channels-last where that is the choice. Both trainers, the benchmarks and the GPU check (``repotools``,
+in a clone) call it, so what the benchmarks and the check measure is what training runs.
 
 =================  ===================  ======================================================
 device             cudnn.benchmark      channels-last (dense convs: decoder, densify, dense-masked twin)

@@ -97,7 +97,7 @@ def test_longtail_demo_data_and_comparison(tmp_path):
     of uniform and class-balanced sampling reports every shot split of each."""
     import csv
     from fgvc.demo import class_names
-    from fgvc.longtail_demo import compare, longtail_profile
+    from repotools.longtail_fgvc import compare, longtail_profile
     profile = longtail_profile()
     assert profile[:4] == [150, 5, 110, 7] and sorted(profile)[0] == 5 and len(profile) == 12
     lines = []

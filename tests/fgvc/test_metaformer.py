@@ -353,9 +353,9 @@ def test_is_a_metaformer():
 
 
 def test_benchmark_runs():
-    """fgvc.benchmark (tools/benchmark_fgvc.py) end to end on a tiny input: rows for both attention paths and
+    """repotools.benchmark_fgvc (tools/benchmark_fgvc.py) end to end on a tiny input: rows for both attention paths and
     both precisions, equal logits between the paths in fp32, bf16 logits close to fp32."""
-    from fgvc.benchmark import metaformer_benchmark
+    from repotools.benchmark_fgvc import metaformer_benchmark
     lines = []
     rows = metaformer_benchmark(models=["metaformer_0"], sizes=[64], batch=1, repeats=1, warmup=0, attn_repeats=1,
                                 train=False, device="cpu", amp=["off", "bf16"], model_kwargs=TINY, print_fn=lines.append)

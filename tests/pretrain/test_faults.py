@@ -206,7 +206,7 @@ def test_decompression_bomb_skipped_and_counted(tmp_path):
 
 def test_fault_injection_bad_config_scenarios_and_report(tmp_path):
     """The fault-injection driver's in-process part (the subprocess scenarios run in tools/fault_injection.py)."""
-    from sparse_mim.fault_injection import TARGETS, Result, _bad_configs, format_report
+    from repotools.fault_injection import TARGETS, Result, _bad_configs, format_report
     results = _bad_configs(TARGETS["pretrain"], str(tmp_path))
     assert len(results) == len(TARGETS["pretrain"].bad_configs) and all(r.passed for r in results), \
         [r for r in results if not r.passed]

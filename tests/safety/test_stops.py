@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from sparse_mim import fault_injection as fi
+from repotools import fault_injection as fi
 from sparse_mim.utils import checkpoint as ckpt
 from sparse_mim.utils.preemption import INTERRUPTED_EXIT_CODE
 from tests.pretrain.test_faults import TINY, run

@@ -327,8 +327,8 @@ def test_settle_in_a_two_process_gloo_group(tmp_path):
 
 
 def test_benchmark_library_compares_modes(tuner):
-    """The benchmark logic (sparse_mim.benchmark) runs an op under each mode and reports the path each ran."""
-    from sparse_mim.benchmark import run_op_case, sparse_ops_benchmark
+    """The benchmark logic (repotools.benchmark_sparse) runs an op under each mode and reports the path each ran."""
+    from repotools.benchmark_sparse import run_op_case, sparse_ops_benchmark
     r = run_op_case("conv3x3", 8, 8, lambda c: nn.Conv2d(c, 8, 3, padding=1, bias=False), batch=2, size=64,
                     repeats=1, mode="dense")
     assert r["path"] == "dense" and r["fwd_err"] < 1e-5 and r["grad_err"] < 1e-5 and r["tune_ms"] == 0

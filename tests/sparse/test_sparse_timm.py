@@ -89,7 +89,7 @@ def test_survey_functions():
     """The library behind tools/sparse_survey.py: MAC shares and the distance to the dense-masked twin."""
     from torch import nn
 
-    from sparse_mim.sparse.survey import compare_with_dense_masked, mac_shares, random_patch_mask
+    from repotools.sparse_survey import compare_with_dense_masked, mac_shares, random_patch_mask
     model = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.BatchNorm2d(8), nn.GroupNorm(2, 8),
                           nn.Conv2d(8, 8, 3, padding=1, groups=2)).to(F64).train()
     x, vis = torch.randn(2, 3, 64, 96, dtype=F64), random_patch_mask(2, 2, 3, 0.5)

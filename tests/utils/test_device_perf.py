@@ -80,7 +80,7 @@ def test_fgvc_training_applies_the_decision(tmp_path, spy):
 
 
 def test_pretrain_benchmark_applies_the_decision(spy):
-    from sparse_mim.benchmark import pretrain_benchmark
+    from repotools.benchmark_sparse import pretrain_benchmark
     pretrain_benchmark(backbones=["resnet18"], batch=2, input_size=[64], steps=1, warmup=0, decoder_width=64,
                        modes=("table", "dense"), print_fn=lambda *a: None, progress=lambda *a: None)
     assert spy and spy[0][0].type == "cpu"

@@ -1,7 +1,7 @@
 """Numerical and speed checks of the sparse engine and SparK on a GPU (or, to test them, on the CPU).
 
-Run by ``tools/gpu_check.sh`` (or ``python tools/gpu_check.py``). Each check prints
-PASS / WARN / FAIL / SKIP with the measured numbers and never stops the others:
+Run by ``tools/gpu_check.sh`` (or ``python tools/gpu_check.py``, whose command line is `main`). Each check
+prints PASS / WARN / FAIL / SKIP with the measured numbers and never stops the others:
 
 * ``env``: versions, the device, whether spconv imports.
 * ``backbone[<conv mode>]``: a sparse ResNet-18 and ConvNeXt-V2-atto on the device
@@ -72,7 +72,7 @@ def worst(*grades: str) -> str:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 on the CPU (tensors from any device)."""
-    from .testing import relative_error
+    from sparse_mim.testing import relative_error
     return relative_error(a.detach().double().cpu(), b.detach().double().cpu())
 
 
@@ -144,9 +144,9 @@ def check_env(name, device):
         except RuntimeError as e:  # e.g. cuDNN 9.11+ refuses GPUs below sm_75
             record(name, "FAIL", f"cuDNN cannot run on this GPU: {str(e).splitlines()[0][:300]}", **info)
             return False
-        from .utils.amp import cuda_auto_rule, resolve_amp
+        from sparse_mim.utils.amp import cuda_auto_rule, resolve_amp
         info["amp_auto"] = f"{resolve_amp('auto', device).name} ({cuda_auto_rule(cap).generation})"
-    from .sparse.autotune import _spconv_version
+    from sparse_mim.sparse.autotune import _spconv_version
     info["spconv_build"] = _spconv_version()
     for module in ("torchvision", "timm", "spconv", "cumm", "yaml", "PIL", "tqdm"):
         try:
@@ -154,7 +154,7 @@ def check_env(name, device):
         except Exception as e:  # noqa: BLE001
             info[module] = f"missing ({type(e).__name__})"
     try:
-        from .sparse.spconv_backend import spconv_available
+        from sparse_mim.sparse.spconv_backend import spconv_available
         info["spconv_usable"] = spconv_available()
     except Exception as e:  # noqa: BLE001
         info["spconv_usable"] = f"no ({e})"
@@ -175,12 +175,12 @@ class _backend:
 
     def __enter__(self):
         if self.name is not None:
-            from .sparse.functional import set_conv_backend
+            from sparse_mim.sparse.functional import set_conv_backend
             self.previous = set_conv_backend(self.name)
 
     def __exit__(self, *exc):
         if self.name is not None:
-            from .sparse.functional import set_conv_backend
+            from sparse_mim.sparse.functional import set_conv_backend
             set_conv_backend(self.previous)
 
 
@@ -194,9 +194,9 @@ def _backbone_run(model, images, visible, weights):
 
 
 def check_backbone(name, device, backend, quick):
-    from .backbones import create_backbone
+    from sparse_mim.backbones import create_backbone
     if backend == "spconv":
-        from .sparse.spconv_backend import spconv_available
+        from sparse_mim.sparse.spconv_backend import spconv_available
         if not spconv_available():
             record(name, "SKIP", "spconv is not importable here")
             return
@@ -214,7 +214,7 @@ def check_backbone(name, device, backend, quick):
         g = torch.Generator().manual_seed(1)
         images = torch.randn(B, 3, *size, generator=g)
         keep = round(size[0] * size[1] / 1024 * 0.4)
-        from .spark import random_visible_mask  # the one SparK mask generator
+        from sparse_mim.spark import random_visible_mask  # the one SparK mask generator
         visible = random_visible_mask(B, (size[0] // 32, size[1] // 32), keep, generator=g)
         weights = [torch.randn(B, c, size[0] // s, size[1] // s, generator=g)
                    for c, s in zip(sparse.channels, (4, 8, 16, 32))]
@@ -246,7 +246,7 @@ def check_backbone(name, device, backend, quick):
 
 
 def check_spark(name, device, quick):
-    from .spark import SparK
+    from sparse_mim.spark import SparK
     net, size, B = ("resnet18", (64, 64), 2) if quick else ("resnet50", (224, 224), 4)
     torch.manual_seed(0)
     sparse = SparK(net, input_size=size, drop_path_rate=0.0).to(device)
@@ -281,8 +281,8 @@ def check_amp(name, device, quick):
     precision through the trainers' ``optimizer_step``: loss against fp32, sparse vs dense-masked under the same
     autocast, finite fp32 gradients, parameters updated, output dtype."""
     from timm.optim import Lamb
-    from .spark import SparK, param_groups
-    from .utils.amp import AmpError, optimizer_step, resolve_amp
+    from sparse_mim.spark import SparK, param_groups
+    from sparse_mim.utils.amp import AmpError, optimizer_step, resolve_amp
     parts, grades = [f"auto -> {resolve_amp('auto', device).describe()}"], []
     for setting in ("bf16", "fp16"):
         try:
@@ -330,9 +330,9 @@ def check_amp(name, device, quick):
 
 def check_autotune(name, device, quick, out_dir=None):
     """Autotuned full steps vs the fixed table vs dense-masked, under fp16 and bf16 autocast."""
-    from .benchmark import pretrain_benchmark
-    from .sparse import autotune
-    from .utils.device_perf import apply_perf_settings
+    from repotools.benchmark_sparse import pretrain_benchmark
+    from sparse_mim.sparse import autotune
+    from sparse_mim.utils.device_perf import apply_perf_settings
     lines = []
     torch.backends.cuda.matmul.allow_tf32 = True  # timings with torch's default cuDNN settings
     torch.backends.cudnn.allow_tf32 = True
@@ -381,8 +381,8 @@ def check_precision(name, device, quick, out_dir=None):
     """The full pre-training step under fp32 (TF32 off and on), fp16 (spconv eligible) and bf16 (own kernels),
     each sparse-autotuned and dense-masked; then which precision ``amp=auto`` should take on this GPU, against
     the table in code (`sparse_mim.utils.amp.CUDA_AUTO_TABLE`)."""
-    from .benchmark import pretrain_benchmark
-    from .utils.device_perf import apply_perf_settings
+    from repotools.benchmark_sparse import pretrain_benchmark
+    from sparse_mim.utils.device_perf import apply_perf_settings
     apply_perf_settings(device)
     if quick:
         kwargs = dict(backbones=["resnet18"], batch=2, input_size=[64], steps=1, warmup=1, decoder_width=64)
@@ -395,7 +395,7 @@ def check_precision(name, device, quick, out_dir=None):
         runs = runs[:1]  # the dry run: one precision exercises the code
     steps: dict = {}
     lines = []
-    from .sparse import autotune
+    from sparse_mim.sparse import autotune
     budget = autotune.get_budget()
     # 8 (backbone, precision) pairs, each tuned from scratch: a smaller tuning budget keeps the section within
     # its time on one H100 (past the budget the fixed table decides, and the table says so)
@@ -443,7 +443,7 @@ _AMP_OF = {"fp32": "off", "fp32+tf32": "off", "fp16": "fp16", "bf16": "bf16"}
 def amp_verdict(fastest: list[str], capability: tuple[int, int], gpu: str) -> tuple[bool, str]:
     """(agrees, sentence): the precision the measurements favour (the fastest step per backbone, majority)
     against `CUDA_AUTO_TABLE`'s line for this GPU generation, with the one-line update when they disagree."""
-    from .utils.amp import cuda_auto_rule
+    from sparse_mim.utils.amp import cuda_auto_rule
     rule = cuda_auto_rule(capability)
     measured = _AMP_OF[max(sorted(set(fastest)), key=fastest.count)]
     agree = measured == rule.choice
@@ -463,10 +463,10 @@ CONV_SHAPES = {"resnet50": ((64, 56), (128, 28), (256, 14), (512, 7)),
 
 
 def check_fp16_convs(name, device, quick):
-    from .sparse import SparseMap
-    from .sparse import functional as SF
-    from .sparse.spconv_backend import spconv_available
-    from .spark import random_visible_mask
+    from sparse_mim.sparse import SparseMap
+    from sparse_mim.sparse import functional as SF
+    from sparse_mim.sparse.spconv_backend import spconv_available
+    from sparse_mim.spark import random_visible_mask
     if not spconv_available():
         record(name, "SKIP", "spconv is not importable here")
         return
@@ -508,9 +508,9 @@ def check_syncs(name, device, quick):
     driver (``torch.cuda.set_sync_debug_mode('warn')``) and by the aten recorder; on the CPU by the recorder."""
     import warnings as _w
     from timm.optim import Lamb
-    from .spark import SparK, param_groups
-    from .utils.amp import optimizer_step, resolve_amp
-    from .utils.host_sync import record_host_syncs
+    from sparse_mim.spark import SparK, param_groups
+    from sparse_mim.utils.amp import optimizer_step, resolve_amp
+    from sparse_mim.utils.host_sync import record_host_syncs
     net, size, B = ("resnet18", 64, 2) if quick else ("resnet50", 224, 16)
     torch.manual_seed(0)
     model = SparK(net, input_size=size, **({"decoder_width": 64} if quick else {})).to(device)
@@ -593,3 +593,23 @@ def run_checks(device: str | torch.device = "cuda", quick: bool = False, out: st
 
 
 CHECKS = ("env", "precision", "convs", "syncs", "backbone", "spark", "amp", "autotune")
+
+
+def main(argv=None) -> int:
+    """``tools/gpu_check.py``: the checks named by ``--only`` (default all) on ``--device``; status 1 if any failed.
+
+    python tools/gpu_check.py --out gpu_check_out             # on a CUDA machine
+    python tools/gpu_check.py --device cpu --quick            # exercise the script without a GPU
+    python tools/gpu_check.py --only env autotune             # just the autotuner's answer
+    """
+    import argparse
+    import warnings
+    warnings.filterwarnings("ignore", message=r"`torch.cuda.amp.custom_(fwd|bwd)", category=FutureWarning)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="small models / shapes only (CPU self-test)")
+    p.add_argument("--out", default=None, help="folder for results.json and autotune.md")
+    p.add_argument("--only", nargs="*", default=None, choices=list(CHECKS), help="run only these checks")
+    args = p.parse_args(argv)
+    return run_checks(args.device, quick=args.quick, out=args.out, only=args.only)

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Callable, Dict, List, Sequence, Tuple
 
-__all__ = ["longtail_profile", "SETTINGS", "compare", "longtail_command"]
+__all__ = ["longtail_profile", "SETTINGS", "compare", "longtail_command", "main"]
 
 SETTINGS: Tuple[Tuple[str, str, str], ...] = (
     ("uniform", "uniform", "ce"), ("class_balanced", "class_balanced", "ce"), ("sqrt", "sqrt", "ce"),
@@ -39,8 +39,8 @@ def compare(out_dir: str, epochs: int = 12, settings: Sequence[Tuple[str, str, s
     """Generate the data into ``out_dir/data``, train each setting into ``out_dir/<name>``; returns
     ``{name: final.json}`` and prints the table."""
     from sparse_mim.utils.config import load_config
-    from .demo import make_demo_dataset
-    from .train import DEFAULTS, train, validate_config
+    from fgvc.demo import make_demo_dataset
+    from fgvc.train import DEFAULTS, train, validate_config
     root = os.path.join(out_dir, "data")
     counts = longtail_profile()
     make_demo_dataset(root, n_looks=6, test_per_class=20, image_size=32, seed=seed, train_counts=counts)
@@ -77,3 +77,10 @@ def longtail_command(argv: Sequence[str], log=print) -> int:
     args = p.parse_args(list(argv))
     compare(args.out, epochs=args.epochs, seed=args.seed, log=log)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tools/longtail_fgvc.py``: errors as one line and an exit status, as the trainers' commands."""
+    import sys
+    from sparse_mim.utils.cli import run_cli
+    return run_cli(longtail_command, sys.argv[1:] if argv is None else argv, prog="tools/longtail_fgvc.py")

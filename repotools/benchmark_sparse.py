@@ -1,5 +1,5 @@
-"""Benchmarks of the sparse engine (the logic behind ``tools/benchmark_sparse_ops.py`` and
-``tools/benchmark_pretrain.py``; the tools only parse arguments).
+"""Benchmarks of the sparse engine: ``tools/benchmark_sparse_ops.py`` (`main_ops`) and
+``tools/benchmark_pretrain.py`` (`main_pretrain`), whose command lines live here too.
 
 Every benchmark measures the sparse code and its dense-masked twin in the same
 process, interleaved so that load from other processes hits both alike, and
@@ -22,10 +22,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .sparse import SparseMap, active_mask, autotune, dense_masked, mask_at, sparsify
-from .sparse import functional as SF
+from sparse_mim.sparse import SparseMap, active_mask, autotune, dense_masked, mask_at, sparsify
+from sparse_mim.sparse import functional as SF
 
-__all__ = ["SPARSE_OP_CASES", "run_op_case", "sparse_ops_benchmark", "pretrain_benchmark", "AMP_DTYPES"]
+__all__ = ["SPARSE_OP_CASES", "run_op_case", "sparse_ops_benchmark", "pretrain_benchmark", "AMP_DTYPES", "main_ops",
+           "main_pretrain"]
 
 AMP_DTYPES = {"off": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -125,7 +126,7 @@ def run_op_case(name: str, side: int, channels: int, factory: Callable, batch: i
     device = torch.device(device)
     torch.manual_seed(0)
     grid = size // 32
-    from .spark import random_visible_mask  # the one SparK mask generator
+    from sparse_mim.spark import random_visible_mask  # the one SparK mask generator
     visible = random_visible_mask(batch, (grid, grid), round(grid * grid * (1 - mask_ratio)), device=device)
     factor = side // grid
     up = visible.repeat_interleave(factor, 1).repeat_interleave(factor, 2)[:, None]
@@ -224,7 +225,7 @@ def sparse_ops_benchmark(batch: int = 16, size: int = 224, mask_ratio: float = 0
     only = set(only) if only else None
     scale = size / 224
     autotune.reset()
-    from .utils.device_perf import apply_perf_settings
+    from sparse_mim.utils.device_perf import apply_perf_settings
     apply_perf_settings(device)  # cudnn.benchmark as training sets it
     print_fn(f"# sparse vs dense-masked: batch {batch}, {size}px, mask ratio {mask_ratio}, device {device}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {repeats}; "
@@ -400,13 +401,13 @@ def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small")
     of its gain pay it back. Returns the medians and the summaries.
     """
     from timm.optim import Lamb
-    from .spark import SparK, param_groups
+    from sparse_mim.spark import SparK, param_groups
 
     if progress is None:
         def progress(line):
             print(line, file=sys.stderr, flush=True)
     device = torch.device(device)
-    from .utils.device_perf import apply_perf_settings  # cudnn.benchmark / channels-last as training sets them
+    from sparse_mim.utils.device_perf import apply_perf_settings  # cudnn.benchmark / channels-last as training sets them
     perf = apply_perf_settings(device)
     if channels_last is None:
         channels_last = perf.channels_last
@@ -536,3 +537,121 @@ def pretrain_benchmark(backbones: Sequence[str] = ("resnet50", "convnext_small")
     for line in summaries:
         print_fn(f"- {line}")
     return {"results": results_all, "summaries": summaries, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------ command lines
+OPS_DESCRIPTION = """Benchmark every sparse op against its dense-masked twin at ResNet-50 / ConvNeXt shapes.
+
+For each op: the sparse twin on a `SparseMap` vs the dense-masked baseline
+(SparK's simulation: the dense op on the zero-filled map, output multiplied by
+the mask; BatchNorm with visible-site statistics), measured in the same process,
+interleaved, median of ``--repeats`` runs. Ops with more than one exact
+implementation run once per conv mode (``--modes``, default autotune and table),
+with the path each mode ran. Columns: forward and forward+backward times, their
+ratio (sparse / dense-masked; < 1 is a gain), activation memory kept for
+backward (CPU) or peak memory (CUDA), the autotuner's time on that op, and the
+equivalence error. The autotuner's choices follow as a second table.
+
+    python tools/benchmark_sparse_ops.py                      # batch 16, 224 px, mask ratio 0.6
+    python tools/benchmark_sparse_ops.py --paths all          # also every forced path
+    python tools/benchmark_sparse_ops.py --only conv3x3,dw7x7 --repeats 9
+"""
+
+PRETRAIN_DESCRIPTION = """Full SparK pre-training steps: the sparse encoder under each conv mode vs the dense-masked simulation.
+
+For each backbone: forward, backward and a LAMB optimizer step (timm) of
+``SparK(backbone, sparse=True)`` under each conv mode (``autotune``: every exact
+implementation timed once per configuration, the fastest kept; ``table``: the
+fixed rules; or a forced path) and of its dense-masked twin (``dense``), same
+weights, images and masks; the models' steps alternate so that load from other
+processes hits all alike; the table shows medians. ``--amp`` adds a block of rows
+per precision (``off``, ``bf16``, ``fp16``; the autotuner tunes under each).
+
+The step is cut into its parts by detaching at the two boundaries (encoder ->
+densify -> decoder) and running the three backward passes one after another:
+the same work as ``loss.backward()``, but each part timed on its own. Columns:
+forward / backward time of each part, optimizer, the whole step, the step ratio
+against dense-masked, the first step (autotune: tuning included), activation
+memory (bytes autograd saves for backward) per part; peak memory on CUDA. Below
+the table: the tuning overhead and after how many steps it is paid back, the
+autotuner's choice per scale, and the time bound of a sparse encoder.
+
+    python tools/benchmark_pretrain.py                                  # R50 + ConvNeXt-S, batch 16, 224, mask .6
+    python tools/benchmark_pretrain.py --backbones resnet50 --batch 8 --steps 3 --flops
+    python tools/benchmark_pretrain.py --device cuda --amp fp16 bf16    # GPU, both autocast dtypes
+"""
+
+
+def main_ops(argv=None) -> int:
+    """``tools/benchmark_sparse_ops.py``."""
+    import argparse
+    import warnings
+    warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.custom_(fwd|bwd).*")
+    parser = argparse.ArgumentParser(description=OPS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224, help="image side (multiple of 32)")
+    parser.add_argument("--mask-ratio", type=float, default=0.6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default=None, help="comma-separated op names (e.g. conv3x3,dw7x7)")
+    parser.add_argument("--modes", nargs="+", default=["autotune", "table"], choices=autotune.MODES,
+                        help="conv modes to compare (autotune, table, or a forced path)")
+    parser.add_argument("--paths", default="modes", choices=("modes", "all"),
+                        help="'all': also every forced implementation of each op")
+    parser.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                        help="process CPU time (robust on a shared machine) or wall; auto: cpu on the CPU")
+    parser.add_argument("--autotune-cache", default="off",
+                        help="autotune cache (directory or .json file; 'off': tune afresh, the default here)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    autotune.set_cache(args.autotune_cache)
+    sparse_ops_benchmark(batch=args.batch, size=args.size, mask_ratio=args.mask_ratio, repeats=args.repeats,
+                         device=args.device, only=args.only.split(",") if args.only else None, modes=args.modes,
+                         all_paths=args.paths == "all", clock=args.clock)
+    return 0
+
+
+def main_pretrain(argv=None) -> int:
+    """``tools/benchmark_pretrain.py``."""
+    import argparse
+    import warnings
+    warnings.filterwarnings("ignore", message=r"`torch.cuda.amp.custom_(fwd|bwd)", category=FutureWarning)
+    p = argparse.ArgumentParser(description=PRETRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", nargs="+", default=["resnet50", "convnext_small"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--input-size", type=int, nargs="+", default=[224], help="H [W]")
+    p.add_argument("--mask-ratio", type=float, default=0.6)
+    p.add_argument("--decoder-width", type=int, default=768)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--amp", nargs="*", default=None, choices=list(AMP_DTYPES),
+                   help="precisions to run, each a block of rows (default off; '--amp' alone: fp16 with a "
+                        "GradScaler)")
+    p.add_argument("--modes", nargs="+", default=["autotune", "table", "dense"],
+                   choices=list(autotune.MODES) + ["dense"],
+                   help="conv modes of the sparse model, and dense = the dense-masked twin (the baseline)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense convs (decoder, densify projections, dense-masked backbone) in channels_last memory; "
+                        "default: what training uses on the device (sparse_mim.utils.device_perf)")
+    p.add_argument("--flops", action="store_true", help="count the dense model's MACs per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                   help="wall time, or process CPU time (all threads; robust to other processes on a shared "
+                        "machine); auto: cpu on the CPU, wall on CUDA")
+    p.add_argument("--autotune-cache", default="off",
+                   help="autotune cache (directory or .json file); default off, so the tuning cost is measured")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    amp = ["off"] if args.amp is None else (args.amp or ["fp16"])
+    cache = False if args.autotune_cache.lower() in ("off", "none", "0", "false") else args.autotune_cache
+    pretrain_benchmark(backbones=args.backbones, batch=args.batch, input_size=args.input_size,
+                       mask_ratio=args.mask_ratio, decoder_width=args.decoder_width, steps=args.steps,
+                       warmup=args.warmup, device=args.device, modes=args.modes, amp=amp,
+                       channels_last=args.channels_last, flops=args.flops, seed=args.seed, clock=args.clock,
+                       autotune_cache=cache)
+    return 0

@@ -16,7 +16,10 @@ For each model it measures, on the same weights, images and SparK mask:
   hide the peak. On CUDA: ``torch.cuda.max_memory_allocated`` growth.
 
 `run_benchmark` returns one row per model; `format_table` renders them as a Markdown
-table. ``tools/benchmark_backbone.py`` is the command line.
+table; `main` is the command line (``tools/benchmark_backbone.py``).
+
+    python tools/benchmark_backbone.py                                   # every family, 128 px, batch 4
+    python tools/benchmark_backbone.py --models resnet50 convnext_small --input-size 224 --batch-size 16
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 __all__ = ["FAMILIES", "build_twins", "train_step", "time_twins", "sparse_mac_share", "peak_memory",
-           "run_benchmark", "format_table"]
+           "run_benchmark", "format_table", "main"]
 
 # One model per family (the timm convnets SparK is meant to cover, plus the registered ResNet / ConvNeXt).
 FAMILIES = ["resnet50", "resnet50d", "res2net50_26w_4s", "resnext50_32x4d", "seresnet50", "densenet121",
@@ -40,7 +43,7 @@ FAMILIES = ["resnet50", "resnet50d", "res2net50_26w_4s", "resnext50_32x4d", "ser
 def build_twins(name: str, input_size: int, batch_size: int, mask_ratio: float, device: str = "cpu", seed: int = 0):
     """Sparse and dense-masked twins sharing weights, plus images and a SparK mask (drop-path off)."""
     import sparse_mim
-    from ..testing import random_visible_mask
+    from sparse_mim.testing import random_visible_mask
 
     torch.manual_seed(seed)
     sparse = sparse_mim.create_backbone(name, sparse=True, drop_path_rate=0.0).to(device).train()
@@ -81,7 +84,7 @@ def time_twins(sparse, dense, images, visible, repeats: int, device: str = "cpu"
 def sparse_mac_share(sparse, images, visible) -> tuple[float, list[dict]]:
     """(share of forward MACs on sparse kernels, fallback rows) of one forward of the sparse twin."""
     try:
-        from ..sparse.report import mac_report
+        from sparse_mim.sparse import mac_report
     except ImportError:  # an engine without MAC accounting
         return math.nan, []
     with torch.no_grad(), mac_report() as rep:
@@ -153,7 +156,7 @@ def run_benchmark(models: Sequence[str] = FAMILIES, input_size: int = 128, batch
 
     if not str(device).startswith("cuda"):
         _fix_mmap_threshold()  # once, before the models are built
-    from ..utils.device_perf import apply_perf_settings
+    from sparse_mim.utils.device_perf import apply_perf_settings
     perf = apply_perf_settings(device)  # cudnn.benchmark / channels-last as training sets them
     rows = []
     for name in tqdm(models, desc="backbones", disable=on_row is not None and len(models) < 2):
@@ -188,3 +191,26 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join([TABLE_HEADER] + [format_row(r) for r in rows])
 
 
+def main(argv=None) -> int:
+    """``tools/benchmark_backbone.py``: print the header, then one table row per model as it is measured."""
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=FAMILIES, help="registered or timm model names")
+    p.add_argument("--input-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--mask-ratio", type=float, default=0.6)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per variant (after one warm-up)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# backbone fwd+bwd, train mode, {args.input_size}px, batch {args.batch_size}, mask ratio "
+          f"{args.mask_ratio}, device {args.device}, {args.threads} threads, torch {torch.__version__}")
+    print(f"# time: median of {args.repeats} runs after 1 warm-up, same process; MAC share: one forward; peak "
+          "memory: " + ("CUDA max_memory_allocated growth" if args.device.startswith("cuda") else
+                        "RSS high-water-mark growth of one step after the timed runs, same process"))
+    print(TABLE_HEADER, flush=True)
+    run_benchmark(args.models, args.input_size, args.batch_size, args.mask_ratio, args.repeats, args.device,
+                  memory=not args.no_memory, on_row=lambda r: print(format_row(r), flush=True))
+    return 0

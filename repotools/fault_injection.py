@@ -197,7 +197,7 @@ def _wait_steps(p: subprocess.Popen, out: str, steps: int, timeout: float = 600)
 
 
 def _ckpt(path: str):
-    from .utils.checkpoint import load_checkpoint
+    from sparse_mim.utils.checkpoint import load_checkpoint
     try:
         return load_checkpoint(path, check_finite=True)
     except Exception:  # noqa: BLE001 - any unusable file counts as unusable
@@ -223,7 +223,7 @@ def _equal(x, y) -> bool:
 
 
 def _non_finite_files(out: str) -> list[str]:
-    from .utils.checkpoint import load_checkpoint, non_finite_tensors
+    from sparse_mim.utils.checkpoint import load_checkpoint, non_finite_tensors
     bad = []
     for p in glob.glob(os.path.join(out, "*.pth")):
         try:
@@ -275,7 +275,7 @@ def _kill(target: Target, work: str, ref: str, sig: int, name: str, delay: float
     notes = [f"signal after step {reached}, last.pth at step {saved}"]
     ok = True
     if sig in (signal.SIGTERM, signal.SIGUSR1):
-        from .utils.preemption import PREEMPTED_EXIT_CODE
+        from sparse_mim.utils.preemption import PREEMPTED_EXIT_CODE
         if rc != PREEMPTED_EXIT_CODE:
             ok = False
             notes.append(f"exit status {rc}, expected {PREEMPTED_EXIT_CODE}")
@@ -303,7 +303,7 @@ def _wait_text(p: subprocess.Popen, log_path: str, text: str, timeout: float = 6
 
 def _interrupt(target: Target, work: str, ref: str, presses: int) -> Result:
     """Ctrl-C (SIGINT) during a step: once = finish the step, write last.pth, exit 130; twice = abort at once."""
-    from .utils.preemption import INTERRUPTED_EXIT_CODE
+    from sparse_mim.utils.preemption import INTERRUPTED_EXIT_CODE
     name = "Ctrl-C once" if presses == 1 else "Ctrl-C twice"
     out = os.path.join(work, f"{target.name}-ctrl_c_{presses}")
     log_path = out + ".log"
@@ -460,7 +460,7 @@ def _hostile_data(target: Target, work: str) -> Result:
     """A folder with a symlink loop, a 16-bit PNG, an oversized image and a corrupt file: trained, counted."""
     import numpy as np
     from PIL import Image
-    from .data import generate_image
+    from sparse_mim.data import generate_image
     root = os.path.join(work, "hostile_images")
     os.makedirs(os.path.join(root, "a"), exist_ok=True)
     for i in range(8):
@@ -849,6 +849,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_report(results)
     print("\n" + table + f"\n({(time.time() - t0) / 60:.1f} min)")
     if args.report:
-        from .utils.checkpoint import atomic_write_text
+        from sparse_mim.utils.checkpoint import atomic_write_text
         atomic_write_text(args.report, table + "\n")
     return 0 if all(r.passed and not r.data_lost for r in results) else 1
