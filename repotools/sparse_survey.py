@@ -98,8 +98,10 @@ def main(argv=None) -> int:
     """``tools/sparse_survey.py``: one table row per model."""
     import argparse
     from sparse_mim.sparse import functional as SF
+    from repotools.benchmark_backbone import FAMILIES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", required=True, help="comma-separated timm model names")
+    parser.add_argument("--models", default=",".join(FAMILIES),
+                        help="comma-separated timm model names (default: one per family, as the backbone benchmark)")
     parser.add_argument("--size", type=_size, default=(224, 224), help="H or HxW, multiples of 32")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--mask-ratio", type=float, default=0.6)
