@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of sparse_mim in one call (see docs/gpu.md). Sections, most informative first:
+# GPU check of sparse_mim in one call (see docs/gpu.md); its Python part is repotools/gpu_check.py (a clone's
+# development tooling, not installed). Sections, most informative first:
 #   env        torch build, compute capability, driver, spconv build; stops everything, with the fix, when the
 #              torch build has no kernels for the GPU (e.g. a V100 under a CUDA 13 build)
 #   precision  the full pre-training step (ResNet-50, ConvNeXt-S at 224) under fp32 (TF32 off / on), fp16 and
