@@ -222,7 +222,8 @@ class Predictor:
         (``auto`` = bf16 where the hardware computes it natively, else fp32). ``tta``: none | hflip |
         multicrop (:mod:`fgvc.tta`: class probabilities averaged over flipped / cropped views).
         """
-        from .models import create_model, load_state_dict_exact
+        from .builders import build_model
+        from .models import load_state_dict_exact
         ckpt = read_fgvc_checkpoint(path)
         cfg = ckpt["config"]
         m = cfg.get("model", {})
@@ -238,11 +239,9 @@ class Predictor:
         kwargs = dict(m.get("kwargs") or {})
         kwargs.pop("init_backbone", None)
         kwargs.pop("pretrained", None)
-        if any(g.tokens > 1 for g in groups):
-            kwargs["meta_tokens"] = [g.tokens for g in groups]
         name = m.get("name", "metaformer_0")
-        model = create_model(name, num_classes=len(ckpt["classes"]), img_size=m.get("img_size", 224),
-                             meta_dims=[g.dim for g in groups], drop_path_rate=0.0, **kwargs)
+        model = build_model({"name": name, "img_size": m.get("img_size", 224), "drop_path_rate": 0.0,
+                             "kwargs": kwargs}, len(ckpt["classes"]), groups, init_weights=False)
         try:
             load_state_dict_exact(model, ckpt["model"])
         except ValueError as e:

@@ -9,7 +9,8 @@ import torch
 from fgvc.cli import _train_argv, train as train_cli
 from fgvc.demo import make_demo_dataset
 from fgvc.evaluate import evaluate_checkpoint
-from fgvc.train import DEFAULTS, resolve_data_config, train, validate_config
+from fgvc.builders import resolve_data_config
+from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.checkpoint import NonFiniteStateError
 from sparse_mim.utils.config import ConfigError, load_config, parse_config, shipped_recipes_dir
 from sparse_mim.utils.preemption import PREEMPTED_EXIT_CODE

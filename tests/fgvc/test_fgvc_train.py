@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from fgvc.builders import build_model, resolve_data_config
 from fgvc.demo import make_demo_dataset
 from fgvc.engine import (RandomStreams, TrainState, drop_meta_groups, meta_dropout, meta_dropout_prob,
                          train_one_epoch)
 from fgvc.evaluate import evaluate_checkpoint, prediction_rows
-from fgvc.train import DEFAULTS, build_model, resolve_data_config, train, validate_config
+from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.config import ConfigError, load_config, shipped_recipes_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
