@@ -22,13 +22,6 @@ DEMO_YAML = os.path.join(shipped_recipes_dir(), "fgvc", "demo.yaml")
 QUIET = dict(log=lambda *a: None)
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("fgvc_demo") / "data")
-    make_demo_dataset(root, n_looks=2, train_per_class=32, test_per_class=16, image_size=32, seed=1)
-    return root
-
-
 def _args(root, out, *overrides):
     return [f"data.root={root}", f"output_dir={out}", "data.val_split=0", "data.batch_size=16",
             "optim.lr_base_batch=16", "log.progress=false", "wandb.enabled=false", "train.warmup_epochs=0", *overrides]
