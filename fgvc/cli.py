@@ -137,9 +137,8 @@ def _evaluate(argv: List[str]) -> int:
 
 
 def _predict_parser():
-    import argparse
-    p = argparse.ArgumentParser(prog="fgvc-predict", description=PREDICT_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from sparse_mim.utils.cli import command_parser
+    p = command_parser("fgvc-predict", PREDICT_DESCRIPTION)
     p.add_argument("checkpoint", help="best.pth / last.pth of an fgvc training run")
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--date", help="observation date YYYY-MM-DD[THH:MM] (month and hour are used)")
@@ -185,10 +184,9 @@ def _predict(argv: List[str], log=print) -> int:
 
 
 def _export(argv: List[str], log=print) -> int:
-    import argparse
+    from sparse_mim.utils.cli import command_parser
     from .export import export_checkpoint
-    p = argparse.ArgumentParser(prog="fgvc-export", description=EXPORT_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("fgvc-export", EXPORT_DESCRIPTION)
     p.add_argument("checkpoint", help="best.pth / last.pth of an fgvc training run")
     p.add_argument("--out", default="", help="output path (.pt2); default: next to the checkpoint, same name")
     p.add_argument("--format", nargs="+", default=["pt2"], choices=("pt2", "onnx"), help="pt2 (default) and/or onnx")
@@ -201,10 +199,9 @@ def _export(argv: List[str], log=print) -> int:
 
 
 def _average(argv: List[str], log=print) -> int:
-    import argparse
+    from sparse_mim.utils.cli import command_parser
     from .average import average_checkpoints
-    p = argparse.ArgumentParser(prog="fgvc-average", description=AVERAGE_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("fgvc-average", AVERAGE_DESCRIPTION)
     p.add_argument("checkpoints", nargs="+", help="two or more .pth files of one model")
     p.add_argument("--out", required=True, help="the averaged checkpoint to write")
     p.add_argument("--ema", action="store_true", help="average the files' EMA weights (model_ema)")
@@ -214,11 +211,10 @@ def _average(argv: List[str], log=print) -> int:
 
 
 def _prepare_text(argv: List[str]) -> dict:
-    import argparse
     import torch
+    from sparse_mim.utils.cli import command_parser
     from .data import text_meta
-    p = argparse.ArgumentParser(prog="fgvc-prepare-text", description=text_meta.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("fgvc-prepare-text", text_meta.__doc__)
     p.add_argument("--root", required=True, help="CUB_200_2011 folder (with images.txt)")
     p.add_argument("--bert", default="", help="local bert-base-uncased folder")
     p.add_argument("--captions", default=None, help="text_c10 folder (default <root>/text_c10)")
