@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, Sequence
 
+from sparse_mim.utils.cli import run_cli
+
 __all__ = ["train", "evaluate", "predict", "export", "average", "prepare_text", "TRAIN_DESCRIPTION", "EVAL_DESCRIPTION",
            "PREDICT_DESCRIPTION", "EXPORT_DESCRIPTION", "AVERAGE_DESCRIPTION"]
 
@@ -229,20 +231,17 @@ def _prepare_text(argv: List[str]) -> dict:
 
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-train [-c CONFIG] [key=value ...]``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_train, list(sys.argv[1:] if argv is None else argv), prog="fgvc-train")
+    return run_cli(_train, argv, prog="fgvc-train")
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-eval CHECKPOINT [-c CONFIG] [key=value ...]``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_evaluate, list(sys.argv[1:] if argv is None else argv), prog="fgvc-eval")
+    return run_cli(_evaluate, argv, prog="fgvc-eval")
 
 
 def predict(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-predict CHECKPOINT IMAGE_OR_FOLDER... [--date ..] [--lat .. --lon ..] ...``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_predict, list(sys.argv[1:] if argv is None else argv), prog="fgvc-predict")
+    return run_cli(_predict, argv, prog="fgvc-predict")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -258,20 +257,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def export(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-export CHECKPOINT [--out PATH.pt2] [--format pt2 onnx]``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_export, list(sys.argv[1:] if argv is None else argv), prog="fgvc-export")
+    return run_cli(_export, argv, prog="fgvc-export")
 
 
 def average(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-average CHECKPOINT... --out PATH [--ema]``: checkpoint averaging; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_average, list(sys.argv[1:] if argv is None else argv), prog="fgvc-average")
+    return run_cli(_average, argv, prog="fgvc-average")
 
 
 def prepare_text(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-prepare-text --root CUB --bert BERT_DIR``: CUB caption embeddings; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_prepare_text, list(sys.argv[1:] if argv is None else argv), prog="fgvc-prepare-text")
+    return run_cli(_prepare_text, argv, prog="fgvc-prepare-text")
 
 
 if __name__ == "__main__":
