@@ -12,7 +12,8 @@ with decay 0.9998 and no warm-up ends near the random initialisation).
 seeds of one recipe), as in "model soups" / SWA-style averaging: floating-point tensors are
 averaged (in float64, stored in their dtype), integer buffers (BatchNorm's step counters) taken
 from the first. Every file must hold the same model, classes and meta layout. The result is
-an ordinary fgvc checkpoint: ``fgvc-eval`` / ``fgvc-predict`` / ``fgvc-export`` read it.
+an ordinary fgvc checkpoint: ``fgvc-eval`` / ``fgvc-predict`` / ``fgvc-export`` read it. The command
+line (``fgvc-average``) is parsed in :mod:`fgvc.cli`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["ema_time_constant", "ema_warning", "average_checkpoints", "average_command", "AVERAGE_DESCRIPTION"]
+__all__ = ["ema_time_constant", "ema_warning", "average_checkpoints"]
 
 
 def ema_time_constant(decay: float) -> float:
@@ -94,27 +95,3 @@ def average_checkpoints(paths: Sequence[str], out: str, use_ema: bool = False, l
     save_checkpoint(result, out)
     log(f"[average] {n} checkpoints ({', '.join(names)}{', EMA weights' if use_ema else ''}) -> {out}")
     return result
-
-
-AVERAGE_DESCRIPTION = """Average the weights of several fgvc checkpoints of one model (uniform average).
-
-  fgvc-average outputs/cub/checkpoint-*.pth --out outputs/cub/average.pth
-  fgvc-average outputs/cub/checkpoint-*.pth --ema --out outputs/cub/average_ema.pth
-  fgvc-eval outputs/cub/average.pth
-
-The files must hold the same model, classes and meta layout (the copies a run keeps with
-checkpoint.keep_every_steps, or best.pth of runs of one recipe). The result is an ordinary
-checkpoint for fgvc-eval, fgvc-predict and fgvc-export."""
-
-
-def average_command(argv: Sequence[str], log=print) -> int:
-    """``fgvc-average CHECKPOINT... --out PATH [--ema]``; returns the exit status."""
-    import argparse
-    p = argparse.ArgumentParser(prog="fgvc-average", description=AVERAGE_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="two or more .pth files of one model")
-    p.add_argument("--out", required=True, help="the averaged checkpoint to write")
-    p.add_argument("--ema", action="store_true", help="average the files' EMA weights (model_ema)")
-    args = p.parse_args(list(argv))
-    average_checkpoints(args.checkpoints, args.out, use_ema=args.ema, log=log)
-    return 0

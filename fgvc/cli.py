@@ -1,6 +1,7 @@
 """Command-line entry points of the fgvc half (console scripts ``fgvc-*`` and ``tools/*_fgvc.py``).
 
-One convention for every command: ``[POSITIONALS] [-c CONFIG.yaml] [key=value ...]``, parsed
+Every fgvc command's arguments are parsed here (the library modules take keyword arguments):
+the config-driven commands (train, eval) follow ``[POSITIONALS] [-c CONFIG.yaml] [key=value ...]``, parsed
 with argparse; ``--help`` lists every config key with its default and meaning;
 ``--print-config`` shows the resolved config; ``--debug`` shows a traceback instead of the
 one-line error. Each function takes ``argv`` (default ``sys.argv[1:]``) and returns the exit
@@ -13,7 +14,10 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, Sequence
 
-__all__ = ["train", "evaluate", "predict", "export", "average", "prepare_text", "TRAIN_DESCRIPTION", "EVAL_DESCRIPTION"]
+from sparse_mim.utils.cli import run_cli
+
+__all__ = ["train", "evaluate", "predict", "export", "average", "prepare_text", "TRAIN_DESCRIPTION", "EVAL_DESCRIPTION",
+           "PREDICT_DESCRIPTION", "EXPORT_DESCRIPTION", "AVERAGE_DESCRIPTION"]
 
 TRAIN_DESCRIPTION = """Fine-tune MetaFormer (or a convnet + meta-token hybrid) on a fine-grained dataset with meta.
 
@@ -39,6 +43,41 @@ read); an official MetaFormer file needs its recipe with -c. Results go to
 <checkpoint folder>/eval_<checkpoint name>_<split>/ (summary.json, predictions.csv,
 per_class.csv, top_confusions.csv, confusion.png); summary.json also has many / medium /
 few-shot top-1 (from the training class counts the checkpoint stores)."""
+
+
+PREDICT_DESCRIPTION = """Classify photos with a trained fgvc checkpoint, with their date / place / attributes when known.
+
+  fgvc-predict outputs/fgvc_demo/best.pth photo.jpg --date 2021-06-14T09:30 --lat 48.85 --lon 2.35
+  fgvc-predict outputs/fgvc_demo/best.pth photos/ --meta-csv photos/meta.csv --out predictions.csv
+  fgvc-predict outputs/cub_metaformer0_224/best.pth bird.jpg --attributes bird_attributes.txt --topk 3
+
+Prints the top-k class names with probabilities per image and the meta each prediction used,
+and writes them to a CSV. Folders are searched recursively and classified in batches. Meta not
+given (or a group the model has that no input fills) is fed as absent, as in training's meta
+dropout. --date/--lat/--lon/--attributes apply to every image; --meta-csv gives per-image values
+(columns: path or image, date, lat, lon, attributes; a custom dataset's own meta columns too) and
+wins over them."""
+
+EXPORT_DESCRIPTION = """Export a trained fgvc checkpoint to a deployable format.
+
+  fgvc-export outputs/fgvc_demo/best.pth                              # -> outputs/fgvc_demo/best.pt2 + best.json
+  fgvc-export outputs/fgvc_demo/best.pth --out deploy/birds.pt2 --format pt2 onnx
+
+pt2: a torch.export program (load with fgvc.export.load_program(path); inputs images
+[B,3,H,W], meta [B,D], meta_present [B,G] bool; dynamic batch). onnx: the same graph as ONNX
+(needs the onnx and onnxscript packages). Each export is compared with the eager model and the
+largest logit difference printed. The .json next to it lists the classes, meta groups and the
+input preprocessing."""
+
+AVERAGE_DESCRIPTION = """Average the weights of several fgvc checkpoints of one model (uniform average).
+
+  fgvc-average outputs/cub/checkpoint-*.pth --out outputs/cub/average.pth
+  fgvc-average outputs/cub/checkpoint-*.pth --ema --out outputs/cub/average_ema.pth
+  fgvc-eval outputs/cub/average.pth
+
+The files must hold the same model, classes and meta layout (the copies a run keeps with
+checkpoint.keep_every_steps, or best.pth of runs of one recipe). The result is an ordinary
+checkpoint for fgvc-eval, fgvc-predict and fgvc-export."""
 
 
 def _train_argv(argv: Sequence[str]) -> List[str]:
@@ -99,23 +138,110 @@ def _evaluate(argv: List[str]) -> int:
     return 0
 
 
+def _predict_parser():
+    from sparse_mim.utils.cli import command_parser
+    p = command_parser("fgvc-predict", PREDICT_DESCRIPTION)
+    p.add_argument("checkpoint", help="best.pth / last.pth of an fgvc training run")
+    p.add_argument("images", nargs="+", help="image files and/or folders")
+    p.add_argument("--date", help="observation date YYYY-MM-DD[THH:MM] (month and hour are used)")
+    p.add_argument("--lat", type=float, help="latitude in degrees (-90..90); needs --lon")
+    p.add_argument("--lon", type=float, help="longitude in degrees (-180..180); needs --lat")
+    p.add_argument("--attributes", help="numeric meta file: one number per value (e.g. CUB's 312 attributes, "
+                                        "0/1), or lines 'attribute_id is_present', or a .npy")
+    p.add_argument("--text", help="caption embedding .npy ([captions, tokens, dim]) for a text-meta model")
+    p.add_argument("--meta-csv", help="per-image meta CSV (see above)")
+    p.add_argument("--topk", type=int, default=5, help="classes to report per image (default 5)")
+    p.add_argument("--out", default="predictions.csv", help="CSV written with the results (default predictions.csv; "
+                                                            "'' = none)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision (auto: bf16 where the hardware has it, else fp32)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: CUDA when present")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--tta", default="none", choices=("none", "hflip", "multicrop"),
+                   help="test-time augmentation: hflip (image + mirror) or multicrop (centre + 4 corner crops and "
+                        "their mirrors, 10 views); probabilities averaged (default none)")
+    p.add_argument("--quiet", action="store_true", help="only the summary line (the CSV has everything)")
+    return p
+
+
+def _predict(argv: List[str], log=print) -> int:
+    """``fgvc-predict`` (see ``PREDICT_DESCRIPTION``): 1 if an image was unreadable."""
+    import torch
+    from sparse_mim.utils.cli import UsageError
+    from .predict import predict_files
+    args = _predict_parser().parse_args(list(argv))
+    if args.topk < 1:
+        raise UsageError(f"--topk must be >= 1, got {args.topk}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if (args.lat is None) != (args.lon is None):
+        raise UsageError("--lat and --lon go together: give both (or neither)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    preds = predict_files(args.checkpoint, args.images, date=args.date, lat=args.lat, lon=args.lon,
+                          attributes=args.attributes, text=args.text, meta_csv=args.meta_csv, topk=args.topk,
+                          out=args.out, device=None if args.device == "auto" else torch.device(args.device),
+                          amp=args.amp, batch_size=args.batch_size, tta=args.tta, quiet=args.quiet, log=log)
+    return 1 if any(p.error for p in preds) else 0
+
+
+def _export(argv: List[str], log=print) -> int:
+    from sparse_mim.utils.cli import command_parser
+    from .export import export_checkpoint
+    p = command_parser("fgvc-export", EXPORT_DESCRIPTION)
+    p.add_argument("checkpoint", help="best.pth / last.pth of an fgvc training run")
+    p.add_argument("--out", default="", help="output path (.pt2); default: next to the checkpoint, same name")
+    p.add_argument("--format", nargs="+", default=["pt2"], choices=("pt2", "onnx"), help="pt2 (default) and/or onnx")
+    p.add_argument("--tta", default="none", choices=("none", "hflip", "multicrop"),
+                   help="export with test-time augmentation inside the graph (see fgvc-eval --tta)")
+    p.add_argument("--batch", type=int, default=2, help="example batch size used for tracing (the batch stays dynamic)")
+    args = p.parse_args(list(argv))
+    export_checkpoint(args.checkpoint, args.out, args.format, args.batch, log=log, tta=args.tta)
+    return 0
+
+
+def _average(argv: List[str], log=print) -> int:
+    from sparse_mim.utils.cli import command_parser
+    from .average import average_checkpoints
+    p = command_parser("fgvc-average", AVERAGE_DESCRIPTION)
+    p.add_argument("checkpoints", nargs="+", help="two or more .pth files of one model")
+    p.add_argument("--out", required=True, help="the averaged checkpoint to write")
+    p.add_argument("--ema", action="store_true", help="average the files' EMA weights (model_ema)")
+    args = p.parse_args(list(argv))
+    average_checkpoints(args.checkpoints, args.out, use_ema=args.ema, log=log)
+    return 0
+
+
+def _prepare_text(argv: List[str]) -> dict:
+    import torch
+    from sparse_mim.utils.cli import command_parser
+    from .data import text_meta
+    p = command_parser("fgvc-prepare-text", text_meta.__doc__)
+    p.add_argument("--root", required=True, help="CUB_200_2011 folder (with images.txt)")
+    p.add_argument("--bert", default="", help="local bert-base-uncased folder")
+    p.add_argument("--captions", default=None, help="text_c10 folder (default <root>/text_c10)")
+    p.add_argument("--out", default=None, help="output folder (default <root>/text_emb)")
+    p.add_argument("--num-captions", type=int, default=10)
+    p.add_argument("--max-len", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(list(argv))
+    embed = text_meta.load_bert(args.bert, args.device)
+    return text_meta.prepare_text_meta(args.root, embed, args.captions, args.out, args.num_captions, args.max_len)
+
+
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-train [-c CONFIG] [key=value ...]``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_train, list(sys.argv[1:] if argv is None else argv), prog="fgvc-train")
+    return run_cli(_train, argv, prog="fgvc-train")
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-eval CHECKPOINT [-c CONFIG] [key=value ...]``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    return run_cli(_evaluate, list(sys.argv[1:] if argv is None else argv), prog="fgvc-eval")
+    return run_cli(_evaluate, argv, prog="fgvc-eval")
 
 
 def predict(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-predict CHECKPOINT IMAGE_OR_FOLDER... [--date ..] [--lat .. --lon ..] ...``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    from .predict import predict_command
-    return run_cli(predict_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-predict")
+    return run_cli(_predict, argv, prog="fgvc-predict")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -129,26 +255,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return commands[argv[0]](argv[1:])
 
 
-
 def export(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-export CHECKPOINT [--out PATH.pt2] [--format pt2 onnx]``; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    from .export import export_command
-    return run_cli(export_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-export")
+    return run_cli(_export, argv, prog="fgvc-export")
 
 
 def average(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-average CHECKPOINT... --out PATH [--ema]``: checkpoint averaging; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    from .average import average_command
-    return run_cli(average_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-average")
+    return run_cli(_average, argv, prog="fgvc-average")
 
 
 def prepare_text(argv: Optional[Sequence[str]] = None) -> int:
     """``fgvc-prepare-text --root CUB --bert BERT_DIR``: CUB caption embeddings; returns the exit status."""
-    from sparse_mim.utils.cli import run_cli
-    from .data.text_meta import prepare_text_command
-    return run_cli(prepare_text_command, list(sys.argv[1:] if argv is None else argv), prog="fgvc-prepare-text")
+    return run_cli(_prepare_text, argv, prog="fgvc-prepare-text")
 
 
 if __name__ == "__main__":

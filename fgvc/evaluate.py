@@ -250,15 +250,15 @@ def _shot_summary(pred: np.ndarray, labels: np.ndarray, train_counts, num_classe
 def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, overrides: Sequence[str] = (),
                         log: Callable = print) -> Dict:
     """Evaluate ``checkpoint`` on its test (or held-out val) split; returns the summary dict."""
-    from torch.utils.data import DataLoader
-    from fgvc.data import FGVCDataset, build_records, build_transform, collate_skip_bad
+    from fgvc.data import build_records, build_transform
     from fgvc.engine import predict, topk_accuracy
     from fgvc.models import load_pretrained
     from fgvc.models.metaformer import OFFICIAL_CONFIG_GLOBALS
     from sparse_mim.utils.amp import resolve_amp
     from sparse_mim.utils.checkpoint import load_checkpoint
     from sparse_mim.utils.logger import RunLogger
-    from .train import DEMO_DIR_NAME, build_model, build_splits, resolve_data_config
+    from .builders import build_model, build_splits, eval_loader, resolve_data_config
+    from .train import DEMO_DIR_NAME
 
     ckpt = load_checkpoint(checkpoint, check_finite=True, allowed_globals=OFFICIAL_CONFIG_GLOBALS)
     cfg, ours = load_eval_config(checkpoint, ckpt, config_file, overrides)
@@ -307,10 +307,8 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     out_dir = e.out_dir or default_eval_dir(checkpoint, e.split)
     os.makedirs(out_dir, exist_ok=True)
 
-    loader = DataLoader(FGVCDataset(rec, transform, train=False),
-                        batch_size=e.batch_size or data_cfg["eval_batch_size"], shuffle=False,
-                        num_workers=data_cfg["num_workers"] if e.num_workers < 0 else e.num_workers,
-                        collate_fn=collate_skip_bad)
+    loader = eval_loader(rec, cfg.model.img_size, e.batch_size or data_cfg["eval_batch_size"],
+                         data_cfg["num_workers"] if e.num_workers < 0 else e.num_workers, transform=transform)
     amp = resolve_amp(cfg.train.amp, device)
     meta_sizes = [g.dim * g.tokens for g in groups]
     conditions = [("with_meta", "full", ())]

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 __all__ = ["MetaFormerExportWrapper", "export_program", "export_onnx", "export_checkpoint", "export_metadata",
-           "check_export", "load_program", "EXPORT_DESCRIPTION", "export_command"]
+           "check_export", "load_program"]
 
 
 class MetaFormerExportWrapper(torch.nn.Module):
@@ -157,10 +157,11 @@ def check_export(predictor, program_module, batch: int = 3, seed: int = 1) -> fl
     return float((eager - exported).abs().max())
 
 
-def export_checkpoint(checkpoint: str, out: str, formats: Sequence[str] = ("pt2",), batch: int = 2,
+def export_checkpoint(checkpoint: str, out: str = "", formats: Sequence[str] = ("pt2",), batch: int = 2,
                       log=print, tta: str = "none") -> List[str]:
-    """Export a training checkpoint (``best.pth``) to ``out`` (.pt2; the ONNX file takes the same
-    stem with .onnx) plus ``<stem>.json`` metadata; returns the written paths. Each export is
+    """Export a training checkpoint (``best.pth``) to ``out`` (.pt2, default: next to the checkpoint with
+    its name; the ONNX file takes the same stem with .onnx) plus ``<stem>.json`` metadata; returns the
+    written paths (what ``fgvc-export`` runs; its arguments are parsed in :mod:`fgvc.cli`). Each export is
     checked against the eager model (logits compared on a fresh batch). ``tta`` (hflip / multicrop) exports
     the model with its test-time augmentation inside (:class:`fgvc.tta.TTAModel`: the output is the log of
     the averaged probabilities; multicrop takes the larger ``R x R`` input the metadata names)."""
@@ -172,6 +173,7 @@ def export_checkpoint(checkpoint: str, out: str, formats: Sequence[str] = ("pt2"
     if "onnx" in formats:
         _require_onnx()  # before any work
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu", amp="off", tta=tta)
+    out = out or os.path.splitext(checkpoint)[0] + ".pt2"
     stem = out[:-4] if out.endswith(".pt2") else (out[:-5] if out.endswith(".onnx") else out)
     os.makedirs(os.path.dirname(os.path.abspath(stem)) or ".", exist_ok=True)
     written = []
@@ -209,32 +211,3 @@ def export_checkpoint(checkpoint: str, out: str, formats: Sequence[str] = ("pt2"
     log(f"[export] wrote {meta_path} (classes, meta groups, input size, normalisation)")
     written.append(meta_path)
     return written
-
-
-# ----------------------------------------------------------------------------------------- command line
-EXPORT_DESCRIPTION = """Export a trained fgvc checkpoint to a deployable format.
-
-  fgvc-export outputs/fgvc_demo/best.pth                              # -> outputs/fgvc_demo/best.pt2 + best.json
-  fgvc-export outputs/fgvc_demo/best.pth --out deploy/birds.pt2 --format pt2 onnx
-
-pt2: a torch.export program (load with fgvc.export.load_program(path); inputs images
-[B,3,H,W], meta [B,D], meta_present [B,G] bool; dynamic batch). onnx: the same graph as ONNX
-(needs the onnx and onnxscript packages). Each export is compared with the eager model and the
-largest logit difference printed. The .json next to it lists the classes, meta groups and the
-input preprocessing."""
-
-
-def export_command(argv: Sequence[str], log=print) -> int:
-    import argparse
-    p = argparse.ArgumentParser(prog="fgvc-export", description=EXPORT_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="best.pth / last.pth of an fgvc training run")
-    p.add_argument("--out", default="", help="output path (.pt2); default: next to the checkpoint, same name")
-    p.add_argument("--format", nargs="+", default=["pt2"], choices=("pt2", "onnx"), help="pt2 (default) and/or onnx")
-    p.add_argument("--tta", default="none", choices=("none", "hflip", "multicrop"),
-                   help="export with test-time augmentation inside the graph (see fgvc-eval --tta)")
-    p.add_argument("--batch", type=int, default=2, help="example batch size used for tracing (the batch stays dynamic)")
-    args = p.parse_args(list(argv))
-    out = args.out or os.path.splitext(args.checkpoint)[0] + ".pt2"
-    export_checkpoint(args.checkpoint, out, args.format, args.batch, log=log, tta=args.tta)
-    return 0

@@ -105,7 +105,7 @@ class LogitAdjustedLoss(torch.nn.Module):
 
 
 def build_loss(base: torch.nn.Module, loss: str, counts: Sequence[int], tau: float) -> torch.nn.Module:
-    """The ``train.loss`` criterion around ``base`` (what :func:`fgvc.train.build_mixup` picked)."""
+    """The ``train.loss`` criterion around ``base`` (what :func:`fgvc.builders.build_mixup` picked)."""
     if loss == "ce":
         return base
     if loss == "logit_adjusted":

@@ -15,8 +15,9 @@ group may be left out: it is then fed as absent (zeros and ``meta_present=False`
 same input the model sees under training-time meta dropout. Every prediction says which
 meta it used.
 
-``predict_batch`` classifies many images at once, each with its own meta; ``python
-tools/predict_fgvc.py`` (console script ``fgvc-predict``) is the command-line twin.
+``predict_batch`` classifies many images at once, each with its own meta; :func:`predict_files`
+classifies files and folders and writes a CSV, what ``fgvc-predict`` (``tools/predict_fgvc.py``;
+its arguments are parsed in :mod:`fgvc.cli`) runs.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ import torch
 from .data.meta import (SPATIAL_DIM, TEMPORAL_DIM, MetaGroup, decode_spatial, decode_temporal, encode_lat_lon,
                         encode_month_hour, guess_kind, parse_date)
 
-__all__ = ["Predictor", "Prediction", "read_fgvc_checkpoint", "check_same_classes", "dataset_label", "image_files",
-           "read_meta_csv", "write_predictions_csv", "IMAGE_EXTENSIONS"]
+__all__ = ["Predictor", "Prediction", "predict_files", "read_fgvc_checkpoint", "check_same_classes", "dataset_label",
+           "image_files", "read_meta_csv", "write_predictions_csv", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _CUSTOM_KIND = {"date": "temporal", "month_hour": "temporal", "latlon": "spatial", "numeric": "numeric"}
@@ -222,7 +223,8 @@ class Predictor:
         (``auto`` = bf16 where the hardware computes it natively, else fp32). ``tta``: none | hflip |
         multicrop (:mod:`fgvc.tta`: class probabilities averaged over flipped / cropped views).
         """
-        from .models import create_model, load_state_dict_exact
+        from .builders import build_model
+        from .models import load_state_dict_exact
         ckpt = read_fgvc_checkpoint(path)
         cfg = ckpt["config"]
         m = cfg.get("model", {})
@@ -238,11 +240,9 @@ class Predictor:
         kwargs = dict(m.get("kwargs") or {})
         kwargs.pop("init_backbone", None)
         kwargs.pop("pretrained", None)
-        if any(g.tokens > 1 for g in groups):
-            kwargs["meta_tokens"] = [g.tokens for g in groups]
         name = m.get("name", "metaformer_0")
-        model = create_model(name, num_classes=len(ckpt["classes"]), img_size=m.get("img_size", 224),
-                             meta_dims=[g.dim for g in groups], drop_path_rate=0.0, **kwargs)
+        model = build_model({"name": name, "img_size": m.get("img_size", 224), "drop_path_rate": 0.0,
+                             "kwargs": kwargs}, len(ckpt["classes"]), groups, init_weights=False)
         try:
             load_state_dict_exact(model, ckpt["model"])
         except ValueError as e:
@@ -536,66 +536,21 @@ def write_predictions_csv(path: str, predictions: Sequence[Prediction], topk: in
     return path
 
 
-# ----------------------------------------------------------------------------------------- command line
-PREDICT_DESCRIPTION = """Classify photos with a trained fgvc checkpoint, with their date / place / attributes when known.
-
-  fgvc-predict outputs/fgvc_demo/best.pth photo.jpg --date 2021-06-14T09:30 --lat 48.85 --lon 2.35
-  fgvc-predict outputs/fgvc_demo/best.pth photos/ --meta-csv photos/meta.csv --out predictions.csv
-  fgvc-predict outputs/cub_metaformer0_224/best.pth bird.jpg --attributes bird_attributes.txt --topk 3
-
-Prints the top-k class names with probabilities per image and the meta each prediction used,
-and writes them to a CSV. Folders are searched recursively and classified in batches. Meta not
-given (or a group the model has that no input fills) is fed as absent, as in training's meta
-dropout. --date/--lat/--lon/--attributes apply to every image; --meta-csv gives per-image values
-(columns: path or image, date, lat, lon, attributes; a custom dataset's own meta columns too) and
-wins over them."""
-
-
-def _parser():
-    import argparse
-    p = argparse.ArgumentParser(prog="fgvc-predict", description=PREDICT_DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="best.pth / last.pth of an fgvc training run")
-    p.add_argument("images", nargs="+", help="image files and/or folders")
-    p.add_argument("--date", help="observation date YYYY-MM-DD[THH:MM] (month and hour are used)")
-    p.add_argument("--lat", type=float, help="latitude in degrees (-90..90); needs --lon")
-    p.add_argument("--lon", type=float, help="longitude in degrees (-180..180); needs --lat")
-    p.add_argument("--attributes", help="numeric meta file: one number per value (e.g. CUB's 312 attributes, "
-                                        "0/1), or lines 'attribute_id is_present', or a .npy")
-    p.add_argument("--text", help="caption embedding .npy ([captions, tokens, dim]) for a text-meta model")
-    p.add_argument("--meta-csv", help="per-image meta CSV (see above)")
-    p.add_argument("--topk", type=int, default=5, help="classes to report per image (default 5)")
-    p.add_argument("--out", default="predictions.csv", help="CSV written with the results (default predictions.csv; "
-                                                            "'' = none)")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision (auto: bf16 where the hardware has it, else fp32)")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: CUDA when present")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--tta", default="none", choices=("none", "hflip", "multicrop"),
-                   help="test-time augmentation: hflip (image + mirror) or multicrop (centre + 4 corner crops and "
-                        "their mirrors, 10 views); probabilities averaged (default none)")
-    p.add_argument("--quiet", action="store_true", help="only the summary line (the CSV has everything)")
-    return p
-
-
-def predict_command(argv: Sequence[str], log=print) -> int:
-    """``fgvc-predict`` (see ``PREDICT_DESCRIPTION``); returns the exit status (1 if an image was unreadable)."""
-    from sparse_mim.utils.cli import UsageError
-    args = _parser().parse_args(list(argv))
-    if args.topk < 1:
-        raise UsageError(f"--topk must be >= 1, got {args.topk}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if (args.lat is None) != (args.lon is None):
-        raise UsageError("--lat and --lon go together: give both (or neither)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    device = None if args.device == "auto" else torch.device(args.device)
-    files = image_files(args.images)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=device, amp=args.amp, tta=args.tta)
+# ----------------------------------------------------------------------------------------- many files
+def predict_files(checkpoint: str, images: Sequence[str], *, date=None, lat: Optional[float] = None,
+                  lon: Optional[float] = None, attributes=None, text=None, meta_csv: Optional[str] = None,
+                  topk: int = 5, out: str = "predictions.csv", device=None, amp: str = "auto", batch_size: int = 32,
+                  tta: str = "none", quiet: bool = False, log=print) -> List[Prediction]:
+    """Classify image files and folders (searched recursively) with a training checkpoint: what
+    ``fgvc-predict`` does. ``date`` / ``lat`` / ``lon`` / ``attributes`` / ``text`` apply to every image;
+    ``meta_csv`` (:func:`read_meta_csv`) gives per-image values and wins over them. Logs each prediction
+    (unless ``quiet``) and a summary line, writes ``out`` (:func:`write_predictions_csv`; ``''`` = no file)
+    and returns the predictions (an unreadable image has ``error`` set)."""
+    files = image_files(images)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, amp=amp, tta=tta)
     log(f"[predict] {predictor.describe()}")
-    table = read_meta_csv(args.meta_csv, predictor) if args.meta_csv else {}
-    common = dict(date=args.date, lat=args.lat, lon=args.lon, attributes=args.attributes, text=args.text)
+    table = read_meta_csv(meta_csv, predictor) if meta_csv else {}
+    common = dict(date=date, lat=lat, lon=lon, attributes=attributes, text=text)
     common = {k: v for k, v in common.items() if v is not None}
     metas, unmatched = [], 0
     for f in files:
@@ -604,20 +559,20 @@ def predict_command(argv: Sequence[str], log=print) -> int:
             unmatched += 1
         metas.append({**common, **(row or {})})
     if table and unmatched:
-        log(f"[predict] {unmatched} of {len(files)} images have no row in {args.meta_csv} (their meta: "
+        log(f"[predict] {unmatched} of {len(files)} images have no row in {meta_csv} (their meta: "
             f"{'the command-line values' if common else 'none'})")
     _, _, _, notes = predictor.encode_meta(**{k: v for k, v in common.items()})
     for n in notes:
         log(f"[predict] note: {n}")
-    preds = predictor.predict_batch(files, metas, topk=args.topk, batch_size=args.batch_size,
-                                    progress=len(files) > args.batch_size)
-    k = max(1, min(args.topk, len(predictor.classes)))
-    if not args.quiet:
+    preds = predictor.predict_batch(files, metas, topk=topk, batch_size=batch_size,
+                                    progress=len(files) > batch_size)
+    k = max(1, min(topk, len(predictor.classes)))
+    if not quiet:
         for p in preds:
             log(str(p))
     bad = [p for p in preds if p.error]
-    if args.out:
-        write_predictions_csv(args.out, preds, k)
+    if out:
+        write_predictions_csv(out, preds, k)
     log(f"[predict] {len(preds) - len(bad)} image(s) classified" + (f", {len(bad)} unreadable (skipped)" if bad else "")
-        + (f"; wrote {args.out}" if args.out else ""))
-    return 1 if bad else 0
+        + (f"; wrote {out}" if out else ""))
+    return preds

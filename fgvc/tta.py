@@ -22,20 +22,17 @@ from typing import List, Optional
 
 import torch
 
+from sparse_mim.utils.misc import to_pair
+
 __all__ = ["TTA_MODES", "TTAModel", "tta_input_size", "tta_transform", "tta_views"]
 
 TTA_MODES = ("none", "hflip", "multicrop")
 _CROP_PCT = 224 / 256
 
 
-def _pair(img_size):
-    from sparse_mim.utils.misc import to_pair
-    return to_pair(img_size)
-
-
 def tta_input_size(img_size, mode: str, crop_pct: float = _CROP_PCT):
     """(h, w) of the image a ``mode`` model takes: the model's size, or ``round(S / crop_pct)`` for multicrop."""
-    h, w = _pair(img_size)
+    h, w = to_pair(img_size, "img_size")
     if mode == "multicrop":
         return int(round(h / crop_pct)), int(round(w / crop_pct))
     return h, w
@@ -63,7 +60,7 @@ def tta_views(images: torch.Tensor, mode: str, img_size) -> List[torch.Tensor]:
         return [images]
     if mode == "hflip":
         return [images, images.flip(-1)]
-    h, w = _pair(img_size)
+    h, w = to_pair(img_size, "img_size")
     H, W = images.shape[-2:]
     if H < h or W < w:
         raise ValueError(f"multicrop takes images of at least {h}x{w} (the crops); got {H}x{W}: use tta_transform")

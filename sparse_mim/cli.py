@@ -9,9 +9,10 @@ checkpoint (a batch script requeues on it; see docs/slurm_pretrain.sh).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
+
+from .utils.cli import command_parser
 
 __all__ = ["pretrain", "export", "visualize", "knn"]
 
@@ -39,11 +40,10 @@ def _pretrain_main(argv: list[str]) -> int:
 
 def _export_main(argv: list[str]) -> int:
     from .export import export_from_checkpoint
-    p = argparse.ArgumentParser(prog="spark-export", description=(
+    p = command_parser("spark-export", (
         "Export the encoder of a SparK pre-training checkpoint as a plain backbone state dict (dense names, "
         "torch layout; loads strict=True into the torchvision / timm model)."), epilog=(
-        "example:\n  spark-export outputs/pretrain_demo/last.pth resnet18_spark.pth"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "example:\n  spark-export outputs/pretrain_demo/last.pth resnet18_spark.pth"))
     p.add_argument("checkpoint", help="pre-training checkpoint (last.pth or checkpoint-*.pth)")
     p.add_argument("out", help="output .pth file (backbone state_dict)")
     p.add_argument("--no-verify", action="store_true", help="skip the strict load into the dense twin")
@@ -57,11 +57,10 @@ def _export_main(argv: list[str]) -> int:
 
 def _visualize_main(argv: list[str]) -> int:
     from .visualize import visualize_checkpoint
-    p = argparse.ArgumentParser(prog="spark-visualize", description=(
+    p = command_parser("spark-visualize", (
         "Reconstructions from a SparK checkpoint: (masked input | reconstruction | original), one image per row. "
         "The model (backbone, input size, mask ratio, decoder width) comes from the checkpoint itself."), epilog=(
-        "example:\n  spark-visualize outputs/pretrain_demo/last.pth photo.jpg folder/ --out grid.png"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "example:\n  spark-visualize outputs/pretrain_demo/last.pth photo.jpg folder/ --out grid.png"))
     p.add_argument("checkpoint", help="SparK checkpoint: ours (last.pth) or an official *_withdecoder_* file")
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--out", default="reconstruction.png", help="output image (PNG)")
@@ -86,7 +85,7 @@ def _visualize_main(argv: list[str]) -> int:
 def _knn_main(argv: list[str]) -> int:
     from .knn import evaluate_checkpoint, format_result
     from .utils import distributed as dist_utils
-    p = argparse.ArgumentParser(prog="spark-knn", description=(
+    p = command_parser("spark-knn", (
         "Representation quality of a SparK encoder: DINO's weighted k-NN (cosine similarity of the L2-normalised, "
         "globally pooled last feature map; the k nearest reference images vote with weight exp(sim / T)) and "
         "optionally MAE's linear probe (BatchNorm + linear head on the frozen pooled features). Reads our "
@@ -99,7 +98,7 @@ def _knn_main(argv: list[str]) -> int:
         "  spark-knn resnet50_1kpretrained_timm_style.pth --backbone resnet50 --train ... --val ...\n"
         "  torchrun --nproc_per_node 8 tools/knn_eval.py runs/r50/last.pth --train ... --val ...\n\n"
         "ROOT: an ImageFolder tree (one sub-folder per class), a list file ('path label' lines) or builtin (the "
-        "demo images labelled by kind)."), formatter_class=argparse.RawDescriptionHelpFormatter)
+        "demo images labelled by kind)."))
     p.add_argument("checkpoint", help="ours (last.pth, checkpoint-*.pth, backbone.pth) or an official SparK file "
                    "(*_withdecoder_1kpretrained_spark_style.pth, *_1kpretrained_timm_style.pth)")
     p.add_argument("--train", required=True, metavar="ROOT", help="labelled reference (training) images")

@@ -48,10 +48,6 @@ _OFFICIAL_UNUSED_KEYS = ("imn_m", "imn_s", "norm_black")
 _ENCODER_PREFIX = "sparse_encoder.sp_cnn."
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return to_pair(size, "input_size")
-
-
 def mask_seed_generator(seed: int) -> torch.Generator:
     """The CPU generator a sample's mask is drawn from, given the sample's seed (decorrelated from its crop)."""
     return torch.Generator().manual_seed((int(seed) ^ 0x5DEECE66D) & ((1 << 63) - 1))
@@ -203,7 +199,7 @@ class SparK(nn.Module):
         self.sparse_encoder = _SparseEncoder(backbone)
         self.is_sparse = _backbone_is_sparse(backbone)
         self.patch_size = int(backbone.downsample_ratio)
-        self.input_size = _pair(input_size)
+        self.input_size = to_pair(input_size, "input_size")
         self.patch_grid = self.check_image_size(*self.input_size)
         self.mask_ratio = float(mask_ratio)
         self.num_visible = self.visible_count(self.patch_grid)
@@ -437,19 +433,6 @@ class SparK(nn.Module):
             "original": images,
             "visible": visible,
         }
-
-    @torch.no_grad()
-    def reconstruction_grid(self, images: Tensor, visible: Tensor | None = None, mean: Sequence[float] | None = None,
-                            std: Sequence[float] | None = None, generator=None, padding: int = 2) -> Tensor:
-        """(masked input | reconstruction | original), one image per row: float [3, H', W'] in [0, 1].
-
-        ``mean`` / ``std``: the normalisation of ``images`` (default ImageNet). The
-        tensor goes straight into ``wandb.Image``; ``sparse_mim.visualize.save_grid`` writes a PNG.
-        """
-        from .visualize import make_grid_rows
-        views = self.reconstruct(images, visible, generator=generator)
-        return make_grid_rows([views["masked"], views["reconstruction"], views["original"]], mean=mean, std=std,
-                              padding=padding)
 
     # ------------------------------------------------------------------ reference mode
     def dense_reference(self, **backbone_kwargs: Any) -> "SparK":

@@ -7,6 +7,7 @@ share:
 * `random_visible_mask` / `patch_mask`: SparK's random patch mask
   (`sparse_mim.spark.random_visible_mask`);
 * `randomize_weights_`: weights that make every layer matter (see below);
+* `conv_backend(name)`: the sparse convs on one backend inside a ``with`` block;
 * `relative_error` (norm-based) and `max_relative_error` (max-based);
 * the error model every equivalence test uses (`ErrorModel`, below, and docs/testing.md),
   with its float64 reference `masked_reference` (the plain dense model under masking
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 __all__ = ["random_visible_mask", "patch_mask", "randomize_weights_", "relative_error", "max_relative_error",
            "rel_err", "run_both", "run_reference", "masked_reference", "visible_at", "unit_roundoff", "layer_rounding",
            "reduction_length", "ErrorModel", "ErrorReport", "Check", "EquivalenceError", "assert_equivalent",
-           "assert_backbones_equivalent", "assert_spark_equivalent", "ChannelsLast"]
+           "assert_backbones_equivalent", "assert_spark_equivalent", "ChannelsLast", "conv_backend"]
 
 
 class ChannelsLast(nn.Module):
@@ -103,6 +104,18 @@ def randomize_weights_(model: nn.Module, generator: Optional[torch.Generator] = 
 
 
 # ---------------------------------------------------------------------------------------------------- errors
+@contextlib.contextmanager
+def conv_backend(name: str):
+    """The sparse convs on backend ``name`` inside the block
+    (:func:`sparse_mim.sparse.functional.set_conv_backend`); the previous backend is restored after."""
+    from .sparse import functional as SF
+    previous = SF.set_conv_backend(name)
+    try:
+        yield
+    finally:
+        SF.set_conv_backend(previous)
+
+
 def relative_error(a: Tensor, b: Tensor) -> float:
     """||a - b|| / ||b|| (Frobenius norms)."""
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

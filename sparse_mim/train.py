@@ -35,6 +35,7 @@ from .sparse import autotune
 from .utils import distributed as dist_utils
 from .utils.config import Config, ConfigError, K
 from .utils.misc import NonFiniteLossError, count_parameters
+from .visualize import reconstruction_grid
 
 warnings.filterwarnings("ignore", message=r"`torch.cuda.amp.custom_(fwd|bwd)", category=FutureWarning)
 
@@ -163,14 +164,10 @@ def stream_seed(seed: int, *parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _size(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (tuple(value) * 2)[:2] if len(value) == 1 else tuple(value)
-
-
 def build_model(cfg: Config) -> torch.nn.Module:
     """SparK around the configured backbone (built from its name, so checkpoints can describe it)."""
     from .spark import SparK
-    return SparK(cfg.model.backbone, input_size=_size(cfg.model.img_size), mask_ratio=cfg.model.mask_ratio,
+    return SparK(cfg.model.backbone, input_size=cfg.model.img_size, mask_ratio=cfg.model.mask_ratio,
                  decoder_width=cfg.model.decoder_width, densify_norm=cfg.model.densify_norm or None,
                  sparse=cfg.model.sparse, init=cfg.model.init, drop_path_rate=cfg.model.drop_path_rate,
                  **dict(cfg.model.backbone_kwargs))
@@ -386,7 +383,7 @@ def _pretrain(cfg: Config, guard, holder: dict) -> dict:
         was_training = model.training
         model.eval()
         with amp.autocast():
-            grid = model.reconstruction_grid(images, visible, mean=cfg.data.mean, std=cfg.data.std)
+            grid = reconstruction_grid(model, images, visible, mean=cfg.data.mean, std=cfg.data.std)
         model.train(was_training)
         last_png[0] = logger.log_image("reconstruction", grid.float().clamp(0, 1), step,
                                        caption="masked input | reconstruction | original")

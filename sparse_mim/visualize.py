@@ -1,7 +1,8 @@
 """Reconstruction grids: (masked input | reconstruction | original), one image per row.
 
-``make_grid_rows`` returns a float [3, H', W'] tensor in [0, 1], the layout
-``wandb.Image`` takes; ``save_grid`` writes it as a PNG with PIL. Kept free of
+``reconstruction_grid(model, images)`` draws a SparK model's reconstructions (its
+``reconstruct`` views) as such a grid; ``make_grid_rows`` tiles any views into one: a float
+[3, H', W'] tensor in [0, 1], the layout ``wandb.Image`` takes; ``save_grid`` writes it as a PNG with PIL. Kept free of
 wandb and matplotlib so it runs anywhere.
 
 ``visualize_checkpoint(checkpoint, images, out)`` draws the grid of any SparK checkpoint:
@@ -22,8 +23,8 @@ from torch import Tensor
 
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "denormalize", "make_grid_rows", "save_grid", "list_images",
-           "load_images", "visualize_checkpoint"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "denormalize", "make_grid_rows", "reconstruction_grid", "save_grid",
+           "list_images", "load_images", "visualize_checkpoint"]
 
 
 def denormalize(images: Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Tensor:
@@ -53,6 +54,20 @@ def make_grid_rows(columns: Sequence[Tensor], mean: Sequence[float] | None = Non
             y, x = padding + b * (H + padding), padding + j * (W + padding)
             grid[:, y:y + H, x:x + W] = pixels[b]
     return grid
+
+
+@torch.no_grad()
+def reconstruction_grid(model, images: Tensor, visible: Tensor | None = None, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None, generator=None, padding: int = 2) -> Tensor:
+    """(masked input | reconstruction | original) of a SparK ``model``, one image per row: float [3, H', W'] in [0, 1].
+
+    The views come from ``model.reconstruct(images, visible, generator=generator)`` (a random mask when
+    ``visible`` is None). ``mean`` / ``std``: the normalisation of ``images`` (default ImageNet). The
+    tensor goes straight into ``wandb.Image``; :func:`save_grid` writes a PNG.
+    """
+    views = model.reconstruct(images, visible, generator=generator)
+    return make_grid_rows([views["masked"], views["reconstruction"], views["original"]], mean=mean, std=std,
+                          padding=padding)
 
 
 def save_grid(grid: Tensor, path: str | os.PathLike) -> str:
@@ -105,7 +120,7 @@ def visualize_checkpoint(checkpoint: str | os.PathLike, images: Sequence[str], o
     model = SparK.from_checkpoint(checkpoint, sparse=False if dense else None, **overrides).to(device).eval()
     files = list_images(images)
     batch = load_images(files, model.input_size, mean, std).to(device)
-    grid = model.reconstruction_grid(batch, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
+    grid = reconstruction_grid(model, batch, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
     path = save_grid(grid, out)
     return {"path": path, "backbone": model.backbone_name, "input_size": list(model.input_size),
             "mask_ratio": model.mask_ratio, "images": len(files)}

@@ -13,16 +13,15 @@ saved by ``save_pretrained``); ``transformers`` is an optional dependency (``pip
 """
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
 import numpy as np
 
 from sparse_mim.utils.checkpoint import atomic_write
 from sparse_mim.utils.cli import UsageError
 
-__all__ = ["load_bert", "read_captions", "prepare_text_meta", "prepare_text_command", "INSTALL_HINT"]
+__all__ = ["load_bert", "read_captions", "prepare_text_meta", "INSTALL_HINT"]
 
 INSTALL_HINT = ("pip install transformers (or the package's [text] extra) and pass --bert /path/to/bert-base-uncased "
                 "(a local folder written by BertModel.save_pretrained / tokenizer.save_pretrained; nothing is downloaded)")
@@ -105,20 +104,3 @@ def prepare_text_meta(root: str, embed: Callable, captions_dir: Optional[str] = 
         log(f"[text] {len(missing)} images have no caption file (they get a zero text token), e.g. {missing[:3]}")
     log(f"[text] {counts} -> {out_dir}; train with data.text_dir={out_dir}")
     return counts
-
-
-def prepare_text_command(argv: Sequence[str]) -> dict:
-    """``fgvc-prepare-text --root CUB --bert BERT_DIR [...]`` (the CLI wrapper turns errors into exit codes)."""
-    import torch
-    p = argparse.ArgumentParser(prog="fgvc-prepare-text", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, help="CUB_200_2011 folder (with images.txt)")
-    p.add_argument("--bert", default="", help="local bert-base-uncased folder")
-    p.add_argument("--captions", default=None, help="text_c10 folder (default <root>/text_c10)")
-    p.add_argument("--out", default=None, help="output folder (default <root>/text_emb)")
-    p.add_argument("--num-captions", type=int, default=10)
-    p.add_argument("--max-len", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(list(argv))
-    embed = load_bert(args.bert, args.device)
-    return prepare_text_meta(args.root, embed, args.captions, args.out, args.num_captions, args.max_len)

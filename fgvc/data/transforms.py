@@ -12,20 +12,16 @@ from typing import Sequence
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision import transforms as T
 
+from sparse_mim.utils.misc import to_pair
+
 __all__ = ["build_transform", "IMAGENET_MEAN", "IMAGENET_STD"]
-
-
-def _size(img_size):
-    if isinstance(img_size, (list, tuple)):
-        return (int(img_size[0]), int(img_size[1]))
-    return (int(img_size), int(img_size))
 
 
 def build_transform(train: bool, img_size, rand_augment: str = "rand-m9-mstd0.5", reprob: float = 0.25,
                     scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5, crop_pct: float = 224 / 256,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The MetaFormer transform for one split; empty ``rand_augment`` / zero ``reprob`` turn those off."""
-    size = _size(img_size)
+    size = to_pair(img_size, "img_size")
     interp = T.InterpolationMode.BICUBIC
     if not train:
         resize = tuple(int(round(s / crop_pct)) for s in size)

@@ -69,10 +69,6 @@ def _tracing() -> bool:
                                           (hasattr(compiler, "is_exporting") and compiler.is_exporting())))
 
 
-def _pair(x) -> Tuple[int, int]:
-    return to_pair(x, "img_size")
-
-
 # ---------------------------------------------------------------------------------------------
 # Small blocks (DropPath / Mlp are timm's: the same computation and the official key names)
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +186,7 @@ class RelativeAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.grid_size = _pair(grid_size)
+        self.grid_size = to_pair(grid_size, "grid_size")
         h, w = self.grid_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1) + 1, num_heads))
         self.register_buffer("relative_position_index", grid_relative_position_index(self.grid_size), persistent=False)
@@ -282,7 +278,7 @@ class MHSABlock(nn.Module):
             if in_dim != dim:
                 raise ValueError(f"a block without patch embed keeps the width, got {in_dim} -> {dim}")
             self.patch_embed = None
-        self.grid_size = _pair(grid_size)
+        self.grid_size = to_pair(grid_size, "grid_size")
         self.norm1 = nn.LayerNorm(dim)
         self.attn = RelativeAttention(dim, self.grid_size, num_heads, qkv_bias, attn_drop, drop, attn_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -344,7 +340,7 @@ class MetaFormer(nn.Module):
             _conv_cfg: Optional[dict] = None,
     ):
         super().__init__()
-        self.img_size = _pair(img_size)
+        self.img_size = to_pair(img_size, "img_size")
         if any(s <= 0 or s % 32 for s in self.img_size):
             raise ValueError(f"img_size must be positive multiples of 32 (stride of stage 4), got {img_size!r}")
         self.in_chans = in_chans
@@ -744,7 +740,7 @@ def resize_relative_position_bias_table(table: torch.Tensor, old_grid, new_grid)
     row" and interpolates rows 1..end, i.e. the grid shifted by one slot with
     the unused last row inside it.
     """
-    (h, w), (nh, nw) = _pair(old_grid), _pair(new_grid)
+    (h, w), (nh, nw) = to_pair(old_grid, "old_grid"), to_pair(new_grid, "new_grid")
     rows, heads = table.shape
     if rows != (2 * h - 1) * (2 * w - 1) + 1:
         raise ValueError(f"table has {rows} rows, a {h}x{w} grid needs {(2 * h - 1) * (2 * w - 1) + 1}")

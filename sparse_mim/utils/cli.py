@@ -16,7 +16,15 @@ from typing import Any, Callable, Sequence
 
 from .config import ConfigError
 
-__all__ = ["UsageError", "run_cli", "one_line"]
+__all__ = ["UsageError", "run_cli", "one_line", "command_parser"]
+
+
+def command_parser(prog: str, description: str, epilog: str | None = None):
+    """The ``argparse`` parser of one command: ``description`` / ``epilog`` printed as written (examples keep
+    their lines). The commands' own flags are added by the CLI modules."""
+    import argparse
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 class UsageError(ValueError):

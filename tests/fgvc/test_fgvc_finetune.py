@@ -9,7 +9,6 @@ import torch
 import fgvc
 from fgvc.average import average_checkpoints, ema_warning
 from fgvc.cli import average as average_cli
-from fgvc.demo import make_demo_dataset
 from fgvc.evaluate import evaluate_checkpoint
 from fgvc.optim import WarmupStep, backbone_prefixes, build_lr_schedule, build_optimizer, build_param_groups
 from fgvc.train import DEFAULTS, train, validate_config
@@ -83,11 +82,7 @@ def test_step_schedule():
 
 
 # ------------------------------------------------------------------------------------------- runs
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("fgvc_demo_ft") / "data")
-    make_demo_dataset(root, n_looks=2, train_per_class=24, test_per_class=8, image_size=32, seed=1)
-    return root
+DEMO_PER_CLASS = (24, 8)  # train / test images per class of the demo_root fixture (tests/fgvc/conftest.py)
 
 
 def _cfg(root, out, *overrides):

@@ -10,7 +10,8 @@ import fgvc
 from fgvc.data import read_cub, read_inat
 from fgvc.demo import make_demo_dataset
 from fgvc.report import load_pretrained_reported, position
-from fgvc.train import DEFAULTS, build_model, train, validate_config
+from fgvc.builders import build_model
+from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.config import load_config
 
 from .test_fgvc_data import _inat_ann, _make_cub

@@ -9,7 +9,8 @@ import torch
 from fgvc.cli import _train_argv, train as train_cli
 from fgvc.demo import make_demo_dataset
 from fgvc.evaluate import evaluate_checkpoint
-from fgvc.train import DEFAULTS, resolve_data_config, train, validate_config
+from fgvc.builders import resolve_data_config
+from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.checkpoint import NonFiniteStateError
 from sparse_mim.utils.config import ConfigError, load_config, parse_config, shipped_recipes_dir
 from sparse_mim.utils.preemption import PREEMPTED_EXIT_CODE
@@ -19,13 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DEMO_YAML = os.path.join(shipped_recipes_dir(), "fgvc", "demo.yaml")
 QUIET = dict(log=lambda *a: None)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("fgvc_demo") / "data")
-    make_demo_dataset(root, n_looks=2, train_per_class=32, test_per_class=16, image_size=32, seed=1)
-    return root
 
 
 def _args(root, out, *overrides):

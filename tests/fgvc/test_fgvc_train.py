@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fgvc.demo import make_demo_dataset
+from fgvc.builders import build_model, resolve_data_config
 from fgvc.engine import (RandomStreams, TrainState, drop_meta_groups, meta_dropout, meta_dropout_prob,
                          train_one_epoch)
 from fgvc.evaluate import evaluate_checkpoint, prediction_rows
-from fgvc.train import DEFAULTS, build_model, resolve_data_config, train, validate_config
+from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.config import ConfigError, load_config, shipped_recipes_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,13 +26,6 @@ def _cfg(root, out, *overrides):
     return load_config(DEFAULTS, DEMO_YAML, [
         f"data.root={root}", f"output_dir={out}", "data.val_split=0", "data.batch_size=16", "optim.lr_base_batch=16",
         "log.progress=false", "wandb.enabled=false", "train.warmup_epochs=0", *overrides], validate=validate_config)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("fgvc_demo") / "data")
-    make_demo_dataset(root, n_looks=2, train_per_class=32, test_per_class=16, image_size=32, seed=1)
-    return root
 
 
 def _epoch(model, batches, opt, criterion=None, epoch=0, epochs=1, **kw):

@@ -15,7 +15,7 @@ from torch import nn
 from sparse_mim.decoder import LightDecoder
 from sparse_mim.spark import SparK, load_spark_checkpoint, param_groups, patchify, unpatchify
 from sparse_mim.sparse.tensor import SparseMap, upsample_mask
-from sparse_mim.visualize import make_grid_rows, save_grid
+from sparse_mim.visualize import make_grid_rows, reconstruction_grid, save_grid
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -223,7 +223,7 @@ def test_reconstruction_pastes_visible_patches_and_grid_shapes(tmp_path):
     expect = unpatchify(patchify(pred, 32) * std + mean, 32, (2, 2))
     torch.testing.assert_close(views["reconstruction"][~px], expect[~px])
 
-    grid = model.reconstruction_grid(images, visible, padding=2)
+    grid = reconstruction_grid(model, images, visible, padding=2)
     assert grid.shape == (3, 3 * (64 + 2) + 2, 3 * (64 + 2) + 2)
     assert grid.min() >= 0 and grid.max() <= 1
     path = tmp_path / "grid.png"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_mim.sparse import SparseMap, functional as SF, sparsify
-from sparse_mim.testing import assert_equivalent, patch_mask
+from sparse_mim.testing import assert_equivalent, conv_backend, patch_mask
 
 spconv_backend = pytest.importorskip("sparse_mim.sparse.spconv_backend")
 if not spconv_backend.spconv_available():
@@ -56,11 +56,8 @@ def test_trap_noncontiguous_indices_exists_and_is_avoided():
     right = _spconv_subm(sm.features, sm.indices, sm.spatial_shape, sm.batch_size, w)
     assert torch.allclose(right, reference, rtol=1e-4, atol=1e-4)
     # and the engine's own spconv path feeds the contiguous indices
-    previous = SF.set_conv_backend("spconv")
-    try:
+    with conv_backend("spconv"):
         assert torch.allclose(SF.conv2d(sm, w, None, 1, 1).features, reference, rtol=1e-4, atol=1e-4)
-    finally:
-        SF.set_conv_backend(previous)
 
 
 def test_trap_1x1_weight_layout_exists_and_is_avoided():
@@ -75,11 +72,8 @@ def test_trap_1x1_weight_layout_exists_and_is_avoided():
     wrong = conv(spconv.SparseConvTensor(sm.features, sm.indices, list(sm.spatial_shape), sm.batch_size)).features
     assert (wrong - reference).abs().max() > 0.1 * reference.abs().max(), "...is read in another layout"
     for backend in ("auto", "gather", "spconv"):  # 1x1 is always F.linear, whatever the backend
-        previous = SF.set_conv_backend(backend)
-        try:
+        with conv_backend(backend):
             assert torch.allclose(SF.conv2d(sm, w).features, reference, rtol=1e-5, atol=1e-5)
-        finally:
-            SF.set_conv_backend(previous)
 
 
 def test_weight_layout_krsc_orientation():
@@ -91,11 +85,8 @@ def test_weight_layout_krsc_orientation():
     w = torch.zeros(4, 4, 3, 3, dtype=F64)
     w[:, :, 0, 2] = torch.randn(4, 4, dtype=F64)  # one off-centre tap only
     reference = F.conv2d(x, w, padding=1).permute(0, 2, 3, 1)[sm.mask]
-    previous = SF.set_conv_backend("spconv")
-    try:
+    with conv_backend("spconv"):
         assert torch.allclose(SF.conv2d(sm, w, None, 1, 1).features, reference, rtol=1e-10, atol=1e-10)
-    finally:
-        SF.set_conv_backend(previous)
 
 
 def test_algorithm_follows_device():
@@ -109,16 +100,13 @@ def test_spconv_index_pairs_reused_per_scale():
     x, vis, up = _map()
     sm = SparseMap.from_dense(x, vis)
     w = torch.randn(8, 8, 3, 3)
-    previous = SF.set_conv_backend("spconv")
-    try:
+    with conv_backend("spconv"):
         y = SF.conv2d(sm, w, None, 1, 1)
         keys = [k for k in sm.cache if isinstance(k, tuple) and k[0] == "spconv_indice_dict"]
         assert len(keys) == 1
         pairs = sm.cache[keys[0]]
         SF.conv2d(y, w, None, 1, 1)
         assert sm.cache[keys[0]] is pairs
-    finally:
-        SF.set_conv_backend(previous)
 
 
 def test_repeated_two_thread_equivalence():
@@ -133,8 +121,7 @@ def test_repeated_two_thread_equivalence():
             "3x3s2": nn.Conv2d(16, 16, 3, stride=2, padding=1).to(F64),
         }
         for backend in ("spconv", "gather", "windows", "dense"):
-            previous = SF.set_conv_backend(backend)
-            try:
+            with conv_backend(backend):
                 for name, layer in layers.items():
                     if backend == "spconv" and name != "3x3":
                         continue
@@ -147,8 +134,6 @@ def test_repeated_two_thread_equivalence():
                         else:
                             assert torch.equal(now[0], first[0]) and torch.equal(now[1], first[1]), (backend, name)
                             assert all(torch.equal(a, b) for a, b in zip(now[2], first[2])), (backend, name)
-            finally:
-                SF.set_conv_backend(previous)
     finally:
         torch.set_num_threads(threads)
 
@@ -157,9 +142,6 @@ def test_spconv_large_kernel_and_float32_model():
     """A small conv stack through spconv end to end (float32, 5x5 = 25 taps and 3x3)."""
     model = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     x, vis, up = _map(C=3)
-    previous = SF.set_conv_backend("spconv")
-    try:
+    with conv_backend("spconv"):
         assert_equivalent(model, x, vis)
-    finally:
-        SF.set_conv_backend(previous)
     assert isinstance(sparsify(model)[0], nn.Conv2d)  # sparse twins stay instances of their dense class
