@@ -5,8 +5,9 @@ layers (dense twins' parameter names, torch weight layout); `convert` turns a
 dense model into its sparse twin (`sparsify`) or into SparK's dense-masked
 simulation (`dense_masked` + `active_mask`), the reference for equivalence.
 A `SparseMap` takes part in torch dispatch (`dispatch`), so model code written
-for dense tensors runs on it unchanged; `kernels` has the grouped conv, average
-pooling and global reductions; `report` (`mac_report`) tells how many
+for dense tensors runs on it unchanged; `functional` has the exact sparse ops,
+`kernels` runs them for the dispatch and the layers (counting their MACs) and
+has the global reductions; `report` (`mac_report`) tells how many
 multiply-adds ran on sparse kernels and which ops used the exact dense fallback.
 
 Layers (`LAYERS`): a module imports only modules of lower layers, at its top

@@ -29,8 +29,16 @@ and kept in ``SparseMap.cache``, so every layer at that scale reuses it.
 * 1x1 stride-1 conv: a linear map of the features.
 * depthwise k x k on the gather path: per tap, a row gather and a per-channel
   multiply-add.
+* other groups (ResNeXt, RegNet, depthwise with a channel multiplier):
+  `grouped_conv2d`, one batched GEMM per group on the gathered table;
+  timm's TF-'same' conv: `conv2d_same`, the table offset by the 'before' padding.
+* pooling: `max_pool2d` (hidden sites read 0, padding -inf) and `avg_pool2d`
+  (the divisor of ``F.avg_pool2d`` on the zero-filled map).
 
-Weights stay in torch layout [out, in, kh, kw]; all layout changes happen here.
+The site arithmetic (kernel geometry, output sizes, coarse maps, neighbour
+tables) lives in `geometry`; `coarse_map` and `neighbour_table` are also
+importable from here. Weights stay in torch layout [out, in, kh, kw]; all
+layout changes happen here.
 """
 from __future__ import annotations
 
