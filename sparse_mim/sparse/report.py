@@ -30,6 +30,12 @@ Reading it:
 Module names come from forward hooks that `sparsify` / `dense_masked` put on
 every submodule (`install_scopes`); the same scope stack tells the
 dense-masked simulation which ops run inside a converted model.
+
+Counters and scopes only: this module imports nothing of the engine. When an
+op leaves the patch grid inside a module, `dispatch.mark_dense` enters its
+dense counter on that module's scope and leaves the function that turns the
+module's outputs back into maps (``on_exit``), which the scope calls when the
+module returns.
 """
 from __future__ import annotations
 
