@@ -28,6 +28,7 @@ from timm.layers.grn import GlobalResponseNorm
 from torch import Tensor, nn
 
 from ..sparse.tensor import SparseMap, check_visible_mask, upsample_mask
+from . import _sparse_conversion
 
 __all__ = ["HierarchicalBackbone", "drop_path_rates", "DropPath", "GlobalResponseNorm", "LayerNorm2d", "to_channels_last",
            "to_channels_first", "scale_channels", "global_avg_pool"]
@@ -84,9 +85,7 @@ def global_avg_pool(x) -> Tensor:
 
 def _current_mask_at(hw) -> Optional[Tensor]:
     """The dense-masked simulation's active mask [B, h, w] at spatial size ``hw`` (None outside one)."""
-    from . import _engine
-
-    return _engine.current_mask(tuple(hw))
+    return _sparse_conversion.current_mask(tuple(hw))
 
 
 # ---------------------------------------------------------------------------- the interface
@@ -117,9 +116,7 @@ class HierarchicalBackbone(nn.Module):
     def to_sparse(self) -> "HierarchicalBackbone":
         """Swap every layer for its sparse twin, in place (parameters are shared, names unchanged)."""
         if self.mode != "sparse":
-            from . import _engine
-
-            _engine.sparsify(self)
+            _sparse_conversion.sparsify(self)
             self.mode = "sparse"
         return self
 
@@ -128,9 +125,7 @@ class HierarchicalBackbone(nn.Module):
         if self.mode == "sparse":
             raise RuntimeError("this backbone was converted to sparse layers in place; build a new one with "
                                "create_backbone(name, sparse=False) and load_state_dict(sparse_model.state_dict())")
-        from . import _engine
-
-        _engine.dense_masked(self)
+        _sparse_conversion.dense_masked(self)
         self.mode = "dense_masked"
         return self
 
@@ -187,12 +182,10 @@ class HierarchicalBackbone(nn.Module):
             features = self.forward_features(images)
             self._check_outputs(features, images)
             return features
-        from . import _engine
-
         # The dense-masked layers need a mask even when all patches are visible (then it is the
         # plain dense network, e.g. the all-visible reference).
         factor = images.shape[-1] // visible.shape[-1]
-        with _engine.active_mask(visible):
+        with _sparse_conversion.active_mask(visible):
             if not all_visible:
                 images = images * upsample_mask(visible, factor).unsqueeze(1).to(images.dtype)
             features = self.forward_features(images)

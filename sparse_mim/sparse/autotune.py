@@ -55,6 +55,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..utils.config import K
+
 __all__ = [
     "MODES", "Candidate", "OpCall", "register_candidate", "register_table_rule", "candidates", "choose",
     "set_mode", "get_mode", "set_cache", "cache_file", "set_budget", "get_budget", "reset", "choices",
@@ -816,21 +818,15 @@ def settle(print_fn: Callable[[str], Any] | None = print) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def _config_defaults() -> dict:
-    from sparse_mim.utils.config import K
-    return {
-        "conv_backend": K("autotune", "sparse conv implementation: autotune (time each exact path once per shape, "
-                          "keep the fastest) | table (fixed rules) | gather | windows | dense | spconv (forced)",
-                          choices=MODES + tuple(ALIASES)),
-        "autotune_cache": K("", "autotune cache: '' = $SPARSE_MIM_AUTOTUNE_CACHE or ~/.cache/sparse_mim/autotune; "
-                            "a directory or .json file; 'off' = memory only"),
-    }
-
-
-def __getattr__(name):  # CONFIG_DEFAULTS built lazily: the config module is not needed to run the engine
-    if name == "CONFIG_DEFAULTS":
-        return _config_defaults()
-    raise AttributeError(name)
+# The ``train.*`` config keys of the autotuner (typed, range-checked entries of the config layer, which sits below
+# the engine: `configure` applies them at the start of a run).
+CONFIG_DEFAULTS = {
+    "conv_backend": K("autotune", "sparse conv implementation: autotune (time each exact path once per shape, "
+                      "keep the fastest) | table (fixed rules) | gather | windows | dense | spconv (forced)",
+                      choices=MODES + tuple(ALIASES)),
+    "autotune_cache": K("", "autotune cache: '' = $SPARSE_MIM_AUTOTUNE_CACHE or ~/.cache/sparse_mim/autotune; "
+                        "a directory or .json file; 'off' = memory only"),
+}
 
 
 def configure(conv_backend: str = "autotune", autotune_cache: str | None = "") -> dict:

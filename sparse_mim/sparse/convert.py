@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from . import dispatch, report
 from .nn import (SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseConv2dSameMixin, SparseDropPath,
                  SparseElementwise, SparseGRN, SparseLayerNorm, SparseLayerNorm2d, SparseMaxPool2d, SparseSyncBatchNorm,
-                 conv_same_twin, elementwise_twin)
+                 _SparseBatchNormMixin, conv_same_twin, elementwise_twin)
 from .tensor import check_visible_mask, upsample_mask
 
 __all__ = ["sparsify", "dense_masked", "active_mask", "current_mask", "mask_at", "convert_sync_batchnorm",
@@ -435,7 +435,6 @@ def _sync_bn_act_class(role: str | None) -> type:
     key = (SyncBatchNormAct, role)
     twin = _SYNC_TWINS.get(key)
     if twin is None:
-        from .nn import _SparseBatchNormMixin
         mixin = _SparseBatchNormMixin if role == "sparse" else _MaskedBatchNormMixin
         name = f"{'Sparse' if role == 'sparse' else 'Masked'}SyncBatchNormAct"
         twin = type(name, (mixin, SyncBatchNormAct), {

@@ -34,10 +34,15 @@ Rules (``torch_function``):
   turned back into a map of its active sites. Gradients flow through both
   conversions. An output off the grid (e.g. after an asymmetric ``pad``)
   stays dense until the module running it returns, then it is converted back
-  (`report.mark_dense`). Each fallback is counted in `report`.
+  (`mark_dense`, `DenseCounter`). Each fallback is counted in `report`.
 
 The dense-masked simulation classifies ops with the same tables
 (`classify`), so a fallback's reference masks the same inputs and outputs.
+
+Importing this module connects `SparseMap` to it (``tensor.connect``): the
+map's torch calls come here, and `SparseMap.from_dense` tells `report` that a
+forward pass starts. The tensor module and the report import nothing of the
+engine; this module drives both.
 """
 from __future__ import annotations
 
@@ -46,10 +51,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import kernels, report
+from . import kernels, report, tensor
 from .tensor import SparseMap, upsample_mask
 
-__all__ = ["torch_function", "classify", "resparsify_output", "PER_SITE", "STRUCTURAL", "REDUCTIONS"]
+__all__ = ["torch_function", "classify", "resparsify_output", "fallback", "mark_dense", "DenseCounter", "PER_SITE",
+           "STRUCTURAL", "REDUCTIONS"]
 
 # ---------------------------------------------------------------------------------------------------- op tables
 _UNARY = """
@@ -312,12 +318,74 @@ def fallback(func, args, kwargs, ref: SparseMap, reason: str = ""):
         return o
     result = _tree(out, fn)
     if not complete[0]:
-        report.mark_dense(ref)
+        mark_dense(ref)
     if name.endswith("_") and not name.endswith("__") and isinstance(args[0], SparseMap) \
             and isinstance(result, SparseMap) and args[0].same_sites(result):
         args[0].features = result.features  # an in-place op: update the map object itself
         return args[0]
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- off the grid
+def mark_dense(ref: SparseMap) -> None:
+    """An op of the current module produced a dense tensor off the patch grid (sparse map ``ref`` went in).
+
+    Until the module returns, dense conv / linear MACs count as fallback MACs
+    (`DenseCounter`), and its dense 4-D outputs on the grid are turned back into
+    sparse maps; what is still off the grid then passes to the enclosing module.
+    """
+    frame = report.current_scope()
+    if frame is None or frame.dense_ref is not None:
+        return
+    frame.dense_ref = ref
+    frame.counter = DenseCounter(ref)
+    frame.counter.__enter__()
+
+    def on_exit(output):  # called by report when the module returns (its frame is off the scope stack then)
+        result, complete = resparsify_output(output, ref)
+        if not complete:  # still a dense off-grid tensor: the enclosing module takes over
+            mark_dense(ref)
+        return result
+    frame.on_exit = on_exit
+
+
+_MAC_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear", "matmul", "mm", "bmm", "addmm", "einsum",
+            "__matmul__"}
+
+
+class DenseCounter(torch.overrides.TorchFunctionMode):
+    """Active while a module holds a dense tensor off the patch grid (after e.g. an asymmetric ``pad``).
+
+    Counts the MACs of conv / linear / matmul ops on dense tensors as fallback
+    MACs of the module, and brings the data back to the sparse side as soon as
+    it can: a spatial op, reduction or ``batch_norm`` whose input is a dense 4-D
+    tensor on the patch grid gets that input as a sparse map (its active sites,
+    as the dense-masked simulation masks it), and a spatial op's dense 4-D
+    outputs on the grid become maps.
+    """
+
+    def __init__(self, ref: SparseMap):
+        super().__init__()
+        self.ref = ref
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = classify(func)
+        if kind in ("spatial", "reduction", "batch_norm") and args and isinstance(args[0], Tensor) \
+                and _first_map(args) is None and _first_map(kwargs) is None:
+            s = _sparsify_dense(args[0], self.ref)
+            if s is not None:
+                return func(s, *args[1:], **kwargs)
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _MAC_OPS:
+            try:
+                report.record(name, report.dense_macs(name, args, out), "fallback")
+            except Exception:  # counting must never break the model
+                pass
+        if kind == "spatial" and _first_map(args) is None:
+            out, _ = resparsify_output(out, self.ref)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- handlers
@@ -651,3 +719,6 @@ def torch_function(func, args: tuple, kwargs: dict | None) -> Any:
                 "[1, C, 1, 1], a per-sample [B, C] / [B, C, 1, 1] tensor, a full [B, C, H, W] map, or another "
                 "sparse map on the same sites") from e
     return fallback(func, args, kwargs, m)
+
+
+tensor.connect(torch_function, report.new_pass)

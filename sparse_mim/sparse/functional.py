@@ -29,8 +29,16 @@ and kept in ``SparseMap.cache``, so every layer at that scale reuses it.
 * 1x1 stride-1 conv: a linear map of the features.
 * depthwise k x k on the gather path: per tap, a row gather and a per-channel
   multiply-add.
+* other groups (ResNeXt, RegNet, depthwise with a channel multiplier):
+  `grouped_conv2d`, one batched GEMM per group on the gathered table;
+  timm's TF-'same' conv: `conv2d_same`, the table offset by the 'before' padding.
+* pooling: `max_pool2d` (hidden sites read 0, padding -inf) and `avg_pool2d`
+  (the divisor of ``F.avg_pool2d`` on the zero-filled map).
 
-Weights stay in torch layout [out, in, kh, kw]; all layout changes happen here.
+The site arithmetic (kernel geometry, output sizes, coarse maps, neighbour
+tables) lives in `geometry`; `coarse_map` and `neighbour_table` are also
+importable from here. Weights stay in torch layout [out, in, kh, kw]; all
+layout changes happen here.
 """
 from __future__ import annotations
 
@@ -41,14 +49,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from ..utils.misc import to_pair
-from . import autotune
+from . import autotune, spconv_backend
+from .geometry import (check_pool, coarse_map, conv_geometry, neighbour_table, output_map, pair, pool_stride,
+                       row_lookup, same_padding)
 from .tensor import SparseMap
 
 __all__ = [
     "conv2d", "depthwise_conv2d", "max_pool2d", "batch_norm", "layer_norm", "global_response_norm",
     "global_avg_pool", "drop_path", "coarse_map", "neighbour_table", "set_conv_backend", "get_conv_backend",
-    "gather_rows", "segment_reduce",
+    "gather_rows", "segment_reduce", "is_depthwise", "grouped_gather", "grouped_conv2d", "conv2d_same", "avg_pool2d",
 ]
 
 def set_conv_backend(name: str) -> str:
@@ -101,9 +110,8 @@ def _table_rule(call: "autotune.OpCall") -> str:
     if x.features.is_cuda:
         # spconv's implicit GEMM for groups=1 up to 32 taps; cuDNN on the zero-filled map for depthwise (spconv
         # has no groups) and larger kernels. Not measured on a GPU: autotune measures instead.
-        from .spconv_backend import spconv_available
         taps = kernel[0] * kernel[1]
-        return "spconv" if not depthwise and taps <= 32 and spconv_available() else "dense"
+        return "spconv" if not depthwise and taps <= 32 and spconv_backend.spconv_available() else "dense"
     window_cost = (f + halo[0]) * (f + halo[1]) / (f * f)  # dense MACs per visible site, relative
     if depthwise:
         # torch's channels-last depthwise kernel beats any gather of k*k rows per site; run it on the patch
@@ -117,86 +125,7 @@ def _choose_path(call: "autotune.OpCall") -> str:
     return autotune.choose(call)
 
 
-def _pair(v) -> tuple[int, int]:
-    return to_pair(v, "a kernel size / stride / padding / dilation")
-
-
 # ---------------------------------------------------------------------------------------------------- index tables
-def _row_lookup(x: SparseMap) -> Tensor:
-    """[B*h*w] int32: the feature row of each site, ``N`` at hidden sites (cached per scale)."""
-    lut = x.cache.get("row_lookup")
-    if lut is None:
-        n = x.num_sites
-        # int32 rows (index_select / index_put_ take them) halve the memory of every table built from it
-        dtype = torch.int32 if n + 2 < 2 ** 31 else torch.long
-        lut = torch.full((x.mask.numel(),), n, dtype=dtype, device=x.mask.device)
-        lut[x.flat_index] = torch.arange(n, device=x.mask.device, dtype=dtype)
-        x.cache["row_lookup"] = lut
-    return lut
-
-
-def coarse_map(x: SparseMap, stride: tuple[int, int], features: Tensor | None = None) -> SparseMap:
-    """The map at ``stride`` times coarser scale: sites = the input mask subsampled by the stride.
-
-    SparK's mask at every scale is the patch mask upsampled (nearest), so the
-    coarse mask is ``mask[:, ::sh, ::sw]``. The result is cached in the input's
-    cache: every strided op (conv, pool, main branch or shortcut) from the same
-    input shares one mask object and one cache, hence one canonical row order.
-    """
-    sh, sw = stride
-    key = ("coarse", sh, sw)
-    entry = x.cache.get(key)
-    if entry is None:
-        h, w = x.spatial_shape
-        if h % sh or w % sw:
-            raise ValueError(f"a stride-{stride} op needs map sides divisible by the stride, got {h}x{w}; "
-                             "use image sides that are multiples of 32")
-        mask = x.mask[:, ::sh, ::sw].contiguous()
-        empty = (~mask.flatten(1).any(1)).nonzero().flatten()
-        if empty.numel():
-            raise ValueError(f"stride {stride} leaves images {empty.tolist()} without an active site; the mask "
-                             "must be the patch mask upsampled to this scale")
-        f = x.patch_factor
-        entry = (mask, {"patch_factor": f // sh if f % sh == 0 and sh == sw else 1})
-        scales = x.cache.get("scales")  # one (mask, cache) per scale of the image (tensor.Scales)
-        if scales is not None and f % sh == 0 and sh == sw:
-            entry = scales.register(*entry)
-        x.cache[key] = entry
-    mask, cache = entry
-    if features is None:  # a placeholder of the right shape (the op replaces it): no memory, no read-back
-        n = cache.get("num_sites")
-        if n is None:  # once per scale
-            n = cache["num_sites"] = int(mask.sum())
-        features = x.features.new_zeros(()).expand(n, x.num_channels)
-    return SparseMap(features, mask, cache)
-
-
-def neighbour_table(x: SparseMap, out: SparseMap, kernel: tuple[int, int], stride: tuple[int, int],
-                    padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    """[M, kh*kw] int32 rows of ``x`` read by each output site of ``out`` (N = hidden, N + 1 = outside).
-
-    Taps are in (dy, dx) row-major order, the order of a torch weight's
-    [kh, kw] dims. Cached in the input's cache, keyed by the geometry.
-    """
-    key = ("table", kernel, stride, padding, dilation)
-    table = x.cache.get(key)
-    if table is not None:
-        return table
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    h, w = x.spatial_shape
-    dev = x.mask.device
-    idx = out.indices.long()
-    b, oy, ox = idx[:, 0:1], idx[:, 1:2], idx[:, 2:3]
-    ys = oy * sh - ph + torch.arange(kh, device=dev) * dh  # [M, kh]
-    xs = ox * sw - pw + torch.arange(kw, device=dev) * dw  # [M, kw]
-    inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
-    lin = (b[:, :, None] * h + ys.clamp(0, h - 1)[:, :, None]) * w + xs.clamp(0, w - 1)[:, None, :]
-    table = _row_lookup(x)[lin]
-    table = table.masked_fill_(~inside, x.num_sites + 1).view(idx.shape[0], kh * kw)
-    x.cache[key] = table
-    return table
-
-
 def _padded(features: Tensor, outside: float = 0.0) -> Tensor:
     """Features with the two sentinel rows: hidden (0) and outside (``outside``)."""
     extra = features.new_zeros((2, features.shape[1]))
@@ -371,35 +300,6 @@ def _depthwise_apply(xpad: Tensor, weight: Tensor, table_t: Tensor) -> Tensor:
     return out.to(xpad.dtype)
 
 
-def _geometry(weight: Tensor, stride, padding, dilation):
-    kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    stride, dilation = _pair(stride), _pair(dilation)
-    if isinstance(padding, str):
-        if padding == "same" and stride == (1, 1):
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
-        elif padding == "valid":
-            padding = (0, 0)
-        else:
-            raise ValueError(f"unsupported padding {padding!r}")
-    return kernel, stride, _pair(padding), dilation
-
-
-def _output_map(x: SparseMap, kernel, stride, padding, dilation) -> SparseMap | None:
-    """None for stride 1 (output sites = input sites), else the coarse map. Checks dense output sizes."""
-    h, w = x.spatial_shape
-    for size, k, s, p, d, name in ((h, kernel[0], stride[0], padding[0], dilation[0], "height"),
-                                   (w, kernel[1], stride[1], padding[1], dilation[1], "width")):
-        dense_out = (size + 2 * p - d * (k - 1) - 1) // s + 1
-        if size % s or dense_out != size // s:
-            raise ValueError(
-                f"sparse conv/pool with kernel {kernel}, stride {stride}, padding {padding}, dilation {dilation} "
-                f"maps {name} {size} to {dense_out}, not {size}/{s}: the sparse engine keeps the patch grid, so "
-                "use 'same'-style padding ((k-1)//2 for odd k, 0 for k == stride)")
-    if stride == (1, 1):
-        return None
-    return coarse_map(x, stride)
-
-
 def _patch_windows(x: SparseMap, halo: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
     """Tables for the per-patch dense path (cached per scale and halo).
 
@@ -422,7 +322,7 @@ def _patch_windows(x: SparseMap, halo: tuple[int, int]) -> tuple[Tensor, Tensor,
     xs = px * f - halo[1] + torch.arange(ww, device=dev)  # [P, ww]
     inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
     lin = (b[:, :, None] * h + ys.clamp(0, h - 1)[:, :, None]) * w + xs.clamp(0, w - 1)[:, None, :]
-    window_rows = _row_lookup(x)[lin].masked_fill_(~inside, x.num_sites + 1)
+    window_rows = row_lookup(x)[lin].masked_fill_(~inside, x.num_sites + 1)
     centre = window_rows[:, halo[0]:halo[0] + f, halo[1]:halo[1] + f].reshape(-1)  # patch-major -> canonical row
     if centre.numel() != x.num_sites or bool((centre >= x.num_sites).any()):
         raise RuntimeError("the mask is not constant on its patch_factor blocks; cannot use the windows path")
@@ -496,25 +396,29 @@ def _windows_conv(x: SparseMap, weight: Tensor, dilation: tuple[int, int], group
     return _WindowsConv.apply(x.features, weight, window_rows, centre, to_canonical, window, dilation, groups)
 
 
+def is_depthwise(c_in: int, weight: Tensor, groups: int) -> bool:
+    """Whether a conv with ``groups`` and ``weight`` [O, C/groups, kh, kw] on ``c_in`` channels is depthwise (out == in)."""
+    return groups == c_in and weight.shape[0] == c_in and weight.shape[1] == 1
+
+
 def conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1) -> SparseMap:
     """Sparse twin of ``F.conv2d`` (torch weight layout [out, in/groups, kh, kw]).
 
-    groups must be 1 or the number of input channels (depthwise, out == in).
+    Any groups: 1 and depthwise (out == in) run on the autotuned paths, other groups on `grouped_conv2d`.
     """
     if not isinstance(x, SparseMap):
         raise TypeError(f"sparse conv2d expects a SparseMap, got {type(x).__name__}; build one with "
                         "SparseMap.from_dense(images, visible)")
     _check_devices(x, weight, bias)
-    kernel, stride, padding, dilation = _geometry(weight, stride, padding, dilation)
+    kernel, stride, padding, dilation = conv_geometry(weight, stride, padding, dilation)
     c_in = x.num_channels
-    if groups != 1 and not (groups == c_in and weight.shape[0] == c_in and weight.shape[1] == 1):
-        from .kernels import grouped_conv2d  # other groups: per-group gather-GEMM (kernels.py)
+    if groups != 1 and not is_depthwise(c_in, weight, groups):  # other groups: per-group gather-GEMM
         return grouped_conv2d(x, weight, bias, stride, padding, dilation, groups)
     if groups == 1 and weight.shape[1] != c_in:
         raise ValueError(f"conv weight {tuple(weight.shape)} expects {weight.shape[1]} input channels, the sparse "
                          f"map has {c_in}")
-    out_map = _output_map(x, kernel, stride, padding, dilation)
+    out_map = output_map(x, kernel, stride, padding, dilation)
     dtype = _compute_dtype(x.features, weight)
     features = x.features.to(dtype)
     weight = weight.to(dtype)
@@ -563,13 +467,11 @@ def _run_dense(call: "autotune.OpCall") -> Tensor:
 
 
 def _run_spconv(call: "autotune.OpCall") -> Tensor:
-    from .spconv_backend import subm_conv2d
-    return subm_conv2d(call.x, call.weight, call.dilation, call.padding)
+    return spconv_backend.subm_conv2d(call.x, call.weight, call.dilation, call.padding)
 
 
 def _spconv_usable(call: "autotune.OpCall") -> bool:
-    from .spconv_backend import spconv_supports
-    return call.kind == "conv" and spconv_supports(call.x.features)
+    return call.kind == "conv" and spconv_backend.spconv_supports(call.x.features)
 
 
 for _kind in ("conv", "depthwise", "strided_conv", "strided_depthwise"):
@@ -613,6 +515,98 @@ def depthwise_conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, s
     return conv2d(x, weight, bias, stride, padding, dilation, groups=x.num_channels)
 
 
+# ---------------------------------------------------------------------------------------------------- grouped, TF-'same'
+def grouped_gather(features: Tensor, weight: Tensor, table: Tensor | None, groups: int) -> Tensor:
+    """Grouped conv of [N, C] rows: ``table`` [M, k] (None for a 1x1 stride-1 conv), weight [O, C/g, kh, kw].
+
+    The neighbour table gathers an im2col block [M, k, groups, C/groups]; one
+    batched GEMM per group (``einsum`` -> ``bmm``) multiplies it with the weight
+    viewed as [groups, O/groups, C/groups, k]. Returns the [M, O] output rows (no bias).
+    """
+    n, c = features.shape
+    o, cg = weight.shape[0], weight.shape[1]
+    g = groups
+    if c != cg * g or o % g:
+        raise ValueError(f"grouped conv weight {tuple(weight.shape)} with groups={g} does not fit {c} input channels")
+    og = o // g
+    k = weight.shape[2] * weight.shape[3]
+    w = weight.reshape(g, og, cg, k)
+    if table is None:
+        cols = features.view(n, 1, g, cg)
+    else:
+        m = table.shape[0]
+        cols = gather_rows(_padded(features), table.reshape(-1)).view(m, k, g, cg)
+    return torch.einsum("mkgc,gock->mgo", cols, w).reshape(cols.shape[0], o)
+
+
+def grouped_conv2d(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                   groups: int = 1) -> SparseMap:
+    """Sparse twin of ``F.conv2d`` with ``groups`` > 1 (weight [O, C/groups, kh, kw]); per-group gather-GEMM.
+
+    Any groups, strided or not, depthwise with a channel multiplier too (ResNeXt, RegNet, MobileNet); a 1x1
+    stride-1 grouped conv needs no gather.
+    """
+    if not isinstance(x, SparseMap):
+        raise TypeError(f"sparse grouped conv expects a SparseMap, got {type(x).__name__}")
+    _check_devices(x, weight, bias)
+    kernel, stride, padding, dilation = conv_geometry(weight, stride, padding, dilation)
+    c_in = x.num_channels
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(f"conv weight {tuple(weight.shape)} with groups={groups} expects "
+                         f"{weight.shape[1] * groups} input channels, the sparse map has {c_in}")
+    out_map = output_map(x, kernel, stride, padding, dilation)
+    target = x if out_map is None else out_map
+    dtype = _compute_dtype(x.features, weight)
+    features, weight = x.features.to(dtype), weight.to(dtype)
+    if kernel == (1, 1) and out_map is None:
+        table = None
+    else:
+        table = neighbour_table(x, target, kernel, stride, padding, dilation)
+    out = grouped_gather(features, weight, table, groups)
+    if bias is not None:
+        out = out + bias.to(dtype)
+    return target.replace_features(out)
+
+
+def conv2d_same(x: SparseMap, weight: Tensor, bias: Tensor | None = None, stride=1, dilation=1,
+                groups: int = 1) -> SparseMap:
+    """TF-'same' conv (timm's ``Conv2dSame``: asymmetric zero padding, then a 'valid' conv) on the active sites.
+
+    With sides divisible by the stride the output has H/stride x W/stride sites, the coarse mask; the
+    padding only shifts the window (``before`` sites), and taps beyond the map read 0, so the neighbour
+    table with that offset gives the dense-masked numbers, strided, grouped and depthwise alike.
+    """
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    stride, dilation = pair(stride), pair(dilation)
+    h, w = x.spatial_shape
+    if h % stride[0] or w % stride[1]:
+        raise ValueError(f"a TF-'same' conv with stride {stride} keeps the patch grid only for sides divisible by "
+                         f"the stride, got {h}x{w}")
+    pads = [same_padding(n, k, s, d) for n, k, s, d in zip((h, w), kernel, stride, dilation)]
+    before = (pads[0][0], pads[1][0])
+    if all(b == a for b, a in pads):  # symmetric: the ordinary sparse conv
+        return conv2d(x, weight, bias, stride, before, dilation, groups)
+    _check_devices(x, weight, bias)
+    target = x if stride == (1, 1) else coarse_map(x, stride)
+    table = neighbour_table(x, target, kernel, stride, before, dilation)
+    dtype = _compute_dtype(x.features, weight)
+    features, weight = x.features.to(dtype), weight.to(dtype)
+    c_in = x.num_channels
+    if groups == 1:
+        if weight.shape[1] != c_in:
+            raise ValueError(f"conv weight {tuple(weight.shape)} expects {weight.shape[1]} input channels, the "
+                             f"sparse map has {c_in}")
+        weight2d = weight.permute(2, 3, 1, 0).reshape(kernel[0] * kernel[1] * c_in, weight.shape[0])
+        out = _GatherGemmConv.apply(features, weight2d, table, False)
+    elif is_depthwise(c_in, weight, groups):
+        out = _DepthwiseConv.apply(features, weight.flatten(1).t(), table.t().contiguous(), False)
+    else:
+        out = grouped_gather(features, weight, table, groups)
+    if bias is not None:
+        out = out + bias.to(dtype)
+    return target.replace_features(out)
+
+
 # ---------------------------------------------------------------------------------------------------- pooling
 def max_pool2d(x: SparseMap, kernel_size, stride=None, padding=0, dilation=1) -> SparseMap:
     """Sparse twin of ``F.max_pool2d`` on the zero-filled map: hidden neighbours count as 0, padding as -inf.
@@ -620,15 +614,68 @@ def max_pool2d(x: SparseMap, kernel_size, stride=None, padding=0, dilation=1) ->
     So it equals the dense-masked simulation for inputs of any sign (SparK
     relies on non-negative inputs; this does not need to).
     """
-    kernel = _pair(kernel_size)
-    stride = kernel if stride is None else _pair(stride)
-    padding, dilation = _pair(padding), _pair(dilation)
-    out_map = _output_map(x, kernel, stride, padding, dilation)
+    kernel = pair(kernel_size)
+    stride = pool_stride(kernel, stride)
+    padding, dilation = pair(padding), pair(dilation)
+    out_map = output_map(x, kernel, stride, padding, dilation)
     target = x if out_map is None else out_map
     table = neighbour_table(x, target, kernel, stride, padding, dilation)
     m, k = table.shape
     cols = gather_rows(_padded(x.features, float("-inf")), table.view(-1)).view(m, k, -1)
     return target.replace_features(cols.max(1).values)
+
+
+def _avg_divisor(x: SparseMap, table: Tensor, kernel, stride, padding, count_include_pad: bool) -> Tensor:
+    """[M, 1] divisor of every output site, as F.avg_pool2d computes it (cached per geometry)."""
+    key = ("avg_divisor", kernel, stride, padding, count_include_pad, table.shape[0])
+    div = x.cache.get(key)
+    if div is not None:
+        return div
+    if not count_include_pad:
+        div = (table != x.num_sites + 1).sum(1, keepdim=True)  # taps inside the map (hidden ones count)
+    else:  # taps inside the padded map: [-p, size + p)
+        (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+        h, w = x.spatial_shape
+        out_h, out_w = h // sh, w // sw
+        dev = x.mask.device
+        ys = torch.arange(out_h, device=dev)[:, None] * sh - ph + torch.arange(kh, device=dev)
+        xs = torch.arange(out_w, device=dev)[:, None] * sw - pw + torch.arange(kw, device=dev)
+        ny = (ys < h + ph).sum(1)
+        nx = (xs < w + pw).sum(1)
+        per_site = (ny[:, None] * nx[None, :])  # [out_h, out_w]
+        target = x if (sh, sw) == (1, 1) else coarse_map(x, (sh, sw))
+        idx = target.indices.long()
+        div = per_site[idx[:, 1], idx[:, 2]][:, None]
+    x.cache[key] = div
+    return div
+
+
+def avg_pool2d(x: SparseMap, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True, divisor_override: int | None = None) -> SparseMap:
+    """Sparse twin of ``F.avg_pool2d`` on the zero-filled map (hidden sites read 0 and count in the window).
+
+    The sum over the taps is divided per output site exactly as ``F.avg_pool2d``
+    divides on the zero-filled map: the window size including padding
+    (``count_include_pad=True``), the taps inside the map, hidden ones included
+    (``False``), or ``divisor_override``. ``ceil_mode`` is fine where it gives the
+    floor size (even sides).
+    """
+    kernel = pair(kernel_size)
+    stride = pool_stride(kernel, stride)
+    padding, dilation = pair(padding), (1, 1)
+    check_pool(x, kernel, stride, padding, dilation, ceil_mode)
+    out_map = output_map(x, kernel, stride, padding, dilation)
+    target = x if out_map is None else out_map
+    table = neighbour_table(x, target, kernel, stride, padding, dilation)
+    m, k = table.shape
+    c = x.num_channels
+    cols = gather_rows(_padded(x.features), table.reshape(-1)).view(m, k, c)
+    sums = cols.sum(1)
+    if divisor_override:
+        out = sums / divisor_override
+    else:
+        out = sums / _avg_divisor(x, table, kernel, stride, padding, count_include_pad).to(sums.dtype)
+    return target.replace_features(out)
 
 
 def global_avg_pool(x: SparseMap) -> Tensor:

@@ -30,6 +30,12 @@ Reading it:
 Module names come from forward hooks that `sparsify` / `dense_masked` put on
 every submodule (`install_scopes`); the same scope stack tells the
 dense-masked simulation which ops run inside a converted model.
+
+Counters and scopes only: this module imports nothing of the engine. When an
+op leaves the patch grid inside a module, `dispatch.mark_dense` enters its
+dense counter on that module's scope and leaves the function that turns the
+module's outputs back into maps (``on_exit``), which the scope calls when the
+module returns.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ import torch
 from torch import nn
 
 __all__ = ["mac_report", "MacReport", "install_scopes", "current_scope", "role_of", "record", "new_pass", "reset_warnings",
-           "mark_dense"]
+           "dense_macs"]
 
 logger = logging.getLogger("sparse_mim.sparse")
 
@@ -52,12 +58,17 @@ _ATTR = "_sparse_mim_scope"  # (qualified name, role) set on each module by the 
 
 # ---------------------------------------------------------------------------------------------------- scopes
 class _Frame:
-    __slots__ = ("name", "module", "role", "dense_ref", "counter")
+    """One running module. ``dense_ref`` / ``counter`` / ``on_exit`` belong to `dispatch` (``mark_dense``): the
+    map whose op left the patch grid inside this module, the mode it entered (exited here when the module
+    returns) and ``on_exit(output)`` -> the module's output to use instead (its dense tensors made maps again)."""
+
+    __slots__ = ("name", "module", "role", "dense_ref", "counter", "on_exit")
 
     def __init__(self, name: str, module: nn.Module, role: str):
         self.name, self.module, self.role = name, module, role
         self.dense_ref = None  # a SparseMap: an op inside produced an off-grid dense tensor (see dispatch)
         self.counter = None  # TorchFunctionMode counting dense MACs while dense_ref is set
+        self.on_exit = None  # set with dense_ref by dispatch
 
 
 _STACK: list[_Frame] = []
@@ -83,28 +94,9 @@ def _exit(module: nn.Module, args, output=None):
         if frame.counter is not None:
             frame.counter.__exit__(None, None, None)
     top = frames[0]
-    if top.dense_ref is None or output is None:
+    if top.on_exit is None or output is None:
         return None
-    from .dispatch import resparsify_output
-    result, complete = resparsify_output(output, top.dense_ref)
-    if not complete:  # still a dense off-grid tensor: the enclosing module takes over
-        mark_dense(top.dense_ref)
-    return result
-
-
-def mark_dense(ref) -> None:
-    """An op of the current module produced a dense tensor off the patch grid (sparse map ``ref`` went in).
-
-    Until the module returns, dense conv / linear MACs count as fallback MACs,
-    and its dense 4-D outputs on the grid are turned back into sparse maps.
-    """
-    if not _STACK:
-        return
-    frame = _STACK[-1]
-    if frame.dense_ref is None:
-        frame.dense_ref = ref
-        frame.counter = DenseCounter(ref)
-        frame.counter.__enter__()
+    return top.on_exit(output)  # dispatch's: the output's dense on-grid tensors back to maps
 
 
 def install_scopes(model: nn.Module, role: str) -> None:
@@ -245,11 +237,7 @@ def mac_report() -> Iterator[MacReport]:
         _STATE.reports.remove(rep)
 
 
-# ---------------------------------------------------------------------------------------------------- dense counter
-_MAC_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose2d", "linear", "matmul", "mm", "bmm", "addmm", "einsum",
-            "__matmul__"}
-
-
+# ---------------------------------------------------------------------------------------------------- dense MACs
 def dense_macs(name: str, args, out) -> int:
     """MACs of a dense op from its inputs and output (convs / linear exactly, else one per output element)."""
     if not isinstance(out, torch.Tensor):
@@ -264,39 +252,3 @@ def dense_macs(name: str, args, out) -> int:
         inner = a.shape[-1] if name == "linear" else (args[0].shape[-1] if name != "addmm" else a.shape[-1])
         return out.numel() * int(inner)
     return out.numel()
-
-
-class DenseCounter(torch.overrides.TorchFunctionMode):
-    """Active while a module holds a dense tensor off the patch grid (after e.g. an asymmetric ``pad``).
-
-    Counts the MACs of conv / linear / matmul ops on dense tensors as fallback
-    MACs of the module, and brings the data back to the sparse side as soon as
-    it can: a spatial op, reduction or ``batch_norm`` whose input is a dense 4-D
-    tensor on the patch grid gets that input as a sparse map (its active sites,
-    as the dense-masked simulation masks it), and a spatial op's dense 4-D
-    outputs on the grid become maps.
-    """
-
-    def __init__(self, ref):
-        super().__init__()
-        self.ref = ref
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        from . import dispatch
-        kwargs = kwargs or {}
-        kind = dispatch.classify(func)
-        if kind in ("spatial", "reduction", "batch_norm") and args and isinstance(args[0], torch.Tensor) \
-                and dispatch._first_map(args) is None and dispatch._first_map(kwargs) is None:
-            s = dispatch._sparsify_dense(args[0], self.ref)
-            if s is not None:
-                return func(s, *args[1:], **kwargs)
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if name in _MAC_OPS:
-            try:
-                record(name, dense_macs(name, args, out), "fallback")
-            except Exception:  # counting must never break the model
-                pass
-        if kind == "spatial" and dispatch._first_map(args) is None:
-            out, _ = dispatch.resparsify_output(out, self.ref)
-        return out

@@ -24,15 +24,36 @@ hidden sites) when model code calls torch on it: ``SparseMap.__torch_function__`
 and the tensor methods route every call to `dispatch`, which runs per-site
 ops on the features, reductions over H, W exactly, spatial ops with a sparse
 kernel on it, and anything else through an exact dense fallback.
+
+This module is the bottom of the engine and imports none of it: `dispatch`
+plugs the torch-function handler and the report's "a forward pass starts"
+signal in when the engine is imported (`connect`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["SparseMap", "upsample_mask", "check_visible_mask", "Scales"]
+__all__ = ["SparseMap", "upsample_mask", "check_visible_mask", "Scales", "connect"]
+
+
+def _not_connected(*args, **kwargs):
+    raise RuntimeError("a SparseMap was used by torch before the sparse engine's dispatch was connected; "
+                       "import sparse_mim.sparse (not only sparse_mim.sparse.tensor) before running model code on maps")
+
+
+# Set by `dispatch` when it is imported (`connect`): the engine above this module, called without importing it.
+_HOOKS: dict[str, Callable[..., Any]] = {"torch_function": _not_connected, "new_pass": lambda: None}
+
+
+def connect(torch_function: Callable[[Any, tuple, dict | None], Any], new_pass: Callable[[], None]) -> None:
+    """Plug the engine into the map: ``torch_function(func, args, kwargs)`` runs every torch call on a map
+    (`dispatch.torch_function`); ``new_pass()`` is called when `SparseMap.from_dense` starts a forward pass
+    (`report.new_pass`). Called once by `dispatch` at import."""
+    _HOOKS["torch_function"] = torch_function
+    _HOOKS["new_pass"] = new_pass
 
 
 def upsample_mask(visible: Tensor, factor: int) -> Tensor:
@@ -141,8 +162,7 @@ class SparseMap:
                 raise ValueError(f"visible mask grid {tuple(visible.shape[1:])} does not fit a {H}x{W} image "
                                  f"with {patch_size}-pixel patches: expected {(H // patch_size, W // patch_size)}")
         factor = check_visible_mask(visible, H, W, batch_size=B, device=x.device)
-        from . import report
-        report.new_pass()
+        _HOOKS["new_pass"]()  # report: the last pass's new fallbacks are logged
         mask = upsample_mask(visible, factor)
         # patch_factor: the mask is constant on aligned patch_factor^2 blocks (lets convs work per patch window)
         mask, cache = Scales(visible).register(mask, {"patch_factor": factor})
@@ -307,8 +327,7 @@ class SparseMap:
     # ------------------------------------------------------------------ torch dispatch
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from .dispatch import torch_function
-        return torch_function(func, args, kwargs)
+        return _HOOKS["torch_function"](func, args, kwargs)
 
     def __getattr__(self, name: str):
         """Tensor methods (``x.mean``, ``x.sigmoid``, ``x.split``, ...) go through torch dispatch."""
@@ -319,8 +338,7 @@ class SparseMap:
             raise AttributeError(f"'SparseMap' object has no attribute {name!r}")
 
         def method(*args, **kwargs):
-            from .dispatch import torch_function
-            return torch_function(attr, (self,) + args, kwargs)
+            return _HOOKS["torch_function"](attr, (self,) + args, kwargs)
         method.__name__ = name
         return method
 
@@ -340,8 +358,7 @@ class SparseMap:
         return self._op(Tensor.permute, *dims)
 
     def _op(self, func, *args, **kwargs):
-        from .dispatch import torch_function
-        return torch_function(func, (self,) + args, kwargs)
+        return _HOOKS["torch_function"](func, (self,) + args, kwargs)
 
     def __add__(self, other):
         return self._op(Tensor.__add__, other)
