@@ -21,7 +21,6 @@ tests/sparse/test_import_layers.py keeps it so.
     4  dispatch                     torch calls on a map; connects `SparseMap` and `report` to it
     5  nn                           the sparse layers
     6  convert                      sparsify / dense_masked / active_mask
-    7  survey                       the timm survey behind tools/sparse_survey.py
 
 Lower layers reach upward only through what a higher layer plugs in:
 `dispatch` connects the map's torch calls and the report's "a forward pass
@@ -46,7 +45,6 @@ LAYERS = (
     ("dispatch",),
     ("nn",),
     ("convert",),
-    ("survey",),
 )
 
 __all__ = [
