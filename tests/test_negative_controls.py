@@ -124,7 +124,7 @@ def _conv_input_not_masked(monkeypatch):
 def _avg_pool_classified_per_site(monkeypatch):
     classify = dispatch.classify
     monkeypatch.setattr(dispatch, "classify",
-                        lambda func: "per_site" if dispatch._name(func) == "avg_pool2d" else classify(func))
+                        lambda func: "per_site" if dispatch.op_name(func) == "avg_pool2d" else classify(func))
 
 
 COMPUTE = {"float64": torch.float64, "float32": torch.float32, "bfloat16": BF16}
@@ -195,7 +195,7 @@ def _depthwise_classified_element_wise(monkeypatch):
         k = kind(m, classes)
         return "elementwise" if k == "conv" and m.groups > 1 and m.groups == m.in_channels else k
     monkeypatch.setattr(convert, "_kind", wrong_kind)
-    monkeypatch.setattr(dispatch, "classify", lambda f: "per_site" if dispatch._name(f) == "conv2d" else classify(f))
+    monkeypatch.setattr(dispatch, "classify", lambda f: "per_site" if dispatch.op_name(f) == "conv2d" else classify(f))
 
 
 def _backbone_twins(precision: str, break_twin=None):

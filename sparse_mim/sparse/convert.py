@@ -386,12 +386,12 @@ class _MaskedMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         frame = report.current_scope()
         if frame is None or frame.role != "masked" or isinstance(frame.module, _OPAQUE) \
-                or dispatch._first_map(args) is not None:
+                or dispatch.first_map(args) is not None:
             return func(*args, **kwargs)
         kind = dispatch.classify(func)
         if kind in ("per_site", "structural"):
             return func(*args, **kwargs)
-        name = dispatch._name(func)
+        name = dispatch.op_name(func)
         if name.endswith("_") and not name.endswith("__"):  # in-place: masking a copy would lose the write
             return func(*args, **kwargs)
         state = _ACTIVE.get()
@@ -414,9 +414,9 @@ class _MaskedMode(torch.overrides.TorchFunctionMode):
                 return func(*args, **kwargs)
             return _on_visible_rows(lambda rows: func(rows, *args[1:], **kwargs), x,
                                     state.sites(int(x.shape[2]), int(x.shape[3])))
-        args = dispatch._tree(args, mask)
-        kwargs = dispatch._tree(kwargs, mask)
-        return dispatch._tree(func(*args, **kwargs), mask)
+        args = dispatch.map_tree(args, mask)
+        kwargs = dispatch.map_tree(kwargs, mask)
+        return dispatch.map_tree(func(*args, **kwargs), mask)
 
 
 def _sync_bn_act_class(role: str | None) -> type:

@@ -54,7 +54,7 @@ from torch import Tensor
 from . import kernels, report, tensor
 from .tensor import SparseMap, upsample_mask
 
-__all__ = ["torch_function", "classify", "resparsify_output", "fallback", "mark_dense", "DenseCounter", "PER_SITE",
+__all__ = ["torch_function", "classify", "op_name", "first_map", "map_tree", "resparsify_output", "fallback", "mark_dense", "DenseCounter", "PER_SITE",
            "STRUCTURAL", "REDUCTIONS"]
 
 # ---------------------------------------------------------------------------------------------------- op tables
@@ -93,13 +93,14 @@ _INPLACE_OUT_OF_PLACE = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__
                          "__itruediv__": "__truediv__"}
 
 
-def _name(func) -> str:
+def op_name(func) -> str:
+    """The aten / torch function's name as the op tables list it."""
     return getattr(func, "__name__", None) or str(func)
 
 
 def classify(func) -> str:
     """``"per_site"``, ``"structural"``, ``"reduction"``, ``"batch_norm"`` or ``"spatial"`` (anything else)."""
-    name = _name(func)
+    name = op_name(func)
     if name in PER_SITE:
         return "per_site"
     if name in STRUCTURAL or name.startswith("__get") or name.startswith("_has_"):
@@ -116,32 +117,34 @@ class _Unhandled(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _first_map(obj) -> SparseMap | None:
+def first_map(obj) -> SparseMap | None:
+    """The first ``SparseMap`` in an argument tree (lists, tuples, dicts), or None."""
     if isinstance(obj, SparseMap):
         return obj
     if isinstance(obj, (list, tuple)):
         for o in obj:
-            m = _first_map(o)
+            m = first_map(o)
             if m is not None:
                 return m
     elif isinstance(obj, dict):
         for o in obj.values():
-            m = _first_map(o)
+            m = first_map(o)
             if m is not None:
                 return m
     return None
 
 
-def _tree(obj, fn):
+def map_tree(obj, fn):
+    """``fn`` applied to every tensor / map of an argument tree, the tree's shape kept (named tuples too)."""
     if isinstance(obj, SparseMap) or isinstance(obj, Tensor):
         return fn(obj)
     if isinstance(obj, list):
-        return [_tree(o, fn) for o in obj]
+        return [map_tree(o, fn) for o in obj]
     if isinstance(obj, tuple):
-        out = [_tree(o, fn) for o in obj]
+        out = [map_tree(o, fn) for o in obj]
         return type(obj)(*out) if hasattr(obj, "_fields") else tuple(out)
     if isinstance(obj, dict):
-        return {k: _tree(v, fn) for k, v in obj.items()}
+        return {k: map_tree(v, fn) for k, v in obj.items()}
     return obj
 
 
@@ -227,7 +230,7 @@ def _to_rows(m: SparseMap, obj):
                 raise _Unhandled
             return o.features
         return row_operand(m, o)
-    return _tree(obj, fn)
+    return map_tree(obj, fn)
 
 
 # ---------------------------------------------------------------------------------------------------- dense <-> sparse
@@ -292,15 +295,15 @@ def resparsify_output(output, ref: SparseMap):
         return o
     if isinstance(output, SparseMap):
         return output, True
-    out = _tree(output, fn)
+    out = map_tree(output, fn)
     return out, complete[0]
 
 
 def fallback(func, args, kwargs, ref: SparseMap, reason: str = ""):
     """Exact fallback: densify the maps, run the dense op, sparsify the on-grid 4-D outputs."""
-    name = _name(func)
-    dargs = _tree(args, lambda o: to_dense(o) if isinstance(o, SparseMap) else o)
-    dkwargs = _tree(kwargs, lambda o: to_dense(o) if isinstance(o, SparseMap) else o)
+    name = op_name(func)
+    dargs = map_tree(args, lambda o: to_dense(o) if isinstance(o, SparseMap) else o)
+    dkwargs = map_tree(kwargs, lambda o: to_dense(o) if isinstance(o, SparseMap) else o)
     out = func(*dargs, **dkwargs)
     try:
         macs = report.dense_macs(name, dargs, out)
@@ -316,7 +319,7 @@ def fallback(func, args, kwargs, ref: SparseMap, reason: str = ""):
                 return s
             complete[0] = False
         return o
-    result = _tree(out, fn)
+    result = map_tree(out, fn)
     if not complete[0]:
         mark_dense(ref)
     if name.endswith("_") and not name.endswith("__") and isinstance(args[0], SparseMap) \
@@ -372,7 +375,7 @@ class DenseCounter(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         kind = classify(func)
         if kind in ("spatial", "reduction", "batch_norm") and args and isinstance(args[0], Tensor) \
-                and _first_map(args) is None and _first_map(kwargs) is None:
+                and first_map(args) is None and first_map(kwargs) is None:
             s = _sparsify_dense(args[0], self.ref)
             if s is not None:
                 return func(s, *args[1:], **kwargs)
@@ -383,7 +386,7 @@ class DenseCounter(torch.overrides.TorchFunctionMode):
                 report.record(name, report.dense_macs(name, args, out), "fallback")
             except Exception:  # counting must never break the model
                 pass
-        if kind == "spatial" and _first_map(args) is None:
+        if kind == "spatial" and first_map(args) is None:
             out, _ = resparsify_output(out, self.ref)
         return out
 
@@ -396,7 +399,7 @@ def _arg(args, kwargs, i: int, name: str, default=None):
 
 
 def _per_site(func, args, kwargs, m):
-    name = _name(func)
+    name = op_name(func)
     if name in _INPLACE_OUT_OF_PLACE:  # `x += y` rebinds the name: keep autograd simple, out of place
         func = getattr(Tensor, _INPLACE_OUT_OF_PLACE[name])
     rargs, rkwargs = _to_rows(m, args), _to_rows(m, kwargs)
@@ -407,7 +410,7 @@ def _per_site(func, args, kwargs, m):
 
 
 def _reduce(func, args, kwargs, m):
-    name = _name(func)
+    name = op_name(func)
     x = args[0]
     if not isinstance(x, SparseMap):
         raise _Unhandled
@@ -472,7 +475,7 @@ def _max_pool2d(func, args, kwargs, m):
     names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
     defaults = (None, None, 0, 1, False, False)
     k, s, p, d, ceil, ret = [_arg(args, kwargs, i + 1, n, dv) for i, (n, dv) in enumerate(zip(names, defaults))]
-    if ret or _name(func) == "max_pool2d_with_indices":
+    if ret or op_name(func) == "max_pool2d_with_indices":
         raise _Unhandled
     try:
         return kernels.max_pool2d(x, k, s, p, d, ceil)
@@ -484,7 +487,7 @@ def _batch_norm(func, args, kwargs, m):
     x = args[0]
     if not isinstance(x, SparseMap) or x.channels_last or _cdims(x) != 1:
         raise _Unhandled
-    rest = _tree(args[1:], lambda o: o)
+    rest = map_tree(args[1:], lambda o: o)
     if any(isinstance(o, SparseMap) for o in rest) or any(isinstance(v, SparseMap) for v in kwargs.values()):
         raise _Unhandled
     return x.replace_features(func(x.features, *rest, **kwargs))
@@ -536,7 +539,7 @@ def _split(func, args, kwargs, m):
     x = args[0]
     if not isinstance(x, SparseMap):
         raise _Unhandled
-    name = _name(func)
+    name = op_name(func)
     size = _arg(args, kwargs, 1, "chunks" if name == "chunk" else "split_size_or_sections")
     if size is None:
         size = kwargs.get("split_size", kwargs.get("split_sizes", kwargs.get("sections")))
@@ -592,7 +595,7 @@ def _view(func, args, kwargs, m):
     x = args[0]
     if not isinstance(x, SparseMap) or x.channels_last:
         raise _Unhandled
-    if _name(func) == "reshape" and len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
+    if op_name(func) == "reshape" and len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)):
         shape = tuple(args[1])
     else:
         shape = _shape_args(args, kwargs)
@@ -656,7 +659,7 @@ def _dim_per_site(func, args, kwargs, m):
     x = args[0]
     if not isinstance(x, SparseMap):
         raise _Unhandled
-    name = _name(func)
+    name = op_name(func)
     default = {"glu": -1, "normalize": 1}.get(name)
     pos = 2 if name == "normalize" else 1
     dim = _arg(args, kwargs, pos, "dim", default)
@@ -690,10 +693,10 @@ for _r in REDUCTIONS:
 def torch_function(func, args: tuple, kwargs: dict | None) -> Any:
     """`SparseMap.__torch_function__`: the rules of the module docstring."""
     kwargs = kwargs or {}
-    m = _first_map(args) or _first_map(kwargs)
+    m = first_map(args) or first_map(kwargs)
     if m is None:
         return func(*args, **kwargs)
-    name = _name(func)
+    name = op_name(func)
     if name in _META:
         x = args[0]
         if isinstance(x, SparseMap):
