@@ -55,6 +55,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..utils.checkpoint import atomic_write_text  # the one atomic writer (a full disk leaves no temp file)
 from ..utils.config import K
 
 __all__ = [
@@ -530,7 +531,6 @@ def _save_disk(device: torch.device, key: str, choice: Choice) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with _locked(path):  # merge with what other processes wrote meanwhile, one writer at a time
             entries = {**_read_cache_file(path, device), **entries}
-            from ..utils.checkpoint import atomic_write_text  # the one atomic writer (a full disk leaves no temp file)
             atomic_write_text(path, json.dumps({"meta": _meta(device), "entries": entries}, indent=1,
                                                sort_keys=True))
         _S.disk = entries
