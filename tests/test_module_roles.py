@@ -10,9 +10,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # the modules that parse command lines (and the config system's argv layer they share)
 CLI_MODULES = {"fgvc/cli.py", "sparse_mim/cli.py", "sparse_mim/utils/cli.py", "sparse_mim/utils/config.py"}
-# tooling that leaves the packages (it has command lines of its own until then)
-TOOLING = {"fgvc/longtail_demo.py", "fgvc/benchmark.py", "sparse_mim/fault_injection.py", "sparse_mim/benchmark.py",
-           "sparse_mim/gpu_check.py", "sparse_mim/backbones/benchmark.py", "sparse_mim/sparse/survey.py"}
 
 
 def _imports(path: str) -> set:
@@ -42,7 +39,7 @@ def test_only_the_cli_modules_parse_arguments():
     assert "fgvc/predict.py" in files and "fgvc/export.py" in files
     parsing = {p for p in files if "argparse" in _imports(p)}
     assert "sparse_mim/utils/config.py" in parsing  # the reader finds the imports
-    assert parsing - TOOLING <= CLI_MODULES, sorted(parsing - TOOLING - CLI_MODULES)
+    assert parsing <= CLI_MODULES, sorted(parsing - CLI_MODULES)
 
 
 def test_spark_does_not_import_visualize():
