@@ -250,130 +250,176 @@ def _shot_summary(pred: np.ndarray, labels: np.ndarray, train_counts, num_classe
 def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, overrides: Sequence[str] = (),
                         log: Callable = print) -> Dict:
     """Evaluate ``checkpoint`` on its test (or held-out val) split; returns the summary dict."""
-    from fgvc.data import build_records, build_transform
-    from fgvc.engine import predict, topk_accuracy
-    from fgvc.models import load_pretrained
-    from fgvc.models.metaformer import OFFICIAL_CONFIG_GLOBALS
     from sparse_mim.utils.amp import resolve_amp
-    from sparse_mim.utils.checkpoint import load_checkpoint
-    from sparse_mim.utils.logger import RunLogger
-    from .builders import build_model, build_splits, eval_loader, resolve_data_config
-    from .train import DEMO_DIR_NAME
-
-    ckpt = load_checkpoint(checkpoint, check_finite=True, allowed_globals=OFFICIAL_CONFIG_GLOBALS)
-    cfg, ours = load_eval_config(checkpoint, ckpt, config_file, overrides)
-    e = cfg.eval
-    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    # the demo checkpoint's data lives next to it (the run folder the tool owns); a data.root given here is
-    # only read, never written to
-    data_cfg = resolve_data_config(cfg.data.to_dict(), os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
-                                                                    DEMO_DIR_NAME), log=log)
-    stored_classes = list(ckpt["classes"]) if ours else None
-    train_counts = ckpt.get("train_class_counts") if ours else None
-    group = (ckpt.get("wandb_group") if ours else None) or cfg.wandb.group or None  # the training run's group
-    if e.split == "val":
-        if data_cfg["val_split"] <= 0:
-            raise ConfigError("eval.split=val needs data.val_split > 0 (the held-out part of train)")
-        _, rec, _ = build_splits(data_cfg, log)
-    else:
-        rec = build_records(data_cfg, "test", classes=stored_classes if data_cfg["dataset"] == "custom" else None)
-        if rec.issues:
-            log(f"[data] {rec.name}: {len(rec.issues)} issue(s):\n{rec.issues.summary()}")
-    classes = stored_classes if ours else list(rec.classes)
-    if ours:  # one line naming both sides: "checkpoint has 200 classes (CUB), data has 555 (NABirds: nabirds/test)"
-        from .predict import dataset_label, check_same_classes
-        check_same_classes(classes, rec.classes, dataset_label(ckpt["config"]),
-                           f"{dataset_label({'data': data_cfg})}: {rec.name}")
-    groups = rec.meta_groups
-    if ours and "meta_groups" in ckpt:
-        want = [(g["name"], int(g["dim"]), int(g["tokens"])) for g in ckpt["meta_groups"]]
-        have = [(g.name, g.dim, g.tokens) for g in groups]
-        if want != have:
-            raise ValueError(f"meta groups differ: checkpoint {want}, data {have} (data.use_meta / meta config?)")
-    model = build_model(cfg.model, len(classes), groups, init_weights=False)
-    if ours:
-        _load_weights(model, ckpt["model"], cfg.model.name, checkpoint)
-    else:
-        for note in load_pretrained(model, ckpt):
-            log(f"[load] {note}")
-    transform = build_transform(False, cfg.model.img_size)
-    if e.tta != "none":
-        from .tta import TTAModel, tta_transform
-        model, transform = TTAModel(model, e.tta), tta_transform(cfg.model.img_size, e.tta)
-        log(f"[eval] test-time augmentation: {e.tta} (averaged probabilities)")
-    model = model.to(device).eval()
-    del ckpt
+    from sparse_mim.utils.checkpoint import atomic_write_text
+    job = _EvalJob(checkpoint, config_file, overrides, log)
+    e = job.cfg.eval
     out_dir = e.out_dir or default_eval_dir(checkpoint, e.split)
     os.makedirs(out_dir, exist_ok=True)
+    amp = resolve_amp(job.cfg.train.amp, job.device)
+    results, outputs = _run_conditions(job, amp, log)
+    summary, files = _write_reports(job, results, outputs, out_dir, log)
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+    log(f"[eval] wrote {out_dir}/summary.json, " + ", ".join(files))
+    _log_to_wandb(job, results, outputs, out_dir)
+    return summary
 
-    loader = eval_loader(rec, cfg.model.img_size, e.batch_size or data_cfg["eval_batch_size"],
-                         data_cfg["num_workers"] if e.num_workers < 0 else e.num_workers, transform=transform)
-    amp = resolve_amp(cfg.train.amp, device)
+
+class _EvalJob:
+    """What one evaluation reads: config, records of the split, classes, meta groups, the model on its device
+    (with test-time augmentation when asked) and the loader."""
+
+    def __init__(self, checkpoint: str, config_file: Optional[str], overrides: Sequence[str], log: Callable):
+        from fgvc.models.metaformer import OFFICIAL_CONFIG_GLOBALS
+        from sparse_mim.utils.checkpoint import load_checkpoint
+        from .builders import resolve_data_config
+        from .train import DEMO_DIR_NAME
+        ckpt = load_checkpoint(checkpoint, check_finite=True, allowed_globals=OFFICIAL_CONFIG_GLOBALS)
+        self.checkpoint = checkpoint
+        self.cfg, self.ours = load_eval_config(checkpoint, ckpt, config_file, overrides)
+        cfg = self.cfg
+        self.device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        torch.manual_seed(0)
+        # the demo checkpoint's data lives next to it (the run folder the tool owns); a data.root given here is
+        # only read, never written to
+        self.data_cfg = resolve_data_config(
+            cfg.data.to_dict(), os.path.join(os.path.dirname(os.path.abspath(checkpoint)), DEMO_DIR_NAME), log=log)
+        self.train_counts = ckpt.get("train_class_counts") if self.ours else None
+        self.group = (ckpt.get("wandb_group") if self.ours else None) or cfg.wandb.group or None  # training's group
+        self.rec, self.classes = self._records(ckpt, log)
+        self.groups = self.rec.meta_groups
+        self._check_meta_groups(ckpt)
+        self.model, self.loader = self._model_and_loader(ckpt, log)
+
+    def _records(self, ckpt: Mapping, log: Callable):
+        from fgvc.data import build_records
+        from .builders import build_splits
+        e, data_cfg = self.cfg.eval, self.data_cfg
+        stored_classes = list(ckpt["classes"]) if self.ours else None
+        if e.split == "val":
+            if data_cfg["val_split"] <= 0:
+                raise ConfigError("eval.split=val needs data.val_split > 0 (the held-out part of train)")
+            _, rec, _ = build_splits(data_cfg, log)
+        else:
+            rec = build_records(data_cfg, "test", classes=stored_classes if data_cfg["dataset"] == "custom" else None)
+            if rec.issues:
+                log(f"[data] {rec.name}: {len(rec.issues)} issue(s):\n{rec.issues.summary()}")
+        classes = stored_classes if self.ours else list(rec.classes)
+        if self.ours:  # one line naming both sides: "checkpoint has 200 classes (CUB), data has 555 (NABirds: ...)"
+            from .predict import check_same_classes, dataset_label
+            check_same_classes(classes, rec.classes, dataset_label(ckpt["config"]),
+                               f"{dataset_label({'data': data_cfg})}: {rec.name}")
+        return rec, classes
+
+    def _check_meta_groups(self, ckpt: Mapping) -> None:
+        if self.ours and "meta_groups" in ckpt:
+            want = [(g["name"], int(g["dim"]), int(g["tokens"])) for g in ckpt["meta_groups"]]
+            have = [(g.name, g.dim, g.tokens) for g in self.groups]
+            if want != have:
+                raise ValueError(f"meta groups differ: checkpoint {want}, data {have} (data.use_meta / meta config?)")
+
+    def _model_and_loader(self, ckpt: Mapping, log: Callable):
+        from fgvc.data import build_transform
+        from fgvc.models import load_pretrained
+        from .builders import build_model, eval_loader
+        cfg, e = self.cfg, self.cfg.eval
+        model = build_model(cfg.model, len(self.classes), self.groups, init_weights=False)
+        if self.ours:
+            _load_weights(model, ckpt["model"], cfg.model.name, self.checkpoint)
+        else:
+            for note in load_pretrained(model, ckpt):
+                log(f"[load] {note}")
+        transform = build_transform(False, cfg.model.img_size)
+        if e.tta != "none":
+            from .tta import TTAModel, tta_transform
+            model, transform = TTAModel(model, e.tta), tta_transform(cfg.model.img_size, e.tta)
+            log(f"[eval] test-time augmentation: {e.tta} (averaged probabilities)")
+        loader = eval_loader(self.rec, cfg.model.img_size, e.batch_size or self.data_cfg["eval_batch_size"],
+                             self.data_cfg["num_workers"] if e.num_workers < 0 else e.num_workers, transform=transform)
+        return model.to(self.device).eval(), loader
+
+
+def _run_conditions(job: _EvalJob, amp, log: Callable):
+    """Logits and top-1 / top-5 with meta, meta zeroed and (``eval.per_group``) without each group."""
+    from fgvc.engine import predict, topk_accuracy
+    groups = job.groups
     meta_sizes = [g.dim * g.tokens for g in groups]
     conditions = [("with_meta", "full", ())]
     if groups:
         conditions.append(("meta_zeroed", "zero", ()))
-        if e.per_group and len(groups) > 1:
+        if job.cfg.eval.per_group and len(groups) > 1:
             conditions += [(f"without_{g.name}", "drop", (i,)) for i, g in enumerate(groups)]
     results, outputs = {}, {}
     for name, mode, drop in conditions:
-        out = predict(model, loader, device, mode, drop, meta_sizes, amp=amp, progress=cfg.log.progress, desc=name)
+        out = predict(job.model, job.loader, job.device, mode, drop, meta_sizes, amp=amp,
+                      progress=job.cfg.log.progress, desc=name)
         outputs[name] = out
         acc = topk_accuracy(out["logits"], out["labels"])
         results[name] = {"top1": acc["top1"], "top5": acc["top5"], "n": int(out["labels"].numel())}
         log(f"[eval] {name:>20s}: top1 {acc['top1']:6.2f}  top5 {acc['top5']:6.2f}  ({results[name]['n']} images)")
     main = outputs["with_meta"]
-    labels = main["labels"].numpy()
     probs = main["logits"].softmax(1)
     conf, pred = probs.max(1)
-    pred = pred.numpy()
-    pred0 = outputs["meta_zeroed"]["logits"].argmax(1).numpy() if "meta_zeroed" in outputs else None
-    index = main["index"].numpy()
+    outputs["main"] = {"labels": main["labels"].numpy(), "probs": probs, "conf": conf.numpy(), "pred": pred.numpy(),
+                       "pred0": outputs["meta_zeroed"]["logits"].argmax(1).numpy() if "meta_zeroed" in outputs
+                       else None, "index": main["index"].numpy(), "skipped": int(main["skipped"])}
+    return results, outputs
 
-    write_predictions_csv(os.path.join(out_dir, "predictions.csv"), [rec.paths[int(i)] for i in index], labels,
-                          probs, classes, e.topk)
-    rows = per_class_table(pred, pred0, labels, classes)
+
+def _write_reports(job: _EvalJob, results: Dict, outputs: Dict, out_dir: str, log: Callable):
+    """predictions.csv, per_class.csv, top_confusions.csv, confusion.png; the summary dict and the files."""
+    from .report import split_label
+    e, rec, classes, m = job.cfg.eval, job.rec, job.classes, outputs["main"]
+    labels, pred = m["labels"], m["pred"]
+    write_predictions_csv(os.path.join(out_dir, "predictions.csv"), [rec.paths[int(i)] for i in m["index"]], labels,
+                          m["probs"], classes, e.topk)
+    rows = per_class_table(pred, m["pred0"], labels, classes)
     _write_csv(os.path.join(out_dir, "per_class.csv"), rows, list(rows[0].keys()))
     cm = confusion_matrix(pred, labels, len(classes))
+    m["confusion"] = cm
     confusions = top_confusions(cm, classes, e.top_confusions)
     _write_csv(os.path.join(out_dir, "top_confusions.csv"), confusions,
                ["true", "predicted", "count", "fraction_of_true"])
+    files = ["predictions.csv", "per_class.csv", "top_confusions.csv"]
     if len(classes) <= e.max_confusion_classes:
         save_confusion_png(cm, classes, os.path.join(out_dir, "confusion.png"),
                            f"{rec.name}: top-1 {results['with_meta']['top1']:.2f} (with meta)")
-    from .report import split_label
-    log(f"[eval] {rec.name} is the {split_label(data_cfg['dataset'], e.split)}")
-    summary = {"checkpoint": os.path.abspath(checkpoint), "dataset": rec.name, "split": e.split, "tta": e.tta,
-               "split_label": split_label(data_cfg["dataset"], e.split),
-               "num_classes": len(classes), "meta_groups": [g.name for g in groups],
-               "skipped_images": int(main["skipped"]), "results": results,
+        files.append("confusion.png")
+    dataset = job.data_cfg["dataset"]
+    log(f"[eval] {rec.name} is the {split_label(dataset, e.split)}")
+    summary = {"checkpoint": os.path.abspath(job.checkpoint), "dataset": rec.name, "split": e.split, "tta": e.tta,
+               "split_label": split_label(dataset, e.split),
+               "num_classes": len(classes), "meta_groups": [g.name for g in job.groups],
+               "skipped_images": m["skipped"], "results": results,
                "mean_per_class_top1": float(np.nanmean([r["top1"] for r in rows])),
                "top_confusions": confusions[:10], "out_dir": out_dir}
-    summary.update(_shot_summary(pred, labels, train_counts, len(classes), log))
+    summary.update(_shot_summary(pred, labels, job.train_counts, len(classes), log))
     if "meta_zeroed" in results:
         summary["meta_gain_top1"] = results["with_meta"]["top1"] - results["meta_zeroed"]["top1"]
         log(f"[eval] meta gain (with meta - meta zeroed): {summary['meta_gain_top1']:+.2f} top-1 points")
-    from sparse_mim.utils.checkpoint import atomic_write_text
-    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
-    log(f"[eval] wrote {out_dir}/summary.json, predictions.csv, per_class.csv, top_confusions.csv"
-        + (", confusion.png" if len(classes) <= e.max_confusion_classes else ""))
+    return summary, files
 
-    # wandb: metrics + a Table of predictions (images, meta, label, prediction, confidence)
+
+def _log_to_wandb(job: _EvalJob, results: Dict, outputs: Dict, out_dir: str) -> None:
+    """Metrics, per-class top-1, the confusion matrix and a table of predictions (images, meta, label,
+    prediction, confidence) in a wandb run that joins the training run's group."""
+    from sparse_mim.utils.logger import RunLogger
+    from .dashboard import log_evaluation
+    cfg, e, classes, m = job.cfg, job.cfg.eval, job.classes, outputs["main"]
     logger = RunLogger(out_dir, cfg, project=cfg.wandb.project,
                        name=(cfg.wandb.name + "-eval") if cfg.wandb.name else None, entity=cfg.wandb.entity or None,
-                       enabled=True, use_wandb=cfg.wandb.enabled, job_type="fgvc-eval", log_model="off", group=group)
+                       enabled=True, use_wandb=cfg.wandb.enabled, job_type="fgvc-eval", log_model="off",
+                       group=job.group)
     logger.summary({f"eval/{c}/{k}": v for c, r in results.items() for k, v in r.items() if k != "n"})
-    # per-class top-1 and the confusion matrix in the run too (a table, wandb's plot; metrics.jsonl), not only as files
-    from .dashboard import log_evaluation
-    k = len(classes)
+    labels, pred, k = m["labels"], m["pred"], len(classes)
     log_evaluation(logger, {"per_class_correct": np.bincount(labels[pred == labels], minlength=k),
                             "per_class_total": np.bincount(labels, minlength=k),
-                            "confusion": cm if k <= e.max_confusion_classes else None, "samples": []},
-                   "eval", 0, classes, rec, train_counts)
+                            "confusion": m["confusion"] if k <= e.max_confusion_classes else None, "samples": []},
+                   "eval", 0, classes, job.rec, job.train_counts)
     if logger.run is not None and e.table_rows > 0:
         import wandb
-        columns, trows = prediction_rows(rec, classes, groups, index, labels, pred, conf.numpy(), pred0, e.table_rows)
+        columns, trows = prediction_rows(job.rec, classes, job.groups, m["index"], labels, pred, m["conf"], m["pred0"],
+                                         e.table_rows)
         table = wandb.Table(columns=columns)
         strip = []
         for row in trows:
@@ -383,4 +429,3 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
             table.add_data(*row)
         logger.run.log({"eval/predictions": table, "eval/prediction_images": strip})
     logger.finish()
-    return summary
