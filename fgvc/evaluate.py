@@ -252,7 +252,7 @@ def evaluate_checkpoint(checkpoint: str, config_file: Optional[str] = None, over
     """Evaluate ``checkpoint`` on its test (or held-out val) split; returns the summary dict."""
     from torch.utils.data import DataLoader
     from fgvc.data import FGVCDataset, build_records, build_transform, collate_skip_bad
-    from fgvc.engine import predict, topk_accuracy
+    from fgvc.eval_loop import predict, topk_accuracy
     from fgvc.models import load_pretrained
     from fgvc.models.metaformer import OFFICIAL_CONFIG_GLOBALS
     from sparse_mim.utils.amp import resolve_amp
