@@ -226,7 +226,8 @@ class TrainingRun:
         (written into every checkpoint, ``best.pth`` too); ``extra_state()``: its changing ones (``last.pth``
         and keeps only, e.g. the EMA weights); ``where(state)``: a position as the resume / stop lines say it."""
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.where = where or (lambda s: f"step {s.step}/{self.total_steps}")
+        self.where = where or (lambda s: f"epoch {s.epoch}, {s.step - s.epoch * self.steps_per_epoch} of its "
+                                         f"{self.steps_per_epoch} steps done")
         self.total_steps, self.steps_per_epoch = int(total_steps), int(steps_per_epoch)
         self.accum_steps, self.global_batch = int(accum_steps), int(global_batch)
         self.info, self.extra_state = dict(info or {}), extra_state
@@ -259,7 +260,8 @@ class TrainingRun:
         if ck.get("global_batch") not in (None, self.global_batch):
             self.say(f"[resume] warning: resuming with global batch {self.global_batch}, the checkpoint used "
                      f"{ck['global_batch']}: the data order after the resume point differs from the original run")
-        self.say(f"[resume] {self.resume_path}: step {self.state.step}/{self.total_steps}, {self.where(self.state)}")
+        self.say(f"[resume] resumed from {self.resume_path}: step {self.state.step}/{self.total_steps}, "
+                 f"{self.where(self.state)}")
         return None
 
     # ------------------------------------------------------------------ logging
