@@ -174,3 +174,37 @@ def test_checkpoint_with_the_old_wandb_id_key_resumes_its_wandb_run(run, name, t
     s = run(name, tmp_path, "resume=auto")
     assert s["step"] == STEPS[name] and s["wandb_run_id"] == "old0run1"
     assert load_checkpoint(path)["wandb_run_id"] == "old0run1"
+
+
+# ------------------------------------------------------------------------------------------- units
+def test_train_state_reads_both_earlier_layouts():
+    from sparse_mim.utils.training_run import TrainState
+    pre = TrainState()
+    pre.load_state_dict({"step": 7, "epoch": 1, "images_seen": 56, "failed_images": 2, "skipped_steps": 1,
+                         "first_loss": 1.0, "last_loss": 0.5, "history": [[1, 1.0], [5, 0.6]]})
+    assert (pre.step, pre.epoch, pre.batch, pre.images_seen, pre.failed_images, pre.skipped_steps) == (7, 1, 0, 56, 2, 1)
+    assert pre.history == [(1, 1.0), (5, 0.6)] and pre.best == {"top1": -1.0, "epoch": -1}
+    fine = TrainState()
+    fine.load_state_dict({"epoch": 2, "step": 9, "batch": 6, "best": {"top1": 87.5, "top5": 100.0, "epoch": 2}})
+    assert (fine.epoch, fine.step, fine.batch, fine.best["top1"], fine.history) == (2, 9, 6, 87.5, [])
+    again = TrainState()
+    again.load_state_dict(fine.state_dict())
+    assert again == fine
+
+
+def test_one_seed_derivation_keeps_pretraining_numbers():
+    """stream_seed is the BLAKE2b derivation pre-training always used (drop path, per-sample seeds), and
+    fgvc's streams are views on it."""
+    import hashlib
+    from sparse_mim.data import sample_seed
+    from sparse_mim.utils.streams import RandomStreams, stream_seed
+
+    def blake(text):
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+    assert RandomStreams(5, rank=1).seed_for("drop_path", 12, 3) == stream_seed(5, "drop_path", 1, 12, 3) \
+        == blake("5:drop_path:1:12:3")
+    assert sample_seed(5, 2, 40) == stream_seed(5, 2, 40) == blake("5:2:40")
+    assert stream_seed(5, "init") == blake("5:init")
+    g1, g2 = RandomStreams(5).generator("mixup", 1, 2), RandomStreams(5).generator("mixup", 1, 2)
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    assert RandomStreams(5, rank=0).seed_for("aug", 1) != RandomStreams(5, rank=1).seed_for("aug", 1)
