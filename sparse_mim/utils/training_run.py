@@ -299,18 +299,17 @@ class TrainingRun:
                 f"step {self.state.step}: the training state became non-finite ({n_bad} tensor(s), e.g. "
                 f"{', '.join(bad[:3]) or 'on rank 0'}); nothing was written, {self.last_good()}. Usual fixes: lower "
                 "optim.lr, keep optim.clip_grad on, or train.amp=off; then resume=auto")
-        if not self.is_main:
-            return None
-        ck = {**tensors, "train_state": self.state.state_dict(), "config": self.cfg.to_dict(),
-              "wandb_run_id": self.wandb_run_id, "format": self.format, "format_version": FORMAT_VERSION,
-              "world_size": self.world_size, "global_batch": self.global_batch,
-              "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, **self.info}
         name = {"last": "last.pth", "best": "best.pth", "keep": checkpoint_name(self.state.step)}[which]
         path = os.path.join(self.out_dir, name)
-        save_checkpoint(ck, path, check_finite=False)  # checked above, on the same tensors
-        if full:
+        if self.is_main:
+            ck = {**tensors, "train_state": self.state.state_dict(), "config": self.cfg.to_dict(),
+                  "wandb_run_id": self.wandb_run_id, "format": self.format, "format_version": FORMAT_VERSION,
+                  "world_size": self.world_size, "global_batch": self.global_batch,
+                  "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, **self.info}
+            save_checkpoint(ck, path, check_finite=False)  # checked above, on the same tensors
+        if full:  # on every rank: the stop below decides alike everywhere whether last.pth is current
             self._saved = (self.state.step, path)
-        return path
+        return path if self.is_main else None
 
     def last_good_path(self) -> Optional[str]:
         """This run's newest checkpoint (``last.pth`` or a keep), else ``last.pth`` if there is one."""
