@@ -348,9 +348,9 @@ class _FineTuning:
         if run.dist.distributed:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        group = cfg.wandb.group or run.wandb_run_id or None
+        group = cfg.wandb.group or run.wandb_run_id  # fgvc-eval runs of its checkpoints join this group
         self.logger = run.open_logger(amp=self.amp, log_model=cfg.wandb.log_model, group=group)
-        run.info["wandb_group"] = cfg.wandb.group or run.wandb_run_id  # fgvc-eval runs join this group
+        run.info["wandb_group"] = group
         self.streams = RandomStreams(cfg.seed, run.rank)
         if run.train(self._run_epoch, self._end_epoch):
             return run.summary()

@@ -237,7 +237,9 @@ class TrainingRun:
         summary (``already_finished``) when the run had reached its end; ``schedule`` says which settings set
         this schedule's length (for the refusal of a checkpoint past its end)."""
         from .amp import load_scaler_state
+        from .logger import new_run_id
         if ck is None:
+            self.wandb_run_id = new_run_id()  # known before the logger starts (fgvc names its wandb group by it)
             return None
         state = TrainState()
         state.load_state_dict(ck["train_state"])
