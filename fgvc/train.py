@@ -2,8 +2,10 @@
 
 ``train(cfg) -> summary`` runs one job from a resolved config (``DEFAULTS`` below, loaded
 with :func:`sparse_mim.utils.config.load_config`; the command line is ``fgvc-train`` /
-``tools/train_fgvc.py``, see :mod:`fgvc.cli`). It builds data, model, optimizer, schedule,
-amp policy, logger and checkpoints; :mod:`fgvc.engine` runs the steps.
+``tools/train_fgvc.py``, see :mod:`fgvc.cli`). It builds the task (data, model, optimizer,
+schedule, amp policy, evaluation) on the shared run skeleton
+(:class:`sparse_mim.utils.training_run.TrainingRun`: run folder, resume, checkpoints, stops,
+logging); :mod:`fgvc.finetune_loop` runs the steps, :mod:`fgvc.eval_loop` evaluates.
 
 Model selection is honest by default: ``data.val_split`` (0.1) holds out a stratified,
 seeded part of the training set; the best epoch is chosen on it and the test split is
