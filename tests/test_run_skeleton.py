@@ -208,3 +208,34 @@ def test_one_seed_derivation_keeps_pretraining_numbers():
     g1, g2 = RandomStreams(5).generator("mixup", 1, 2), RandomStreams(5).generator("mixup", 1, 2)
     assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
     assert RandomStreams(5, rank=0).seed_for("aug", 1) != RandomStreams(5, rank=1).seed_for("aug", 1)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_two_process_stop_writes_last_and_resumes(name, fgvc_root, tmp_path):
+    """torchrun, 2 CPU processes (gloo): train.stop_at_step right after a periodic save stops both ranks after
+    the same step (the stop's checks are collective on both), rank 0 has last.pth, both exit 0; resume=auto
+    then runs to the end."""
+    import socket
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    args = (["-m", "sparse_mim.cli"] + PRETRAIN + ["data.builtin_images=8"] if name == "pretrain" else
+            ["-m", "fgvc.cli", "train", "-c", "fgvc/demo.yaml", f"data.root={fgvc_root}"] + FGVC)
+    out = tmp_path / "ddp"
+    for extra in (["train.stop_at_step=1", "checkpoint.every_steps=1"], ["resume=auto"]):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               *args, f"output_dir={out}", "train.cpu_threads=1", *extra]
+        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        if extra[0].startswith("train.stop_at_step"):
+            assert _step(out / "last.pth") == 1 and "[stop] train.stop_at_step=1" in r.stdout
+    ck = load_checkpoint(out / "last.pth")
+    assert ck["world_size"] == 2 and ck["train_state"]["step"] == ck["total_steps"] == 4  # 2 steps per epoch
+    assert os.path.isfile(out / "final.json")
