@@ -1,4 +1,4 @@
-"""End-to-end tests of SparK pre-training (sparse_mim.train, sparse_mim.data, sparse_mim.engine_pretrain).
+"""End-to-end tests of SparK pre-training (sparse_mim.train, sparse_mim.data, sparse_mim.pretrain_loop).
 
 All on CPU with resnet18 (one block per stage) at 64 px and a handful of steps. Each run
 is a real ``sparse_mim.train.pretrain`` run (in-process; the DDP one through torchrun and
