@@ -107,7 +107,7 @@ def _train(argv: List[str]) -> int:
     cfg, _ = parse_config(DEFAULTS, _train_argv(argv), parser=parser, validate=validate_config)
     summary = run_train(cfg)
     if summary.get("stopped") and summary.get("preempted"):
-        return stop_exit_code(summary["preempted"])  # 130 after Ctrl-C, 75 (requeue) after SIGTERM / SIGUSR1
+        return stop_exit_code(summary["stop_signal"])  # 130 after Ctrl-C, 75 (requeue) after SIGTERM / SIGUSR1
     return 0
 
 

@@ -1,6 +1,6 @@
 """What a training run reports at every evaluation, for the wandb dashboard and metrics.jsonl.
 
-:func:`evaluate_detailed` is :func:`fgvc.engine.evaluate` plus the per-class correct / total counts,
+:func:`evaluate_detailed` is :func:`fgvc.eval_loop.evaluate` plus the per-class correct / total counts,
 the confusion matrix (up to ``confusion_max`` classes) and a few sample predictions, with the
 counts summed over processes under torch.distributed. :func:`evaluation_row` turns it into the
 scalars of the epoch row (top-1 / top-5 / loss, mean per-class top-1, many / medium / few-shot
@@ -24,12 +24,12 @@ __all__ = ["evaluate_detailed", "evaluation_row", "log_evaluation", "confusion_p
 
 def evaluate_detailed(model: torch.nn.Module, loader, device: torch.device, num_classes: int, amp=None,
                       confusion_max: int = 100, samples: int = 16, meta_mode: str = "full") -> Dict:
-    """top-1 / top-5 / loss / n / skipped as :func:`fgvc.engine.evaluate`, plus ``per_class_correct``
+    """top-1 / top-5 / loss / n / skipped as :func:`fgvc.eval_loop.evaluate`, plus ``per_class_correct``
     and ``per_class_total`` (numpy, length ``num_classes``), ``confusion`` (``[true, predicted]``
     counts, numpy, or None above ``confusion_max`` classes) and ``samples`` (this process's first
     ``samples`` images: record index, label, prediction, confidence)."""
     from sparse_mim.utils.distributed import all_reduce_sum, is_distributed
-    from .engine import predict
+    from .eval_loop import predict
     out = predict(model, loader, device, meta_mode=meta_mode, amp=amp, allow_empty=is_distributed())
     logits, labels = out["logits"], out["labels"]
     k = int(num_classes)

@@ -341,7 +341,7 @@ class _EvalJob:
 
 def _run_conditions(job: _EvalJob, amp, log: Callable):
     """Logits and top-1 / top-5 with meta, meta zeroed and (``eval.per_group``) without each group."""
-    from fgvc.engine import predict, topk_accuracy
+    from fgvc.eval_loop import predict, topk_accuracy
     groups = job.groups
     meta_sizes = [g.dim * g.tokens for g in groups]
     conditions = [("with_meta", "full", ())]

@@ -17,10 +17,12 @@
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+
+from sparse_mim.utils.streams import RandomStreams, ResumableSampler
 
 __all__ = ["SAMPLERS", "class_counts", "sampling_weights", "ClassAwareSampler", "LogitAdjustedLoss",
            "build_loss", "shot_of", "shot_accuracy", "SHOT_SPLITS", "MANY_SHOT_MIN", "FEW_SHOT_MAX"]
@@ -49,39 +51,25 @@ def sampling_weights(labels: Sequence[int], mode: str) -> np.ndarray:
     return w / w.sum()
 
 
-class ClassAwareSampler(torch.utils.data.Sampler):
+class ClassAwareSampler(ResumableSampler):
     """Class-balanced or square-root sampling with replacement, sharded over processes and resumable.
 
-    The same interface as :class:`fgvc.engine.ResumableSampler` (``set_epoch``, ``set_start``): each
-    epoch draws ``len(labels) // num_replicas`` indices per process (the uniform epoch's length)
-    from ``sampling_weights(labels, mode)`` with a generator seeded by (seed, epoch); process r
-    takes every ``num_replicas``-th index from r; ``set_start(n)`` skips the first n.
+    A :class:`~sparse_mim.utils.streams.ResumableSampler` (``set_epoch``, ``set_start``, ``indices``)
+    whose epoch order is drawn, not shuffled: ``len(labels) // num_replicas`` indices per process (the
+    uniform epoch's length) from ``sampling_weights(labels, mode)`` with a generator seeded by (seed,
+    epoch); process r takes every ``num_replicas``-th index from r; ``set_start(n)`` skips the first n.
     """
 
     def __init__(self, labels: Sequence[int], mode: str, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         self.weights = torch.as_tensor(sampling_weights(labels, mode), dtype=torch.float64)
-        self.mode, self.num_replicas, self.rank, self.seed = mode, int(num_replicas), int(rank), int(seed)
-        self.num_samples = len(self.weights) // self.num_replicas
-        self.epoch, self.start = 0, 0
+        super().__init__(len(self.weights), num_replicas, rank, seed)
+        self.mode = mode
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def set_start(self, n: int) -> None:
-        self.start = max(0, int(n))
-
-    def indices(self) -> list:
-        """This process's whole epoch (before ``set_start``)."""
-        from .engine import RandomStreams
+    def epoch_order(self) -> list:
+        """The whole epoch's draw (all processes)."""
         g = RandomStreams(self.seed).generator("order", self.epoch)
-        drawn = torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True, generator=g)
-        return drawn[self.rank::self.num_replicas].tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start:])
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.start)
+        return torch.multinomial(self.weights, self.num_samples * self.num_replicas, replacement=True,
+                                 generator=g).tolist()
 
 
 class LogitAdjustedLoss(torch.nn.Module):

@@ -2,8 +2,10 @@
 
 ``train(cfg) -> summary`` runs one job from a resolved config (``DEFAULTS`` below, loaded
 with :func:`sparse_mim.utils.config.load_config`; the command line is ``fgvc-train`` /
-``tools/train_fgvc.py``, see :mod:`fgvc.cli`). It builds data, model, optimizer, schedule,
-amp policy, logger and checkpoints; :mod:`fgvc.engine` runs the steps.
+``tools/train_fgvc.py``, see :mod:`fgvc.cli`). It builds the task (data, model, optimizer,
+schedule, amp policy, evaluation) on the shared run skeleton
+(:class:`sparse_mim.utils.training_run.TrainingRun`: run folder, resume, checkpoints, stops,
+logging); :mod:`fgvc.finetune_loop` runs the steps, :mod:`fgvc.eval_loop` evaluates.
 
 Model selection is honest by default: ``data.val_split`` (0.1) holds out a stratified,
 seeded part of the training set; the best epoch is chosen on it and the test split is
@@ -18,18 +20,17 @@ never overwritten (:func:`sparse_mim.utils.rundir.prepare_run_dir`).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Dict, Optional
 
 import torch
 
-from fgvc.builders import (build_mixup, build_model, build_optimizer, build_splits, eval_loader as _eval_loader,
+from fgvc.builders import (build_mixup, build_model, build_optimizer, build_splits, eval_loader,
                            model_meta_spec, resolve_data_config)
 from sparse_mim.utils.config import Config, ConfigError, K
 
-__all__ = ["DEFAULTS", "train", "validate_config", "DEMO_DIR_NAME", "Preempted"]
+__all__ = ["DEFAULTS", "train", "validate_config", "DEMO_DIR_NAME"]
 
 DEMO_DIR_NAME = "demo_data"
 _DATASETS = ("cub", "nabirds", "inat2017", "inat2018", "inat2021", "custom")
@@ -184,339 +185,256 @@ def validate_config(cfg: Config) -> None:
                           f"set data.demo=false to train on {cfg.data.dataset}")
 
 
-class Preempted(Exception):
-    """Raised inside the loop by a stop request; never escapes :func:`train`."""
-
-
-def _agree(flag: bool, device: torch.device) -> bool:
-    """True on every process if ``flag`` is true on any (one all-reduce; the flag itself with one process)."""
-    from sparse_mim.utils.distributed import all_reduce_sum, is_distributed
-    if not is_distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device if device.type == "cuda" else "cpu")
-    return bool(all_reduce_sum(t).item() > 0)
-
-
-def _write_json(path: str, obj) -> None:
-    from sparse_mim.utils.checkpoint import atomic_write_text
-    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 # --------------------------------------------------------------------------------------- main
-def train(cfg: Config, log: Callable = print) -> Dict:
-    """Run one fine-tuning job from a resolved config; returns the final summary dict.
+def train(cfg: Config, log: Callable = print, guard=None) -> Dict:
+    """Run one fine-tuning job from a resolved config; returns the final summary dict (also ``final.json``).
 
-    A run stopped by a pre-emption signal or ``train.stop_at_step`` writes ``last.pth`` and
-    returns ``{"stopped": True, "preempted": <signal or None>, "step": ...}``; the CLI turns a
-    pre-emption into the requeue exit status. A folder that already holds a run raises
+    The run folder, resume, checkpoints and stops are the shared run skeleton's
+    (:class:`sparse_mim.utils.training_run.TrainingRun`, as in pre-training). ``guard``: a
+    ``PreemptionGuard`` (tests may pass one and call ``guard.request()``), else one is installed.
+    A run stopped by a pre-emption signal or ``train.stop_at_step`` writes ``last.pth`` and returns
+    ``{"stopped": True, "preempted": <a signal?>, "stop_signal": <its name>, "step": ...}``; the CLI
+    turns a pre-emption into the requeue exit status. A folder that already holds a run raises
     :class:`~sparse_mim.utils.rundir.RunDirError` unless ``resume`` is set.
     """
-    from sparse_mim.utils.checkpoint import remove_orphan_temps
-    from sparse_mim.utils.distributed import cleanup, init_distributed
-    from sparse_mim.utils.rundir import prepare_run_dir
-
+    from sparse_mim.utils.training_run import TrainingRun
     validate_config(cfg)
-    if cfg.train.cpu_threads > 0:
-        torch.set_num_threads(cfg.train.cpu_threads)
-    dist_info = init_distributed(cfg.device, timeout_s=cfg.train.dist_timeout)
-    is_main, device = dist_info.is_main, dist_info.device
-    say = log if is_main else (lambda *_: None)
-    out_dir = cfg.output_dir
-    run_dir, error = None, None
-    if is_main:
-        try:
-            run_dir = prepare_run_dir(out_dir, cfg.resume, log=say)
-            remove_orphan_temps(out_dir)
-        except Exception as e:  # noqa: BLE001 - re-raised below on this rank, after telling the others
-            error = e
-    if _agree(error is not None, device):
-        cleanup()
-        if error is not None:
-            raise error
-        raise RuntimeError("the main process refused the output folder (see its message)")
-    try:
-        return _train(cfg, log, say, dist_info, run_dir)
-    finally:
-        if run_dir is not None:
-            run_dir.release()
-        cleanup()
+    with TrainingRun(cfg, kind="fgvc", job_type="fgvc-train", format="fgvc.train", weights_option="model.pretrained",
+                     guard=guard, log=log) as run:
+        return _FineTuning(cfg, run).execute()
 
 
-def _train(cfg, log, say, dist_info, run_dir) -> Dict:
-    from torch.utils.data import DataLoader
-    from fgvc.data import FGVCDataset, build_transform, collate_skip_bad
-    from fgvc.engine import (RandomStreams, ResumableSampler, SeededDataset, TrainState, evaluate,
-                             meta_dropout_prob, train_one_epoch)
-    from sparse_mim.utils.amp import load_scaler_state, resolve_amp
-    from sparse_mim.utils.checkpoint import (checkpoint_name, load_checkpoint, resume_auto, save_checkpoint,
-                                             unwrap_model)
-    from sparse_mim.utils.config import save_config
-    from sparse_mim.utils.distributed import barrier
-    from sparse_mim.utils.logger import RunLogger
-    from sparse_mim.utils.misc import count_parameters
-    from sparse_mim.utils import device_perf
-    from sparse_mim.utils.preemption import PreemptionGuard
+class _FineTuning:
+    """The task half of a fine-tuning run (data, model, optimizer, one epoch, evaluation, the final test)
+    on a :class:`~sparse_mim.utils.training_run.TrainingRun` (folder, resume, checkpoints, stops)."""
 
-    is_main, device, rank, world = dist_info.is_main, dist_info.device, dist_info.rank, dist_info.world_size
-    out_dir = cfg.output_dir
+    def __init__(self, cfg: Config, run):
+        self.cfg, self.run, self.say, self.device = cfg, run, run.say, run.device
+        self.state = run.state
 
-    # ---- resume: the newest loadable, finite checkpoint (a truncated last.pth falls back to a keep)
-    ckpt, resume_path = None, None
-    if cfg.resume == "auto":
-        resume_path, ckpt = resume_auto(out_dir, log=say)  # raises when checkpoints exist but none loads
-        if resume_path is None:
-            say(f"[resume] resume=auto: no checkpoint in {out_dir} yet, starting a new run")
-    elif cfg.resume:
-        resume_path, ckpt = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
-    state = TrainState()
-    if ckpt is not None:
-        from sparse_mim.utils.checkpoint import CheckpointError, require_checkpoint_kind
-        require_checkpoint_kind(ckpt, resume_path, ["fgvc"], "resume")  # a SparK / MetaFormer file named as such
-        if "optimizer" not in ckpt or "train_state" not in ckpt:
-            raise CheckpointError(f"resume: {resume_path} holds the weights only (best.pth keeps no optimizer "
-                                  f"state); resume from the run's last.pth, or start a new run from these weights")
-        state.load_state_dict(ckpt["train_state"])
-        final_path = os.path.join(out_dir, "final.json")
-        if state.epoch >= cfg.train.epochs and os.path.isfile(final_path):
-            say(f"[resume] {out_dir} holds a finished run ({state.epoch}/{cfg.train.epochs} epochs, final.json): "
-                f"nothing to do; start a new run with another output_dir")
-            with open(final_path) as f:
-                return dict(json.load(f), already_finished=True)
-        if state.epoch > cfg.train.epochs:
-            raise ConfigError(f"the checkpoint {resume_path} is at epoch {state.epoch}, beyond "
-                              f"train.epochs={cfg.train.epochs}; resume with train.epochs >= {state.epoch}")
+    def execute(self) -> Dict:
+        from sparse_mim.utils.streams import RandomStreams
+        cfg, run = self.cfg, self.run
+        ck = run.load_resume()
+        self._build_data()
+        self._build_model(init_weights=ck is None)
+        self._build_optimization()
+        run.attach(self.model, self.optimizer, self.scaler, total_steps=self.total_steps,
+                   steps_per_epoch=self.updates_per_epoch, accum_steps=self.accum, global_batch=self.total_batch,
+                   info=self.meta_info, extra_state=self._ema_state, where=self._where)
+        finished = run.restore(ck, schedule=f"train.epochs={cfg.train.epochs} at this batch size; resume with the "
+                                            f"run's own train.epochs / data.batch_size / optim.accum_steps")
+        if finished is not None:
+            return finished
+        if ck is not None and self.ema is not None and "model_ema" in ck:
+            self.ema.module.load_state_dict(ck["model_ema"])
+        del ck
+        self.train_model = self.model
+        if run.dist.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        group = cfg.wandb.group or run.wandb_run_id  # fgvc-eval runs of its checkpoints join this group
+        self.logger = run.open_logger(amp=self.amp, log_model=cfg.wandb.log_model, group=group)
+        run.info["wandb_group"] = group
+        self.streams = RandomStreams(cfg.seed, run.rank)
+        if run.train(self._run_epoch, self._end_epoch):
+            return run.summary()
+        return self._final_test()
 
-    # ---- data (demo data generated on the main process, into the run's own folder)
-    demo_dir = os.path.join(out_dir, DEMO_DIR_NAME)
-    if is_main:
-        data_cfg = resolve_data_config(cfg.data.to_dict(), demo_dir, log=say)
-    barrier()
-    if not is_main:
-        data_cfg = resolve_data_config(cfg.data.to_dict(), demo_dir, generate=False)
-    train_rec, val_rec, test_rec = build_splits(data_cfg, say)
-    if train_rec.name.endswith("/train_mini") and cfg.data.train_split != "train_mini":
-        cfg.data.train_split = "train_mini"  # the fall-back the reader took: the saved config records what was read
-    select_rec, select_name = (val_rec, "val") if val_rec is not None else (test_rec, "test")
-    if val_rec is None:
-        say("[note] data.val_split=0: the best epoch is picked on the TEST split (official protocol); "
-            "the reported test accuracy is then optimistic.")
-    groups = train_rec.meta_groups
-    a = cfg.aug
-    bs, accum = data_cfg["batch_size"], cfg.optim.accum_steps
-    train_tf = build_transform(True, cfg.model.img_size, rand_augment=a.rand_augment, reprob=a.reprob,
-                               scale=a.scale, hflip=a.hflip)
-    train_ds = SeededDataset(FGVCDataset(train_rec, train_tf, train=True), cfg.seed)
-    if len(train_ds) // world < bs * accum:
-        raise ValueError(f"train split has {len(train_ds)} images: fewer than one step per process "
-                         f"(data.batch_size={bs} x optim.accum_steps={accum} x {world} process(es)); "
-                         f"lower data.batch_size")
-    sampler = ResumableSampler(train_ds, num_replicas=world, rank=rank, seed=cfg.seed)
-    if data_cfg.get("sampler", "uniform") != "uniform":  # class-balanced / square-root (fgvc.longtail)
-        from fgvc.longtail import ClassAwareSampler
-        sampler = ClassAwareSampler(train_rec.labels, data_cfg["sampler"], num_replicas=world, rank=rank,
-                                    seed=cfg.seed)
-    nw, pin = data_cfg["num_workers"], device.type == "cuda"
-    train_loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, drop_last=True, num_workers=nw,
-                              collate_fn=collate_skip_bad, pin_memory=pin)
-    ebs = data_cfg["eval_batch_size"]
-    select_loader = _eval_loader(select_rec, cfg.model.img_size, ebs, nw, rank, world, pin)
-    test_loader = _eval_loader(test_rec, cfg.model.img_size, ebs, nw, rank, world, pin)
-    batches_per_epoch = len(train_ds) // world // bs
-    updates_per_epoch = batches_per_epoch // accum
-
-    # ---- model, optimizer, schedule, precision
-    torch.manual_seed(RandomStreams(cfg.seed).seed_for("init"))  # the same initial weights on every rank and run
-    model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=ckpt is None,
-                        classes=list(train_rec.classes), log=say).to(device)
-    perf = device_perf.apply_perf_settings(device, model)  # cudnn.benchmark / channels-last, as pre-training
-    say(f"[model] {cfg.model.name}: {count_parameters(model) / 1e6:.2f}M params, {train_rec.num_classes} classes, "
-        f"meta groups {model_meta_spec(groups)}; train {len(train_rec)} / {select_name} {len(select_rec)} / "
-        f"test {len(test_rec)} images")
-    total_batch = bs * accum * world
-    scale = total_batch / cfg.optim.lr_base_batch
-    lr, min_lr, warmup_lr = cfg.optim.lr * scale, cfg.optim.min_lr * scale, cfg.optim.warmup_lr * scale
-    total_steps = updates_per_epoch * cfg.train.epochs
-    from fgvc.optim import build_lr_schedule, describe_param_groups
-    lr_schedule = build_lr_schedule(cfg.optim, lr, min_lr, warmup_lr, total_steps,
-                                    min(updates_per_epoch * cfg.train.warmup_epochs, total_steps), updates_per_epoch)
-    if state.step > total_steps:
-        raise ConfigError(f"the checkpoint {resume_path} is at step {state.step}, beyond the {total_steps} steps of "
-                          f"train.epochs={cfg.train.epochs} at this batch size; resume with the run's own "
-                          f"train.epochs / data.batch_size / optim.accum_steps")
-    optimizer = build_optimizer(model, cfg.optim, lr)
-    amp = resolve_amp(cfg.train.amp, device)
-    scaler = amp.make_scaler()
-    say(f"[setup] {amp.describe()}; {perf.describe()}; total batch {total_batch} -> peak lr {lr:.3g}; "
-        f"{updates_per_epoch} steps/epoch; {describe_param_groups(optimizer)}")
-    ema = None
-    if cfg.train.ema:
-        from timm.utils import ModelEmaV3
-        from fgvc.average import ema_warning
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
-        warning = ema_warning(ema, total_steps)
-        if warning:
-            say(f"[warning] {warning}")
-    from fgvc.longtail import build_loss, class_counts
-    train_counts = class_counts(train_rec.labels, train_rec.num_classes)
-    mixup, criterion = build_mixup(cfg.aug, train_rec.num_classes)
-    criterion = build_loss(criterion, cfg.train.loss, train_counts, cfg.train.logit_tau)
-
-    wandb_id = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        load_scaler_state(scaler, ckpt.get("scaler"))
-        if ema is not None and "model_ema" in ckpt:
-            ema.module.load_state_dict(ckpt["model_ema"])
-        wandb_id = ckpt.get("wandb_id") or None
-        from fgvc.report import position
-        where = position(state.epoch, state.batch, cfg.train.epochs, batches_per_epoch)
-        say(f"[resume] {resume_path}: step {state.step}, {where}, "
-            f"best {select_name} top1 {state.best['top1']:.2f}")
-    del ckpt
-
-    train_model = model
-    if dist_info.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    if is_main:
-        save_config(cfg, out_dir)
-    from sparse_mim.utils.logger import new_run_id
-    wandb_id = wandb_id or new_run_id()
-    logger = RunLogger(out_dir, cfg, project=cfg.wandb.project, name=cfg.wandb.name or None,
-                       entity=cfg.wandb.entity or None, run_id=wandb_id, enabled=is_main, use_wandb=cfg.wandb.enabled,
-                       job_type="fgvc-train", log_model=cfg.wandb.log_model, group=cfg.wandb.group or wandb_id)
-    logger.log_config({"amp_resolved": amp.as_dict()})  # what train.amp picked on this hardware (bf16/fp16/fp32)
-    meta_info = {"classes": list(train_rec.classes), "meta_groups": model_meta_spec(groups),
-                 "train_class_counts": train_counts.tolist(), "wandb_group": cfg.wandb.group or wandb_id}
-    streams = RandomStreams(cfg.seed, rank)
-
-    def eval_model():
-        return ema.module if ema is not None else model
-
-    def checkpoint_state(weights=None) -> Dict:
-        return {"model": weights if weights is not None else unwrap_model(model).state_dict(),
-                "config": cfg.to_dict(), "train_state": state.state_dict(), **meta_info}
-
-    def save_last(path=None):
-        if not is_main:
-            return
-        st = checkpoint_state()
-        st.update(optimizer=optimizer.state_dict(), wandb_id=logger.run_id)
-        if scaler is not None:
-            st["scaler"] = scaler.state_dict()
-        if ema is not None:
-            st["model_ema"] = ema.module.state_dict()
-        save_checkpoint(st, path or os.path.join(out_dir, "last.pth"))
-
-    every, keep = cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps
-
-    def on_step(s):
-        if every and s.step % every == 0:
-            save_last()
-        if keep and s.step % keep == 0:
-            save_last(os.path.join(out_dir, checkpoint_name(s.step)))
-
-    preempt = PreemptionGuard()
-    stop_at = cfg.train.stop_at_step
-
-    def should_stop(s) -> bool:  # collective (every rank calls it after the same step)
-        signalled = preempt.should_stop(device if device.type == "cuda" else "cpu")
-        return signalled or bool(stop_at and s.step >= stop_at)
-
-    epochs = cfg.train.epochs
-    try:
-        with preempt:
-            while state.epoch < epochs:
-                epoch = state.epoch
-                sampler.set_epoch(epoch)
-                sampler.set_start(state.batch * bs)
-                train_ds.set_epoch(epoch)
-                t0 = time.time()
-                p_drop = meta_dropout_prob(epoch, epochs) if cfg.train.meta_dropout and groups else 0.0
-                stats = train_one_epoch(
-                    train_model, train_loader, optimizer, lr_schedule, state, criterion=criterion, epochs=epochs,
-                    streams=streams, amp=amp, scaler=scaler, mixup=mixup, ema=ema, accum_steps=accum,
-                    clip_grad=cfg.optim.clip_grad, meta_drop_p=p_drop, batches_per_epoch=batches_per_epoch,
-                    should_stop=should_stop, on_step=on_step, log_fn=logger.log, log_every=cfg.log.every,
-                    progress=cfg.log.progress and is_main,
-                    peer_timeout=cfg.train.dist_timeout if dist_info.distributed else None)
-                if stats["stopped"]:
-                    raise Preempted()
-                state.epoch, state.batch = epoch + 1, 0
-                row = {"epoch": epoch + 1, "train/loss": stats["loss"], "train/lr": stats["lr"],
-                       "train/images_per_s": stats["images_per_s"], "train/meta_drop_p": stats["meta_drop_p"],
-                       "train/skipped_images": stats["skipped"], "time/epoch_s": time.time() - t0}
-                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-                    from fgvc.dashboard import evaluate_detailed, evaluation_row, log_evaluation
-                    lg = cfg.log
-                    ev = evaluate_detailed(eval_model(), select_loader, device, train_rec.num_classes, amp=amp,
-                                           confusion_max=lg.confusion_max_classes, samples=lg.sample_predictions)
-                    row.update(evaluation_row(ev, select_name, train_counts))
-                    if ema is not None:  # the raw weights too: the EMA is not always the better one
-                        row[f"{select_name}/top1_raw"] = evaluate(model, select_loader, device, amp=amp)["top1"]
-                    if cfg.train.eval_meta_zeroed and groups:
-                        ev0 = evaluate(eval_model(), select_loader, device, meta_mode="zero", amp=amp)
-                        row[f"{select_name}/top1_meta_zeroed"] = ev0["top1"]
-                    if ev["top1"] > state.best["top1"]:
-                        state.best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch + 1}
-                        if is_main:
-                            save_checkpoint(checkpoint_state(unwrap_model(eval_model()).state_dict()),
-                                            os.path.join(out_dir, "best.pth"))
-                    row[f"{select_name}/best_top1"] = state.best["top1"]
-                if is_main:
-                    logger.log(row, state.step)
-                    if f"{select_name}/top1" in row:
-                        log_evaluation(logger, ev, select_name, state.step, train_rec.classes, select_rec, train_counts)
-                    msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                    say(f"[epoch {epoch + 1}/{epochs}] {msg}")
-                save_last()
-                barrier()
-                if state.epoch < epochs and should_stop(state):
-                    raise Preempted()
-    except Preempted:
-        save_last()
+    def _build_data(self) -> None:
+        from torch.utils.data import DataLoader
+        from fgvc.data import FGVCDataset, build_transform, collate_skip_bad
+        from fgvc.finetune_loop import SeededDataset
+        from sparse_mim.utils.distributed import barrier
+        cfg, run, say = self.cfg, self.run, self.say
+        demo_dir = os.path.join(run.out_dir, DEMO_DIR_NAME)  # demo data: generated by rank 0, into the run's folder
+        data_cfg = resolve_data_config(cfg.data.to_dict(), demo_dir, log=say) if run.is_main else None
         barrier()
-        why = preempt.signal_name if preempt.requested else f"train.stop_at_step={stop_at}"
-        from fgvc.report import position
-        where = position(state.epoch, state.batch, epochs, batches_per_epoch)
-        say(f"[stop] {why}: stopped after step {state.step} ({where}); "
-            f"last.pth written; continue with resume=auto")
-        logger.finish()
-        return {"stopped": True, "preempted": preempt.signal_name if preempt.requested else None,
-                "step": state.step, "epoch": state.epoch, "batch": state.batch}
+        if not run.is_main:
+            data_cfg = resolve_data_config(cfg.data.to_dict(), demo_dir, generate=False)
+        self.data_cfg = data_cfg
+        self.train_rec, val_rec, self.test_rec = build_splits(data_cfg, say)
+        if self.train_rec.name.endswith("/train_mini") and cfg.data.train_split != "train_mini":
+            cfg.data.train_split = "train_mini"  # the fall-back the reader took: the saved config records what was read
+            run.save_config()
+        self.select_rec, self.select_name = (val_rec, "val") if val_rec is not None else (self.test_rec, "test")
+        if val_rec is None:
+            say("[note] data.val_split=0: the best epoch is picked on the TEST split (official protocol); "
+                "the reported test accuracy is then optimistic.")
+        a, world = cfg.aug, run.world_size
+        self.bs, self.accum = data_cfg["batch_size"], cfg.optim.accum_steps
+        train_tf = build_transform(True, cfg.model.img_size, rand_augment=a.rand_augment, reprob=a.reprob,
+                                   scale=a.scale, hflip=a.hflip)
+        self.train_ds = SeededDataset(FGVCDataset(self.train_rec, train_tf, train=True), cfg.seed)
+        if len(self.train_ds) // world < self.bs * self.accum:
+            raise ValueError(f"train split has {len(self.train_ds)} images: fewer than one step per process "
+                             f"(data.batch_size={self.bs} x optim.accum_steps={self.accum} x {world} process(es)); "
+                             f"lower data.batch_size")
+        self.sampler = self._build_sampler()
+        nw, pin, ebs = data_cfg["num_workers"], self.device.type == "cuda", data_cfg["eval_batch_size"]
+        self.train_loader = DataLoader(self.train_ds, batch_size=self.bs, sampler=self.sampler, drop_last=True,
+                                       num_workers=nw, collate_fn=collate_skip_bad, pin_memory=pin)
+        self.select_loader = eval_loader(self.select_rec, cfg.model.img_size, ebs, nw, run.rank, world, pin)
+        self.test_loader = eval_loader(self.test_rec, cfg.model.img_size, ebs, nw, run.rank, world, pin)
+        self.batches_per_epoch = len(self.train_ds) // world // self.bs
+        self.updates_per_epoch = self.batches_per_epoch // self.accum
 
-    # ---- the honest number: the test split evaluated once, with the weights picked on the held-out split
-    summary = {"best_epoch": state.best["epoch"], f"best_{select_name}_top1": state.best["top1"],
-               "selected_on": select_name}
-    best_path = os.path.join(out_dir, "best.pth")
-    if os.path.isfile(best_path):
-        final_model = build_model(cfg.model, train_rec.num_classes, groups, init_weights=False).to(device)
-        final_model.load_state_dict(load_checkpoint(best_path, check_finite=True)["model"])
-    else:
-        final_model = eval_model()
-    from fgvc.dashboard import evaluate_detailed, evaluation_row
-    ev = evaluate_detailed(final_model, test_loader, device, train_rec.num_classes, amp=amp, confusion_max=0,
-                           samples=0)
-    from fgvc.report import split_label
-    summary.update({"test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"],
-                    "test_split": f"{test_rec.name}: {split_label(data_cfg['dataset'])}"})
-    summary.update({k: v for k, v in evaluation_row(ev, "test", train_counts).items()
-                    if k.rsplit("/", 1)[1] in ("mean_per_class_top1", "many_shot", "medium_shot", "few_shot")})
-    if ema is not None:  # the raw (non-EMA) weights at the end of training, for comparison
-        summary["test/top1_raw_last"] = evaluate(model, test_loader, device, amp=amp)["top1"]
-    if groups:
-        ev0 = evaluate(final_model, test_loader, device, meta_mode="zero", amp=amp)
-        summary["test/top1_meta_zeroed"] = ev0["top1"]
-    if is_main:
-        say(f"[final] best epoch {state.best['epoch']} ({select_name} top1 {state.best['top1']:.2f}); "
-            f"{split_label(data_cfg['dataset'])} ({test_rec.name}) top1 "
-            f"{summary['test/top1']:.2f}" + (f", meta zeroed {summary['test/top1_meta_zeroed']:.2f}" if groups else ""))
-        _write_json(os.path.join(out_dir, "final.json"), summary)
-        logger.summary(summary)
-        if os.path.isfile(best_path):
-            logger.log_model(best_path, name=f"fgvc-{cfg.model.name}-{logger.run_id}", metadata=summary,
-                             aliases=["best"])
-    logger.finish()
-    return summary
+    def _build_sampler(self):
+        from sparse_mim.utils.streams import ResumableSampler
+        run, mode = self.run, self.data_cfg.get("sampler", "uniform")
+        if mode == "uniform":
+            return ResumableSampler(len(self.train_ds), run.world_size, run.rank, seed=self.cfg.seed)
+        from fgvc.longtail import ClassAwareSampler  # class-balanced / square-root
+        return ClassAwareSampler(self.train_rec.labels, mode, num_replicas=run.world_size, rank=run.rank,
+                                 seed=self.cfg.seed)
+
+    def _build_model(self, init_weights: bool) -> None:
+        from sparse_mim.utils import device_perf
+        from sparse_mim.utils.misc import count_parameters
+        cfg, rec = self.cfg, self.train_rec
+        self.groups = rec.meta_groups
+        torch.manual_seed(self.run.init_seed)  # the same initial weights on every rank and run
+        self.model = build_model(cfg.model, rec.num_classes, self.groups, init_weights=init_weights,
+                                 classes=list(rec.classes), log=self.say).to(self.device)
+        self.perf = device_perf.apply_perf_settings(self.device, self.model)  # cudnn.benchmark / channels-last
+        self.say(f"[model] {cfg.model.name}: {count_parameters(self.model) / 1e6:.2f}M params, {rec.num_classes} "
+                 f"classes, meta groups {model_meta_spec(self.groups)}; train {len(rec)} / {self.select_name} "
+                 f"{len(self.select_rec)} / test {len(self.test_rec)} images")
+
+    def _build_optimization(self) -> None:
+        from fgvc.longtail import build_loss, class_counts
+        from fgvc.optim import build_lr_schedule, describe_param_groups
+        from sparse_mim.utils.amp import resolve_amp
+        cfg, rec, upe = self.cfg, self.train_rec, self.updates_per_epoch
+        self.total_batch = self.bs * self.accum * self.run.world_size
+        scale = self.total_batch / cfg.optim.lr_base_batch
+        lr, min_lr, warmup_lr = cfg.optim.lr * scale, cfg.optim.min_lr * scale, cfg.optim.warmup_lr * scale
+        self.total_steps = upe * cfg.train.epochs
+        self.lr_schedule = build_lr_schedule(cfg.optim, lr, min_lr, warmup_lr, self.total_steps,
+                                             min(upe * cfg.train.warmup_epochs, self.total_steps), upe)
+        self.optimizer = build_optimizer(self.model, cfg.optim, lr)
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.scaler = self.amp.make_scaler()
+        self.say(f"[setup] {self.amp.describe()}; {self.perf.describe()}; total batch {self.total_batch} -> peak lr "
+                 f"{lr:.3g}; {upe} steps/epoch; {describe_param_groups(self.optimizer)}")
+        self.ema = None
+        if cfg.train.ema:
+            from timm.utils import ModelEmaV3
+            from fgvc.average import ema_warning
+            self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay, use_warmup=cfg.train.ema_warmup)
+            warning = ema_warning(self.ema, self.total_steps)
+            if warning:
+                self.say(f"[warning] {warning}")
+        self.train_counts = class_counts(rec.labels, rec.num_classes)
+        self.mixup, criterion = build_mixup(cfg.aug, rec.num_classes)
+        self.criterion = build_loss(criterion, cfg.train.loss, self.train_counts, cfg.train.logit_tau)
+        self.meta_info = {"classes": list(rec.classes), "meta_groups": model_meta_spec(self.groups),
+                          "train_class_counts": self.train_counts.tolist()}
+
+    # ---- per epoch
+    def _ema_state(self) -> Dict:
+        return {"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}
+
+    def _where(self, state) -> str:
+        from fgvc.report import position
+        return position(state.epoch, state.batch, self.cfg.train.epochs, self.batches_per_epoch)
+
+    def _eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    def _run_epoch(self, epoch: int, start: int, steps: int) -> Dict:
+        from fgvc.finetune_loop import meta_dropout_prob, train_one_epoch
+        cfg, run, epochs = self.cfg, self.run, self.cfg.train.epochs
+        self.sampler.set_epoch(epoch, self.state.batch * self.bs)
+        self.train_ds.set_epoch(epoch)
+        self.epoch_t0 = time.time()
+        p_drop = meta_dropout_prob(epoch, epochs) if cfg.train.meta_dropout and self.groups else 0.0
+        return train_one_epoch(
+            self.train_model, self.train_loader, self.optimizer, self.lr_schedule, self.state,
+            criterion=self.criterion, epochs=epochs, streams=self.streams, amp=self.amp, scaler=self.scaler,
+            mixup=self.mixup, ema=self.ema, accum_steps=self.accum, clip_grad=cfg.optim.clip_grad, meta_drop_p=p_drop,
+            batches_per_epoch=self.batches_per_epoch, should_stop=run.should_stop, on_step=run.on_step,
+            log_fn=self.logger.log, log_every=cfg.log.every, progress=cfg.log.progress and run.is_main,
+            peer_timeout=cfg.train.dist_timeout if run.dist.distributed else None)
+
+    def _end_epoch(self, epoch: int, stats: Dict) -> None:
+        cfg, run, epochs = self.cfg, self.run, self.cfg.train.epochs
+        row = {"epoch": epoch + 1, "train/loss": stats["loss"], "train/lr": stats["lr"],
+               "train/images_per_s": stats["images_per_s"], "train/meta_drop_p": stats["meta_drop_p"],
+               "train/skipped_images": stats["skipped"], "time/epoch_s": time.time() - self.epoch_t0}
+        ev = None
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            ev = self._evaluate_selection(row, epoch)
+        if run.is_main:
+            self.logger.log(row, self.state.step)
+            if ev is not None:
+                from fgvc.dashboard import log_evaluation
+                log_evaluation(self.logger, ev, self.select_name, self.state.step, self.train_rec.classes,
+                               self.select_rec, self.train_counts)
+            msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            self.say(f"[epoch {epoch + 1}/{epochs}] {msg}")
+        run.save("last")
+
+    def _evaluate_selection(self, row: Dict, epoch: int) -> Dict:
+        """Evaluate on the selection split into ``row``; a new best writes ``best.pth``."""
+        from fgvc.dashboard import evaluate_detailed, evaluation_row
+        from fgvc.eval_loop import evaluate
+        from sparse_mim.utils.checkpoint import unwrap_model
+        lg, name, loader, amp, st = self.cfg.log, self.select_name, self.select_loader, self.amp, self.state
+        ev = evaluate_detailed(self._eval_model(), loader, self.device, self.train_rec.num_classes, amp=amp,
+                               confusion_max=lg.confusion_max_classes, samples=lg.sample_predictions)
+        row.update(evaluation_row(ev, name, self.train_counts))
+        if self.ema is not None:  # the raw weights too: the EMA is not always the better one
+            row[f"{name}/top1_raw"] = evaluate(self.model, loader, self.device, amp=amp)["top1"]
+        if self.cfg.train.eval_meta_zeroed and self.groups:
+            row[f"{name}/top1_meta_zeroed"] = evaluate(self._eval_model(), loader, self.device, meta_mode="zero",
+                                                       amp=amp)["top1"]
+        if ev["top1"] > st.best["top1"]:
+            st.best = {"top1": ev["top1"], "top5": ev["top5"], "epoch": epoch + 1}
+            self.run.save("best", weights=unwrap_model(self._eval_model()).state_dict())
+        row[f"{name}/best_top1"] = st.best["top1"]
+        return ev
+
+    # ---- the end: the honest number, the test split evaluated once with the weights picked on the held-out split
+    def _final_test(self) -> Dict:
+        from fgvc.dashboard import evaluate_detailed, evaluation_row
+        from fgvc.eval_loop import evaluate
+        from fgvc.report import split_label
+        run, st, amp, name, loader = self.run, self.state, self.amp, self.select_name, self.test_loader
+        final_model = self._best_model()
+        ev = evaluate_detailed(final_model, loader, self.device, self.train_rec.num_classes, amp=amp,
+                               confusion_max=0, samples=0)
+        summary = {"best_epoch": st.best["epoch"], f"best_{name}_top1": st.best["top1"], "selected_on": name,
+                   "test/top1": ev["top1"], "test/top5": ev["top5"], "test/n": ev["n"],
+                   "test_split": f"{self.test_rec.name}: {split_label(self.data_cfg['dataset'])}"}
+        summary.update({k: v for k, v in evaluation_row(ev, "test", self.train_counts).items()
+                        if k.rsplit("/", 1)[1] in ("mean_per_class_top1", "many_shot", "medium_shot", "few_shot")})
+        if self.ema is not None:  # the raw (non-EMA) weights at the end of training, for comparison
+            summary["test/top1_raw_last"] = evaluate(self.model, loader, self.device, amp=amp)["top1"]
+        if self.groups:
+            summary["test/top1_meta_zeroed"] = evaluate(final_model, loader, self.device, meta_mode="zero",
+                                                        amp=amp)["top1"]
+        summary = run.summary(**summary)
+        if run.is_main:
+            self.say(f"[final] best epoch {st.best['epoch']} ({name} top1 {st.best['top1']:.2f}); "
+                     f"{split_label(self.data_cfg['dataset'])} ({self.test_rec.name}) top1 {summary['test/top1']:.2f}"
+                     + (f", meta zeroed {summary['test/top1_meta_zeroed']:.2f}" if self.groups else ""))
+            run.finish(summary)
+            self.logger.summary(summary)
+            best_path = os.path.join(run.out_dir, "best.pth")
+            if os.path.isfile(best_path):
+                self.logger.log_model(best_path, name=f"fgvc-{self.cfg.model.name}-{self.logger.run_id}",
+                                      metadata=summary, aliases=["best"])
+        return summary
+
+    def _best_model(self):
+        from sparse_mim.utils.checkpoint import load_checkpoint
+        best_path = os.path.join(self.run.out_dir, "best.pth")
+        if not os.path.isfile(best_path):
+            return self._eval_model()
+        rec = self.train_rec
+        model = build_model(self.cfg.model, rec.num_classes, self.groups, init_weights=False).to(self.device)
+        model.load_state_dict(load_checkpoint(best_path, check_finite=True)["model"])
+        return model

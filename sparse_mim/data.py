@@ -32,7 +32,6 @@ an image twice.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -42,6 +41,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .utils.streams import ResumableSampler, stream_seed
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS", "ImageTooLargeError", "load_rgb", "upright",
@@ -67,9 +68,9 @@ class DataError(ValueError):
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """A 63-bit seed for the sample at ``position`` of ``epoch`` (independent of process layout)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    """A 63-bit seed for the sample at ``position`` of ``epoch`` (independent of process layout): the
+    untagged ``stream_seed(seed, epoch, position)``."""
+    return stream_seed(seed, epoch, position)
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -355,17 +356,17 @@ def build_pretrain_dataset(root: str | None, input_size, scale=(0.67, 1.0), hfli
 
 
 # ---------------------------------------------------------------------------- sampling
-class ResumableBatchSampler:
+class ResumableBatchSampler(ResumableSampler):
     """Deterministic, resumable, distributed batch sampler that also hands out per-sample seeds.
 
-    The epoch's order is ``randperm(n)`` seeded by ``seed + epoch``. It is cut into
-    chunks of ``batch_size``; process ``rank`` takes chunks ``rank, rank + P, ...``,
-    so micro-batch ``m`` of rank ``r`` is chunk ``m * P + r``. One optimizer step
-    (``accum_steps`` micro-batches on every rank) therefore covers a contiguous
-    slice of ``batch_size * P * accum_steps`` positions, whatever P and
-    accum_steps are: 2 processes x 1 accumulation step sees the same samples,
-    grouped in the same micro-batches, as 1 process x 2 accumulation steps.
-    The incomplete last global batch is dropped. ``set_epoch(epoch, start_step)``
+    A :class:`~sparse_mim.utils.streams.ResumableSampler` (the epoch's order is the seeded uniform
+    shuffle, ``randperm(n)`` seeded by ``seed + epoch``) whose share of the epoch is cut in
+    micro-batches: the order is cut into chunks of ``batch_size``; process ``rank`` takes chunks
+    ``rank, rank + P, ...``, so micro-batch ``m`` of rank ``r`` is chunk ``m * P + r``. One optimizer
+    step (``accum_steps`` micro-batches on every rank) therefore covers a contiguous slice of
+    ``batch_size * P * accum_steps`` positions, whatever P and accum_steps are: 2 processes x 1
+    accumulation step sees the same samples, grouped in the same micro-batches, as 1 process x 2
+    accumulation steps. The incomplete last global batch is dropped. ``set_epoch(epoch, start_step)``
     restarts mid-epoch after ``start_step`` optimizer steps.
 
     Yields lists of ``(dataset_index, sample_seed)``.
@@ -373,33 +374,28 @@ class ResumableBatchSampler:
 
     def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
                  accum_steps: int = 1, seed: int = 0, shuffle: bool = True):
-        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
-        self.num_replicas, self.rank, self.accum_steps = int(num_replicas), int(rank), int(accum_steps)
-        self.seed, self.shuffle = int(seed), shuffle
+        super().__init__(num_samples, num_replicas, rank, seed, shuffle)
+        self.batch_size, self.accum_steps = int(batch_size), int(accum_steps)
         self.global_batch = self.batch_size * self.num_replicas * self.accum_steps
-        if self.num_samples < self.global_batch:
+        if self.total < self.global_batch:
             raise DataError(
-                f"the data set has {self.num_samples} images, fewer than one global batch of {self.global_batch} "
+                f"the data set has {self.total} images, fewer than one global batch of {self.global_batch} "
                 f"(batch_size {self.batch_size} x {self.num_replicas} processes x {self.accum_steps} accumulation "
                 f"steps): lower data.batch_size / optim.accum_steps or add images")
-        self.steps_per_epoch = self.num_samples // self.global_batch
-        self.epoch, self.start_step = 0, 0
+        self.steps_per_epoch = self.total // self.global_batch
+        self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
-        self.epoch, self.start_step = int(epoch), int(start_step)
+        super().set_epoch(epoch, start_step * self.accum_steps)  # start: micro-batches of this process
+        self.start_step = int(start_step)
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.accum_steps
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
-        b, P = self.batch_size, self.num_replicas
+        order, b, P = self.epoch_order(), self.batch_size, self.num_replicas
         for m in range(self.start_step * self.accum_steps, self.steps_per_epoch * self.accum_steps):
             chunk = m * P + self.rank
             yield [(order[p], sample_seed(self.seed, self.epoch, p)) for p in range(chunk * b, (chunk + 1) * b)]

@@ -1,10 +1,11 @@
-"""SparK pre-training: the set-up half (``pretrain(cfg)``); the loop is ``engine_pretrain.train_one_epoch``.
+"""SparK pre-training: the task wiring (``pretrain(cfg)``); the loop is ``pretrain_loop.train_one_epoch``.
 
 ``pretrain(cfg)`` takes a resolved config (``load_config(DEFAULTS, recipe, overrides)``) and
-builds everything: distributed set-up, model, data, optimizer, schedules, resume; then runs
-the epochs, writes checkpoints (``last.pth`` every ``checkpoint.every_steps``, at every epoch
-end and on pre-emption; ``checkpoint-<step>.pth`` keeps), reconstruction grids and
-``backbone.pth``; returns a summary dict. The command line is ``sparse_mim.cli.pretrain``
+builds the task (model, data, optimizer, schedules, reconstruction grids, k-NN monitor,
+``backbone.pth``) on the shared run skeleton (:class:`sparse_mim.utils.training_run.TrainingRun`:
+run folder, resume, checkpoints ``last.pth`` every ``checkpoint.every_steps``, at every epoch end
+and on a stop, ``checkpoint-<step>.pth`` keeps, stops, logging); returns a summary dict
+(also written to ``final.json`` when the run reaches its end). The command line is ``sparse_mim.cli.pretrain``
 (``tools/pretrain.py``, ``spark-pretrain``)::
 
     python tools/pretrain.py                                   # 2-minute CPU demo on built-in images
@@ -16,16 +17,14 @@ Guarantees (tested): a stopped and resumed run equals an uninterrupted one (ever
 stream is a function of the seed and the position: crops and masks of the sample's place
 in the epoch, drop-path of the step); every checkpoint holds finite values only; SIGTERM /
 SIGUSR1 finish the current step, write ``last.pth`` and return with ``preempted=True``
-(the CLI exits with status 75 for the batch script to requeue).
+(the CLI exits with status 75 for the batch script to requeue); ``train.stop_at_step`` does the
+same without a signal.
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 import time
 import warnings
-from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -34,7 +33,8 @@ from . import knn
 from .sparse import autotune
 from .utils import distributed as dist_utils
 from .utils.config import Config, ConfigError, K
-from .utils.misc import NonFiniteLossError, count_parameters
+from .utils.misc import count_parameters
+from .utils.streams import stream_seed
 from .visualize import reconstruction_grid
 
 warnings.filterwarnings("ignore", message=r"`torch.cuda.amp.custom_(fwd|bwd)", category=FutureWarning)
@@ -117,7 +117,8 @@ DEFAULTS = {
         "amp": K("auto", "mixed precision: auto | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off")),
         "cpu_threads": K(1, "torch threads per process; 0 = torch's default (1 is fastest on a busy CPU)", min=0),
         "sync_bn": K(True, "SyncBatchNorm in multi-GPU runs (needs CUDA)"),
-        "stop_at_step": K(0, "debug: stop after this step without a final checkpoint (like a kill); 0 = off", min=0),
+        "stop_at_step": K(0, "debugging / tests: stop after this optimizer step as if pre-empted (writes last.pth); "
+                             "0 = off", min=0),
         "dist_timeout": K(600, "seconds a process waits for the others before naming the silent rank(s)", gt=0),
         **autotune.CONFIG_DEFAULTS,  # conv_backend (autotune | table | forced path), autotune_cache
     },
@@ -158,12 +159,6 @@ def validate_config(cfg: Config) -> None:
     knn.check_config(cfg)
 
 
-def stream_seed(seed: int, *parts: Any) -> int:
-    """A 63-bit seed for one named random stream at one position (e.g. ``("drop_path", rank, step, micro)``)."""
-    digest = hashlib.blake2b(":".join(str(p) for p in (seed, *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def build_model(cfg: Config) -> torch.nn.Module:
     """SparK around the configured backbone (built from its name, so checkpoints can describe it)."""
     from .spark import SparK
@@ -201,17 +196,11 @@ def pretrain(cfg: Config, guard=None) -> dict:
     pass one and call ``guard.request()``. Raises ``NonFiniteLossError`` (with where the last
     good checkpoint is), ``ConfigError`` / ``DataError`` for unusable settings.
     """
-    from .utils.preemption import PreemptionGuard
-    if guard is None:
-        with PreemptionGuard() as g:
-            return pretrain(cfg, guard=g)
-    holder: dict = {}
-    try:
-        return _pretrain(cfg, guard, holder)
-    finally:
-        if holder.get("run_dir") is not None:
-            holder["run_dir"].release()
-        dist_utils.cleanup()
+    from .utils.training_run import TrainingRun
+    validate_config(cfg)
+    with TrainingRun(cfg, kind="spark-pretrain", job_type="pretrain", format="sparse_mim.pretrain",
+                     weights_option="model.pretrained", guard=guard) as run:
+        return _Pretraining(cfg, run).execute()
 
 
 def _knn_monitor(cfg: Config, model, device, steps_per_epoch: int, logger, say, amp):
@@ -227,275 +216,191 @@ def _knn_monitor(cfg: Config, model, device, steps_per_epoch: int, logger, say, 
     return knn.PretrainKnn(cfg, model, device, steps_per_epoch, logger.log, say, amp.autocast, random_backbone)
 
 
-def _pretrain(cfg: Config, guard, holder: dict) -> dict:
-    from .data import ResumableBatchSampler, build_pretrain_dataset, sample_seed
-    from .engine_pretrain import TrainState, train_one_epoch
-    from .export import export_backbone
-    from .utils.amp import load_scaler_state, resolve_amp
-    from .utils.checkpoint import (FORMAT_VERSION, NonFiniteStateError, checkpoint_name, resume_auto,
-                                   require_checkpoint_kind, load_checkpoint, non_finite_tensors, remove_orphan_temps, save_checkpoint,
-                                   unwrap_model)
-    from .utils.config import save_config
-    from .utils.logger import RunLogger
-    from .utils.schedules import WarmupCosine, cosine_weight_decay
+class _Pretraining:
+    """The task half of a pre-training run (data, model, optimizer, one epoch, pictures, backbone export)
+    on a :class:`~sparse_mim.utils.training_run.TrainingRun` (folder, resume, checkpoints, stops)."""
 
-    validate_config(cfg)
-    if cfg.train.cpu_threads > 0:
-        torch.set_num_threads(cfg.train.cpu_threads)
-    info = dist_utils.init_distributed(cfg.device, timeout_s=cfg.train.dist_timeout)
-    device, is_main = info.device, info.is_main
-    say = print if is_main else (lambda *a, **k: None)
-    out_dir = cfg.output_dir
-    if is_main:
-        from .utils.rundir import prepare_run_dir
-        holder["run_dir"] = prepare_run_dir(out_dir, cfg.resume, log=say)  # never overwrite a run; one per folder
-        orphans = remove_orphan_temps(out_dir)
-        if orphans:
-            say(f"removed {len(orphans)} temporary file(s) left by an interrupted write in {out_dir}")
-        save_config(cfg, out_dir)
-    amp = resolve_amp(cfg.train.amp, device)
-    scaler = amp.make_scaler()
-    autotune.configure(cfg.train.conv_backend, cfg.train.autotune_cache)
+    def __init__(self, cfg: Config, run):
+        self.cfg, self.run, self.say, self.device = cfg, run, run.say, run.device
+        self.state = run.state
+        self.epoch_means: list = []
+        self.last_png = None
+        self.settled = False
 
-    # ---- model: the same init on every rank
-    torch.manual_seed(stream_seed(cfg.seed, "init"))
-    model = build_model(cfg).to(device)
-    if info.distributed and cfg.train.sync_bn:
-        if device.type == "cuda":
-            model = _convert_sync_bn(model)
-        else:
-            say("note: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm statistics")
-    from .utils import device_perf
-    perf = device_perf.apply_perf_settings(device, model)  # cudnn.benchmark / channels-last: the one decision
+    def execute(self) -> dict:
+        from .utils.amp import resolve_amp
+        cfg, run = self.cfg, self.run
+        ck = run.load_resume()
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.scaler = self.amp.make_scaler()
+        autotune.configure(cfg.train.conv_backend, cfg.train.autotune_cache)
+        self._build_model()
+        self._build_data()
+        self._build_optimization()
+        run.attach(self.model, self.optimizer, self.scaler, total_steps=self.total_steps,
+                   steps_per_epoch=self.steps_per_epoch, accum_steps=cfg.optim.accum_steps,
+                   global_batch=self.global_batch, info={"spark": self.model.init_args(),
+                                                         "backbone_prefix": _backbone_prefix(self.model)})
+        finished = run.restore(ck, schedule=f"train.epochs={cfg.train.epochs} x {self.steps_per_epoch} steps per "
+                                            f"epoch; resume with the run's train.epochs (or more)")
+        if finished is not None:
+            return finished
+        del ck
+        if cfg.model.pretrained and run.resume_path is None:
+            self._load_pretrained()
+        self.train_model = self.model
+        if run.dist.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.logger = run.open_logger(amp=self.amp, perf=self.perf)
+        self._describe()
+        self.knn = _knn_monitor(cfg, self.model, self.device, self.steps_per_epoch, self.logger, self.say, self.amp)
+        run.step_hooks += [self._settle, self._visualize_every]
+        if self.knn is not None:
+            run.step_hooks.append(self.knn.step)
+            self.knn.start(self.state)
+        t0 = time.time()
+        if run.train(self._run_epoch, self._end_epoch):
+            return run.summary(**self._results())
+        return self._finish((time.time() - t0) / 60)
 
-    # ---- data
-    dataset = build_pretrain_dataset(cfg.data.root, model.input_size, scale=cfg.aug.scale, hflip=cfg.aug.hflip,
-                                     mean=cfg.data.mean, std=cfg.data.std, builtin_images=cfg.data.builtin_images,
-                                     builtin_size=cfg.data.builtin_size, max_pixels=cfg.data.max_pixels)
-    sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, info.world_size, info.rank,
-                                    accum_steps=cfg.optim.accum_steps, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0)
+    def _build_model(self) -> None:
+        cfg, run = self.cfg, self.run
+        torch.manual_seed(run.init_seed)  # the same initial weights on every rank
+        model = build_model(cfg).to(self.device)
+        if run.dist.distributed and cfg.train.sync_bn:
+            if self.device.type == "cuda":
+                model = _convert_sync_bn(model)
+            else:
+                self.say("note: SyncBatchNorm needs CUDA; on CPU each process keeps its own BatchNorm statistics")
+        from .utils import device_perf
+        self.perf = device_perf.apply_perf_settings(self.device, model)  # cudnn.benchmark / channels-last
+        self.model = model
 
-    # ---- optimisation
-    global_batch = sampler.global_batch
-    lr = cfg.optim.lr * global_batch / cfg.optim.lr_base_batch
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
-    warmup_steps = min(total_steps, int(round(cfg.train.warmup_epochs * steps_per_epoch)))
-    lr_schedule = WarmupCosine(lr, lr * cfg.optim.lr_end_factor, total_steps, warmup_steps,
-                               warmup_start=lr * cfg.optim.lr_start_factor)
-    wd_schedule = cosine_weight_decay(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total_steps)
-    optimizer = build_optimizer(model, cfg, lr)
-    state = TrainState()
+    def _build_data(self) -> None:
+        from .data import ResumableBatchSampler, build_pretrain_dataset, sample_seed
+        cfg, d = self.cfg, self.cfg.data
+        self.dataset = build_pretrain_dataset(
+            d.root, self.model.input_size, scale=cfg.aug.scale, hflip=cfg.aug.hflip, mean=d.mean, std=d.std,
+            builtin_images=d.builtin_images, builtin_size=d.builtin_size, max_pixels=d.max_pixels)
+        self.sampler = ResumableBatchSampler(len(self.dataset), d.batch_size, self.run.world_size, self.run.rank,
+                                             accum_steps=cfg.optim.accum_steps, seed=cfg.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, num_workers=d.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=d.num_workers > 0)
+        self.vis_items = [(i % len(self.dataset), sample_seed(cfg.seed, -1, i)) for i in range(cfg.log.vis_images)]
 
-    # ---- resume / init
-    run_id, ck, resume_path = None, None, None
-    if cfg.resume == "auto":
-        resume_path, ck = resume_auto(out_dir, log=say)  # raises when checkpoints exist but none loads
-        if resume_path is None:
-            say(f"resume=auto: no checkpoint in {out_dir} yet, starting from scratch")
-    elif cfg.resume:
-        resume_path, ck = cfg.resume, load_checkpoint(cfg.resume, check_finite=True)
-    if ck is not None:
-        require_checkpoint_kind(ck, resume_path, ["spark-pretrain"], "resume")  # names an fgvc / other file as such
-        if not isinstance(ck, dict) or "train_state" not in ck or "model" not in ck:
-            raise ConfigError(f"resume={resume_path!r} is not a pre-training checkpoint of this toolkit (no "
-                              "'model' / 'train_state'); use model.pretrained=PATH to start from its weights")
-        step = int(ck["train_state"].get("step", 0))
-        if step > total_steps:
-            raise ConfigError(
-                f"resume: {resume_path} is at step {step}, past the end of this schedule ({total_steps} steps = "
-                f"train.epochs={cfg.train.epochs} x {steps_per_epoch} steps per epoch); resume with the run's "
-                f"train.epochs (or more), or start a new run in another output_dir")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        load_scaler_state(scaler, ck.get("scaler"))
-        state.load_state_dict(ck["train_state"])
-        run_id = ck.get("wandb_run_id")
-        if ck.get("global_batch") not in (None, global_batch):
-            say(f"warning: resuming with global batch {global_batch}, the checkpoint used {ck['global_batch']}: "
-                "the data order after the resume point differs from the original run")
-        say(f"resumed from {resume_path} at step {state.step}/{total_steps}")
-        ck = None
-    if cfg.model.pretrained and resume_path is None:
+    def _build_optimization(self) -> None:
+        from .utils.schedules import WarmupCosine, cosine_weight_decay
+        cfg, o = self.cfg, self.cfg.optim
+        self.global_batch = self.sampler.global_batch
+        self.lr = o.lr * self.global_batch / o.lr_base_batch
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = max(1, int(round(cfg.train.epochs * self.steps_per_epoch)))
+        warmup_steps = min(self.total_steps, int(round(cfg.train.warmup_epochs * self.steps_per_epoch)))
+        self.lr_schedule = WarmupCosine(self.lr, self.lr * o.lr_end_factor, self.total_steps, warmup_steps,
+                                        warmup_start=self.lr * o.lr_start_factor)
+        self.wd_schedule = cosine_weight_decay(o.weight_decay, o.weight_decay_end, self.total_steps)
+        self.optimizer = build_optimizer(self.model, cfg, self.lr)
+
+    def _load_pretrained(self) -> None:
         from .spark import load_spark_checkpoint
-        from .utils.checkpoint import check_state_finite
-        start = load_checkpoint(cfg.model.pretrained, check_finite=True)
-        require_checkpoint_kind(start, cfg.model.pretrained, ["spark-pretrain", "spark-weights", "unknown"],
-                                "model.pretrained")
-        check_state_finite(start, f"model.pretrained={cfg.model.pretrained!r}")
-        load_spark_checkpoint(model, start)
+        from .utils.checkpoint import check_state_finite, load_checkpoint, require_checkpoint_kind
+        path = self.cfg.model.pretrained
+        start = load_checkpoint(path, check_finite=True)
+        require_checkpoint_kind(start, path, ["spark-pretrain", "spark-weights", "unknown"], "model.pretrained")
+        check_state_finite(start, f"model.pretrained={path!r}")
+        load_spark_checkpoint(self.model, start)
 
-    train_model = model
-    if info.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    def _describe(self) -> None:
+        cfg, m, run = self.cfg, self.model, self.run
+        self.say(f"SparK {cfg.model.backbone} ({'sparse' if cfg.model.sparse else 'dense-masked'}), "
+                 f"{count_parameters(m) / 1e6:.2f} M params ({count_parameters(m.backbone) / 1e6:.2f} M backbone), "
+                 f"input {list(m.input_size)}, {len(self.dataset)} images, {run.world_size} process(es) on "
+                 f"{self.device.type}, {self.amp.describe()}, {self.perf.describe()}, global batch "
+                 f"{self.global_batch}, lr {self.lr:.3g}, {self.total_steps} steps ({self.steps_per_epoch}/epoch), "
+                 f"output {run.out_dir}")
 
-    logger = RunLogger(out_dir, cfg, project=cfg.wandb.project, name=cfg.wandb.name,
-                       entity=cfg.wandb.entity or None, run_id=run_id, enabled=is_main, job_type="pretrain",
-                       use_wandb=cfg.wandb.enabled)
-    logger.log_config({"amp_resolved": amp.as_dict()})  # what train.amp picked on this hardware (bf16/fp16/fp32)
-    logger.log_config({"perf": perf.as_dict()})
-    prefix = _backbone_prefix(model)
-    spark_args = model.init_args()
-    last_path = os.path.join(out_dir, "last.pth")
-    saved = {"step": None, "path": None}
+    # ---- per step / per epoch
+    def _settle(self, state) -> None:
+        if not self.settled:  # the first step met every training shape: every rank takes rank 0's kernel choices
+            self.settled = True
+            self.logger.log_config({"autotune": autotune.settle(self.say)})
 
-    def save(kind: str = "last") -> str | None:
-        """Write a checkpoint on rank 0; every rank agrees first that the state is finite."""
-        model_state = unwrap_model(model).state_dict()
-        opt_state = optimizer.state_dict()
-        bad = non_finite_tensors({"model": model_state, "optimizer": opt_state}) if is_main else []
-        n_bad = int(dist_utils.all_reduce_sum(torch.tensor([float(len(bad))], device=device))[0])
-        if n_bad:
-            good = (f"the last good checkpoint is {saved['path']} (step {saved['step']})" if saved["path"] else
-                    (f"the last good checkpoint is {last_path}" if os.path.isfile(last_path) else
-                     "no good checkpoint was written in this run"))
-            raise NonFiniteStateError(
-                f"step {state.step}: the training state became non-finite ({n_bad} tensor(s), e.g. "
-                f"{', '.join(bad[:3]) or 'on rank 0'}); nothing was written, {good}. Usual fixes: lower "
-                "optim.lr, keep optim.clip_grad on, or train.amp=off; then resume=auto")
-        path = None
-        if is_main:
-            ck = {"model": model_state, "optimizer": opt_state, "train_state": state.state_dict(),
-                  "spark": spark_args, "config": cfg.to_dict(), "wandb_run_id": logger.run_id,
-                  "world_size": info.world_size, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
-                  "total_steps": total_steps, "backbone_prefix": prefix, "format": "sparse_mim.pretrain",
-                  "format_version": FORMAT_VERSION}
-            if scaler is not None:
-                ck["scaler"] = scaler.state_dict()
-            path = os.path.join(out_dir, checkpoint_name(state.step) if kind == "keep" else "last.pth")
-            save_checkpoint(ck, path, check_finite=False)  # checked above, on the same tensors
-            saved.update(step=state.step, path=path)
-        return path
+    def _visualize_every(self, state) -> None:
+        if self.cfg.log.vis_every > 0 and state.step % self.cfg.log.vis_every == 0:
+            self._visualize(state.step)
 
-    vis_items = [(i % len(dataset), sample_seed(cfg.seed, -1, i)) for i in range(cfg.log.vis_images)]
-    last_png = [None]
-
-    def visualize(step: int) -> None:
-        if not is_main or not vis_items:
+    def _visualize(self, step: int) -> None:
+        if not self.run.is_main or not self.vis_items:
             return
-        batch = [dataset[k] for k in vis_items]
-        images = torch.stack([b[0] for b in batch]).to(device)
-        visible = model.masks_from_seeds([b[1] for b in batch], device)
+        cfg, model = self.cfg, self.model
+        batch = [self.dataset[k] for k in self.vis_items]
+        images = torch.stack([b[0] for b in batch]).to(self.device)
+        visible = model.masks_from_seeds([b[1] for b in batch], self.device)
         was_training = model.training
         model.eval()
-        with amp.autocast():
+        with self.amp.autocast():
             grid = reconstruction_grid(model, images, visible, mean=cfg.data.mean, std=cfg.data.std)
         model.train(was_training)
-        last_png[0] = logger.log_image("reconstruction", grid.float().clamp(0, 1), step,
-                                       caption="masked input | reconstruction | original")
+        self.last_png = self.logger.log_image("reconstruction", grid.float().clamp(0, 1), step,
+                                              caption="masked input | reconstruction | original")
 
-    ckpt_every, keep_every = cfg.checkpoint.every_steps, cfg.checkpoint.keep_every_steps
-    vis_every = cfg.log.vis_every
+    def _run_epoch(self, epoch: int, start: int, steps: int) -> dict:
+        from .pretrain_loop import train_one_epoch
+        cfg, run = self.cfg, self.run
+        self.sampler.set_epoch(epoch, start)
+        return train_one_epoch(
+            self.model, self.loader, self.optimizer, self.lr_schedule, self.state, wd_schedule=self.wd_schedule,
+            train_model=self.train_model, amp=self.amp, scaler=self.scaler, accum_steps=cfg.optim.accum_steps,
+            clip_grad=cfg.optim.clip_grad, seed=cfg.seed, rank=run.rank, steps_this_epoch=steps,
+            should_stop=run.should_stop, on_step=run.on_step, log_fn=self.logger.log, log_every=cfg.log.every,
+            progress=cfg.log.progress and run.is_main,
+            peer_timeout=cfg.train.dist_timeout if run.dist.distributed else None)
 
-    settled = [False]
+    def _end_epoch(self, epoch: int, stats: dict) -> None:
+        st = self.state
+        self.run.save("last")
+        self.epoch_means.append((epoch, stats["loss"]))
+        self.say(f"epoch {epoch} done: step {st.step}/{self.total_steps}, mean loss {stats['loss']:.4f}, "
+                 f"unreadable images skipped so far: {st.failed_images}")
 
-    def on_step(st) -> None:
-        if not settled[0]:  # the first step met every training shape: every rank takes rank 0's kernel choices
-            settled[0] = True
-            logger.log_config({"autotune": autotune.settle(say)})
-        if vis_every > 0 and st.step % vis_every == 0:
-            visualize(st.step)
-        if keep_every > 0 and st.step % keep_every == 0:
-            save("keep")
-        if ckpt_every > 0 and st.step % ckpt_every == 0:
-            save("last")
-        if knn_monitor is not None:
-            knn_monitor.step(st)
+    # ---- the end
+    def _results(self) -> dict:
+        st, run = self.state, self.run
+        saved = run.last_good_path()
+        return {"first_loss": st.first_loss, "last_loss": st.last_loss, "history": list(st.history),
+                "failed_images": st.failed_images, "skipped_steps": st.skipped_steps,
+                "epoch_means": self.epoch_means, "checkpoint": saved, "backbone": None, "reconstruction_png": None,
+                "knn": None}
 
-    stop_at = cfg.train.stop_at_step
-
-    def should_stop(st) -> bool:
-        if guard.should_stop(device):  # collective: every rank asks after every step
-            return True
-        return bool(stop_at and st.step >= stop_at)
-
-    say(f"SparK {cfg.model.backbone} ({'sparse' if cfg.model.sparse else 'dense-masked'}), "
-        f"{count_parameters(model) / 1e6:.2f} M params ({count_parameters(model.backbone) / 1e6:.2f} M backbone), "
-        f"input {list(model.input_size)}, {len(dataset)} images, {info.world_size} process(es) on {device.type}, "
-        f"{amp.describe()}, {perf.describe()}, global batch {global_batch}, lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), "
-        f"output {out_dir}")
-
-    knn_monitor = _knn_monitor(cfg, model, device, steps_per_epoch, logger, say, amp)
-    if knn_monitor is not None:
-        knn_monitor.start(state)
-    stopped, preempted = False, False
-    epoch_means = []
-    t0 = time.time()
-    try:
-        first_epoch = state.step // steps_per_epoch
-        for epoch in range(first_epoch, math.ceil(total_steps / steps_per_epoch)):
-            start = state.step - epoch * steps_per_epoch
-            remaining = min(steps_per_epoch, total_steps - epoch * steps_per_epoch) - start
-            if remaining <= 0:
-                continue
-            sampler.set_epoch(epoch, start)
-            state.epoch = epoch
-            stats = train_one_epoch(
-                model, loader, optimizer, lr_schedule, state, wd_schedule=wd_schedule, train_model=train_model,
-                amp=amp, scaler=scaler, accum_steps=cfg.optim.accum_steps, clip_grad=cfg.optim.clip_grad,
-                seed=cfg.seed, rank=info.rank, steps_this_epoch=remaining, should_stop=should_stop,
-                on_step=on_step, log_fn=logger.log, log_every=cfg.log.every, progress=cfg.log.progress and is_main,
-                peer_timeout=cfg.train.dist_timeout if info.distributed else None)
-            if guard.requested:
-                preempted = True
-                save("last")
-                dist_utils.barrier()  # nobody exits (and gets the job step killed) before rank 0 has written
-                say(f"pre-empted ({guard.signal_name}) after step {state.step}/{total_steps}: wrote {last_path}; "
-                    "run again with resume=auto to continue")
-                break
-            if stop_at and state.step >= stop_at:
-                stopped = True
-                break
-            epoch_done = state.step - epoch * steps_per_epoch >= steps_per_epoch
-            if epoch_done or state.step >= total_steps:
-                save("last")
-                epoch_means.append((epoch, stats["loss"]))
-                say(f"epoch {epoch} done: step {state.step}/{total_steps}, mean loss {stats['loss']:.4f}, "
-                    f"unreadable images skipped so far: {state.failed_images}")
-            if state.step >= total_steps:
-                break
-    except NonFiniteLossError as e:
-        logger.finish()
-        if not isinstance(e, NonFiniteStateError):
-            kept = (f"the last good checkpoint is {saved['path'] or last_path}" if saved["path"] or
-                    os.path.isfile(last_path) else "no checkpoint was written before it")
-            e.args = (f"{e.args[0]} ({kept})",) + e.args[1:]
-        raise
-
-    summary = {"output_dir": out_dir, "step": state.step, "total_steps": total_steps,
-               "first_loss": state.first_loss, "last_loss": state.last_loss, "history": list(state.history),
-               "failed_images": state.failed_images, "skipped_steps": state.skipped_steps,
-               "wandb_run_id": logger.run_id, "epoch_means": epoch_means,
-               "checkpoint": saved["path"] or (last_path if os.path.isfile(last_path) else None),
-               "backbone": None, "reconstruction_png": None, "stopped_early": stopped or preempted,
-                "preempted": preempted, "stop_signal": guard.signal_name if preempted else None, "knn": None}
-    if knn_monitor is not None and not (stopped or preempted):
-        knn_monitor.end(state)
-        summary["knn"] = knn_monitor.results
-    if not (stopped or preempted):
-        if is_main:
-            visualize(state.step)
-            summary["reconstruction_png"] = last_png[0]
+    def _finish(self, minutes: float) -> dict:
+        from .export import export_backbone
+        from .utils.checkpoint import unwrap_model
+        cfg, run, st = self.cfg, self.run, self.state
+        summary = run.summary(**self._results())
+        if self.knn is not None:
+            self.knn.end(st)
+            summary["knn"] = self.knn.results
+        if run.is_main:
+            self._visualize(st.step)
+            summary["reconstruction_png"] = self.last_png
             if cfg.checkpoint.export_backbone:
-                bb_path = os.path.join(out_dir, "backbone.pth")
-                export_backbone(unwrap_model(model), bb_path)
+                bb_path = os.path.join(run.out_dir, "backbone.pth")
+                export_backbone(unwrap_model(self.model), bb_path)
                 summary["backbone"] = bb_path
-                logger.log_artifact(bb_path, name=f"{cfg.wandb.name}-{cfg.model.backbone}-backbone", type="model",
-                                    metadata={"backbone": cfg.model.backbone, "step": state.step,
-                                              "input_size": list(model.input_size)})
-            logger.summary({"final_loss": state.last_loss, "failed_images": state.failed_images})
-            if knn_monitor is not None:
-                logger.summary(knn_monitor.summary())
+                self.logger.log_artifact(bb_path, name=f"{cfg.wandb.name}-{cfg.model.backbone}-backbone",
+                                         type="model", metadata={"backbone": cfg.model.backbone, "step": st.step,
+                                                                 "input_size": list(self.model.input_size)})
+            self.logger.summary({"final_loss": st.last_loss, "failed_images": st.failed_images})
+            if self.knn is not None:
+                self.logger.summary(self.knn.summary())
         dist_utils.barrier()
-    wandb_dir = logger.wandb_dir
-    logger.finish()
-    if is_main and not preempted:
-        _print_summary(summary, state, epoch_means, (time.time() - t0) / 60, out_dir, wandb_dir)
-    return summary
+        run.finish(summary)
+        if run.is_main:
+            _print_summary(summary, st, self.epoch_means, minutes, run.out_dir, self.logger.wandb_dir)
+        return summary
 
 
 def _print_summary(summary, state, epoch_means, minutes, out_dir, wandb_dir) -> None:

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fgvc.demo import make_demo_dataset
-from fgvc.engine import RandomStreams, TrainState, train_one_epoch
+from fgvc.finetune_loop import train_one_epoch
+from sparse_mim.utils.streams import RandomStreams
+from sparse_mim.utils.training_run import TrainState
 from fgvc.evaluate import evaluate_checkpoint
 from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.amp import resolve_amp

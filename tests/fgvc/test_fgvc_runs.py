@@ -50,9 +50,9 @@ def test_stop_and_resume_at_several_steps_is_exact(demo_root, tmp_path):
         out = train(_cfg(demo_root, b, *STOCHASTIC, f"train.stop_at_step={stop}", *(["resume=auto"] if k else [])),
                     **QUIET)
         ck = torch.load(os.path.join(b, "last.pth"), weights_only=True)
-        wandb_ids.append(ck["wandb_id"])
+        wandb_ids.append(ck["wandb_run_id"])
         if stop:
-            assert out["stopped"] and out["step"] == stop and out["preempted"] is None
+            assert out["stopped"] and out["step"] == stop and out["preempted"] is False and out["stop_signal"] is None
             assert ck["train_state"]["step"] == stop and ck["train_state"]["batch"] == (2 * stop) % 12
     assert len(set(wandb_ids)) == 1                                   # one wandb run across the resumes
     ca = torch.load(os.path.join(a, "last.pth"), weights_only=True)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from fgvc.builders import build_model, resolve_data_config
-from fgvc.engine import (RandomStreams, TrainState, drop_meta_groups, meta_dropout, meta_dropout_prob,
-                         train_one_epoch)
+from fgvc.eval_loop import drop_meta_groups
+from fgvc.finetune_loop import meta_dropout, meta_dropout_prob, train_one_epoch
+from sparse_mim.utils.streams import RandomStreams
+from sparse_mim.utils.training_run import TrainState
 from fgvc.evaluate import evaluate_checkpoint, prediction_rows
 from fgvc.train import DEFAULTS, train, validate_config
 from sparse_mim.utils.config import ConfigError, load_config, shipped_recipes_dir

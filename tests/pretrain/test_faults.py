@@ -88,7 +88,7 @@ STOCHASTIC = TINY + ["data.builtin_images=8", "data.batch_size=2", "optim.accum_
 
 
 def test_preemption_and_exact_resume_with_every_stochastic_option(tmp_path, monkeypatch):
-    """SIGTERM / SIGUSR1 at two points and a hard stop at a third: every resumed run equals the uninterrupted one
+    """SIGTERM / SIGUSR1 at two points and train.stop_at_step at a third: every resumed run equals the uninterrupted one
     bit for bit (drop-path, crops, flips, masks, accumulation, 2 loader workers on resume)."""
     full = run(STOCHASTIC + [f"output_dir={tmp_path / 'full'}"])
     assert full["step"] == 8
@@ -104,9 +104,9 @@ def test_preemption_and_exact_resume_with_every_stochastic_option(tmp_path, monk
     s = run(STOCHASTIC + [f"output_dir={out}", "resume=auto", "data.num_workers=2"])
     assert s["preempted"] and s["step"] == 6 and _step(out / "last.pth") == 6
     monkeypatch.undo()
-    # 3) a hard stop after step 7 (no final checkpoint, like SIGKILL): resume goes back to step 6
+    # 3) train.stop_at_step=7: a stop like a pre-emption without a signal (last.pth at step 7)
     s = run(STOCHASTIC + [f"output_dir={out}", "resume=auto", "train.stop_at_step=7"])
-    assert s["stopped_early"] and not s["preempted"] and _step(out / "last.pth") == 6
+    assert s["stopped_early"] and not s["preempted"] and s["stop_signal"] is None and _step(out / "last.pth") == 7
     # orphan temp file of a killed writer: removed at start
     (out / ".last.pth.k1ll3d.tmp").write_bytes(b"partial")
     done = run(STOCHASTIC + [f"output_dir={out}", "resume=auto"])

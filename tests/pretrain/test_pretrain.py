@@ -1,4 +1,4 @@
-"""End-to-end tests of SparK pre-training (sparse_mim.train, sparse_mim.data, sparse_mim.engine_pretrain).
+"""End-to-end tests of SparK pre-training (sparse_mim.train, sparse_mim.data, sparse_mim.pretrain_loop).
 
 All on CPU with resnet18 (one block per stage) at 64 px and a handful of steps. Each run
 is a real ``sparse_mim.train.pretrain`` run (in-process; the DDP one through torchrun and
@@ -159,13 +159,13 @@ def test_loss_falls_and_outputs(tmp_path, monkeypatch):
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    """Killed after step 7 (last checkpoint at step 6, mid-epoch), resumed: same parameters as one run."""
+    """Stopped after step 7 (train.stop_at_step: last.pth at step 7, mid-epoch), resumed: same parameters as one run."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     common = TINY + ["data.builtin_images=8", "data.batch_size=2", "train.epochs=2", "checkpoint.every_steps=3",
                      "log.every=1", "train.warmup_epochs=0.5", "checkpoint.export_backbone=false"]
     full = run(common + [f"output_dir={tmp_path / 'full'}"])
     killed = run(common + [f"output_dir={tmp_path / 'cut'}", "train.stop_at_step=7"])
-    assert killed["stopped_early"] and load_checkpoint(str(tmp_path / "cut" / "last.pth"))["train_state"]["step"] == 6
+    assert killed["stopped_early"] and load_checkpoint(str(tmp_path / "cut" / "last.pth"))["train_state"]["step"] == 7
     # resumed with 2 loader processes: samples, crops and masks must not depend on the loader layout either
     resumed = run(common + [f"output_dir={tmp_path / 'cut'}", "resume=auto", "data.num_workers=2"])
     assert resumed["step"] == full["step"] == 8

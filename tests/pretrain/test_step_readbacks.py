@@ -1,17 +1,18 @@
 """The pre-training step reads scalars back from the device once per optimizer step, not once per value.
 
 Recorded with a TorchDispatchMode (sparse_mim.utils.host_sync) on the CPU: every synchronising aten
-call and every `read_back` made by the training loop's own code (engine_pretrain.py, utils/*.py; the
+call and every `read_back` made by the training loop's own code (pretrain_loop.py, utils/*.py; the
 model's per-forward map building is the model's and is covered by tests/sparse/test_host_syncs.py).
 """
 import torch
 
-from sparse_mim.engine_pretrain import TrainState, train_one_epoch
+from sparse_mim.pretrain_loop import train_one_epoch
+from sparse_mim.utils.training_run import TrainState
 from sparse_mim.spark import SparK, param_groups
 from sparse_mim.utils.amp import resolve_amp
 from sparse_mim.utils.host_sync import record_host_syncs
 
-LOOP_FILES = ("engine_pretrain.py", "amp.py", "misc.py", "distributed.py", "schedules.py")
+LOOP_FILES = ("pretrain_loop.py", "amp.py", "misc.py", "distributed.py", "schedules.py")
 
 
 def _loop_syncs(rec):

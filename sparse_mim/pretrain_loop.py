@@ -1,22 +1,24 @@
-"""One pre-training epoch (MAE's engine_pretrain split): forward, backward, step, log.
+"""One pre-training epoch: forward, backward, step, log (the task part of SparK pre-training).
 
-``sparse_mim.train.pretrain`` builds everything (config, distributed, data, model, optimizer,
-resume) and calls :func:`train_one_epoch` per epoch with explicit objects (the convention of
-``fgvc.engine.train_one_epoch`` too); this module knows nothing about configs or files.
+``sparse_mim.train.pretrain`` builds the task (data, model, optimizer, schedules) on the shared run
+skeleton (:mod:`sparse_mim.utils.training_run`: folder, resume, checkpoints, stops) and calls
+:func:`train_one_epoch` per epoch with explicit objects (the convention of
+``fgvc.finetune_loop.train_one_epoch`` too); this module knows nothing about configs or files.
 What happens per micro-batch:
 
 1. the visible masks are drawn per sample from the sample's seed (so masks do not
    depend on the process layout or on restarts);
 2. the global torch generator (drop-path draws from it) is seeded from
-   ``(seed, "drop_path", rank, step, micro-batch)``: drop-path is a function of the
+   ``stream_seed(seed, "drop_path", rank, step, micro-batch)``: drop-path is a function of the
    position in the run, whatever happened before (loader workers starting, a resume);
 3. forward under the run's autocast policy; the loss averaged over processes, so every rank
    sees the same NaN / inf and stops together (a non-finite loss makes the gradients
    non-finite, so the optimizer step is skipped before the run stops);
 4. backward and, after ``accum_steps`` micro-batches, the shared ``optimizer_step``
    (unscale, clip, LAMB step; DDP's all-reduce only on the last micro-batch); lr /
-   weight decay for the next step; then ``on_step(state)`` (checkpoints, pictures) and
-   ``should_stop(state)`` (pre-emption, debug stop).
+   weight decay for the next step; then ``on_step(state)`` (checkpoints, pictures) and, except
+   after the epoch's last step (the run skeleton asks after the epoch's end), ``should_stop(state)``
+   (pre-emption, ``train.stop_at_step``).
 
 Host read-backs: one per optimizer step. The step's loss, image counts, gradient norm and loss
 scale come back in one transfer with the gradient norm (``optimizer_step(read_with=...)``); the
@@ -26,8 +28,6 @@ skip decision for non-finite gradients needs that norm on the host before the op
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -36,40 +36,10 @@ from torch import nn
 from .utils import distributed as dist_utils
 from .utils.misc import AverageMeter, Throughput, check_finite, peak_memory_mb
 from .utils.schedules import set_optimizer_values
+from .utils.streams import RandomStreams
+from .utils.training_run import TrainState
 
-__all__ = ["TrainState", "train_one_epoch", "seed_step_stream"]
-
-
-@dataclass
-class TrainState:
-    """Position in the run (what a checkpoint must restore besides the modules)."""
-    step: int = 0                 # optimizer steps done
-    epoch: int = 0
-    images_seen: int = 0
-    failed_images: int = 0        # unreadable images skipped so far (all ranks)
-    skipped_steps: int = 0        # optimizer steps skipped for non-finite gradients
-    first_loss: float | None = None
-    last_loss: float | None = None
-    history: list = field(default_factory=list)  # (step, loss) at log points, for the final summary
-
-    def state_dict(self) -> dict:
-        return dict(step=self.step, epoch=self.epoch, images_seen=self.images_seen,
-                    failed_images=self.failed_images, skipped_steps=self.skipped_steps,
-                    first_loss=self.first_loss, last_loss=self.last_loss,
-                    history=[list(h) for h in self.history])
-
-    def load_state_dict(self, d: dict) -> None:
-        for k, v in d.items():
-            if hasattr(self, k):
-                setattr(self, k, [tuple(h) for h in v] if k == "history" else v)
-
-
-def seed_step_stream(seed: int, rank: int, step: int, micro: int) -> int:
-    """Seed the global torch generator (CPU and CUDA) for one micro-batch; drop-path draws from it."""
-    digest = hashlib.blake2b(f"{seed}:drop_path:{rank}:{step}:{micro}".encode(), digest_size=8).digest()
-    s = int.from_bytes(digest, "little") >> 1
-    torch.manual_seed(s)
-    return s
+__all__ = ["train_one_epoch"]
 
 
 def train_one_epoch(
@@ -98,7 +68,8 @@ def train_one_epoch(
     """Train until the loader is exhausted, ``steps_this_epoch`` optimizer steps are done (a fractional
     last epoch) or ``should_stop(state)`` says so; returns epoch averages.
 
-    ``stats["stopped"]`` tells whether ``should_stop`` ended the epoch early. ``peer_timeout``
+    ``stats["stopped"]`` tells whether ``should_stop`` ended the epoch early (it is not asked after the
+    epoch's last step: the caller asks after its epoch-end work). ``peer_timeout``
     (multi-process runs): every rank checks in at the start of each optimizer step; a rank that
     does not within that many seconds is named in a ``DeadPeerError``.
     """
@@ -117,6 +88,7 @@ def train_one_epoch(
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False)
     set_optimizer_values(optimizer, lr_schedule(state.step), wd_schedule(state.step) if wd_schedule else None)
     optimizer.zero_grad(set_to_none=True)
+    streams = RandomStreams(seed, rank)
     micro, step_images, stopped, steps_done = 0, 0, False, 0
     step_failed = torch.zeros((), dtype=torch.long)
     step_loss = torch.zeros((), device=device)
@@ -125,7 +97,7 @@ def train_one_epoch(
             dist_utils.check_peers(peer_timeout, f"step {state.step + 1}")
         images = images.to(device, non_blocking=True)
         visible = model.masks_from_seeds(seeds, device)
-        seed_step_stream(seed, rank, state.step, micro)
+        streams.seed_torch("drop_path", state.step, micro)
         last_micro = micro == accum_steps - 1
         sync = contextlib.nullcontext() if (last_micro or not distributed) else train_model.no_sync()
         with sync:
@@ -153,6 +125,7 @@ def train_one_epoch(
         lr = lr_schedule(state.step)  # the values used for this step
         wd = wd_schedule(state.step) if wd_schedule else None
         state.step += 1
+        state.batch += accum_steps
         micro = 0
         state.failed_images += int(n_failed_step)
         state.images_seen += int(n_images_step)
@@ -181,11 +154,11 @@ def train_one_epoch(
             }, state.step)
         if on_step is not None:
             on_step(state)
-        if should_stop is not None and should_stop(state):
-            stopped = True
-            break
         steps_done += 1
         if steps_this_epoch is not None and steps_done >= steps_this_epoch:
+            break
+        if should_stop is not None and should_stop(state):
+            stopped = True
             break
     if bar is not None:
         bar.close()
