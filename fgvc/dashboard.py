@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["evaluate_detailed", "evaluation_row", "log_evaluation", "confusion_pairs"]
+__all__ = ["evaluate_detailed", "evaluation_row", "log_evaluation", "confusion_pairs", "thumbnail"]
 
 
 def evaluate_detailed(model: torch.nn.Module, loader, device: torch.device, num_classes: int, amp=None,
@@ -120,7 +120,6 @@ def log_evaluation(logger, ev: Dict, prefix: str, step: int, classes: Sequence[s
         media[f"{prefix}/confusion_matrix"] = wandb.plot.confusion_matrix(
             y_true=y_true, preds=preds, class_names=list(classes), title=f"{prefix} confusion (step {step})")
     if samples and records is not None:
-        from .evaluate import thumbnail
         st = wandb.Table(columns=["image", "label", "prediction", "confidence", "correct"])
         strip = []
         for s in samples:
@@ -133,3 +132,14 @@ def log_evaluation(logger, ev: Dict, prefix: str, step: int, classes: Sequence[s
         media[f"{prefix}/sample_images"] = strip
     logger.run.log(media, step=int(step))
     return row
+
+
+def thumbnail(path: str, size: int = 128):
+    """The image at ``path`` as an RGB PIL thumbnail (at most ``size`` pixels a side), None if unreadable."""
+    from fgvc.data.dataset import load_image
+    try:
+        image = load_image(path).convert("RGB")
+        image.thumbnail((size, size))
+        return image
+    except Exception:  # noqa: BLE001 - a thumbnail is optional
+        return None

@@ -30,7 +30,9 @@ import numpy as np
 
 from sparse_mim.utils.checkpoint import atomic_write_dir, atomic_write_text
 
-__all__ = ["make_demo_dataset", "demo_data_config", "is_demo_dataset", "DEMO_META_GROUPS"]
+DEMO_DIR_NAME = "demo_data"  # the demo dataset's folder inside a run folder (training and evaluation find it there)
+
+__all__ = ["DEMO_DIR_NAME", "make_demo_dataset", "demo_data_config", "is_demo_dataset", "DEMO_META_GROUPS"]
 
 _SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar")
 _COLOURS = ((220, 60, 50), (50, 160, 70), (60, 90, 220), (230, 190, 40), (170, 70, 200), (40, 190, 200))

@@ -36,6 +36,8 @@ import torch
 
 from sparse_mim.utils.config import Config, ConfigError, K, load_config
 
+from .dashboard import thumbnail
+
 __all__ = ["EVAL_DEFAULTS", "eval_schema", "evaluate_checkpoint", "load_eval_config", "per_class_table",
            "confusion_matrix", "top_confusions", "prediction_rows", "write_predictions_csv", "default_eval_dir"]
 
@@ -171,17 +173,6 @@ def top_confusions(cm: np.ndarray, classes: List[str], n: int):
     return out
 
 
-def thumbnail(path: str, size: int = 128):
-    """The image at ``path`` as an RGB PIL thumbnail (at most ``size`` pixels a side), None if unreadable."""
-    from fgvc.data.dataset import load_image
-    try:
-        image = load_image(path).convert("RGB")
-        image.thumbnail((size, size))
-        return image
-    except Exception:  # noqa: BLE001 - a thumbnail is optional
-        return None
-
-
 def prediction_rows(rec, classes, groups, index, labels, pred, conf, pred0, max_rows: int):
     """Columns and rows of the predictions table: thumbnail (PIL or None), label, prediction,
     confidence, correct, readable meta per group, decoded by each group's encoder type (and the
@@ -273,7 +264,7 @@ class _EvalJob:
         from fgvc.models.metaformer import OFFICIAL_CONFIG_GLOBALS
         from sparse_mim.utils.checkpoint import load_checkpoint
         from .builders import resolve_data_config
-        from .train import DEMO_DIR_NAME
+        from .demo import DEMO_DIR_NAME
         ckpt = load_checkpoint(checkpoint, check_finite=True, allowed_globals=OFFICIAL_CONFIG_GLOBALS)
         self.checkpoint = checkpoint
         self.cfg, self.ours = load_eval_config(checkpoint, ckpt, config_file, overrides)

@@ -28,11 +28,11 @@ import torch
 
 from fgvc.builders import (build_mixup, build_model, build_optimizer, build_splits, eval_loader,
                            model_meta_spec, resolve_data_config)
+from fgvc.demo import DEMO_DIR_NAME
 from sparse_mim.utils.config import Config, ConfigError, K
 
 __all__ = ["DEFAULTS", "train", "validate_config", "DEMO_DIR_NAME"]
 
-DEMO_DIR_NAME = "demo_data"
 _DATASETS = ("cub", "nabirds", "inat2017", "inat2018", "inat2021", "custom")
 
 DEFAULTS = {
