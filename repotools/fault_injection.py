@@ -24,6 +24,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -436,7 +437,8 @@ def _ddp_one_rank_signalled(target: Target, work: str) -> Result:
     saved = _step_of(_ckpt(os.path.join(out, "last.pth")))
     ok = rc != 0 and saved is not None and saved >= reached
     text = open(out + ".log").read()
-    agreed = "pre-empted" in text
+    # the stop line of the rank that was not signalled: it stopped because another rank was
+    agreed = re.search(r"\[stop\] (SIG[A-Z0-9]+|signal on another rank): stopped after step", text) is not None
     return Result(target.name, "DDP: SIGTERM to one rank", ok and agreed, saved is None,
                   f"signal after step {reached}; torchrun rc {rc}; last.pth at step {saved}; ranks agreed: {agreed}")
 
