@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo", "init_distributed", "parse_slurm_nodelist", "launcher_env", "get_rank", "get_world_size",
-    "is_main_process", "is_distributed", "barrier", "all_reduce_mean", "all_reduce_sum", "all_gather_rows",
+    "is_main_process", "is_distributed", "barrier", "any_rank", "all_reduce_mean", "all_reduce_sum", "all_gather_rows",
     "seed_everything", "cleanup", "check_peers", "DeadPeerError",
 ]
 
@@ -210,6 +210,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:
+    """True on every process if ``flag`` is true on any (a collective: every rank calls it at the same point;
+    the flag itself with one process). ``device``: where the all-reduce runs (default: the current CUDA
+    device under NCCL, else the CPU)."""
+    if not is_distributed():
+        return bool(flag)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t) > 0
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

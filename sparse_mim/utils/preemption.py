@@ -105,14 +105,8 @@ class PreemptionGuard:
 
     def should_stop(self, device: torch.device | str | None = None) -> bool:
         """True on every rank if any rank was signalled (all-reduce MAX; local flag with one process)."""
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if device is None:
-                device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-                    else torch.device("cpu")
-            flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if float(flag) > 0 and not self.requested:
-                self.requested, self.signal_name = True, "signal on another rank"
-            return float(flag) > 0
-        return self.requested
+        from .distributed import any_rank
+        stop = any_rank(self.requested, device)
+        if stop and not self.requested:
+            self.requested, self.signal_name = True, "signal on another rank"
+        return stop
