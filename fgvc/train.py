@@ -185,8 +185,6 @@ def validate_config(cfg: Config) -> None:
                           f"set data.demo=false to train on {cfg.data.dataset}")
 
 
-
-
 # --------------------------------------------------------------------------------------- main
 def train(cfg: Config, log: Callable = print, guard=None) -> Dict:
     """Run one fine-tuning job from a resolved config; returns the final summary dict (also ``final.json``).
@@ -423,7 +421,7 @@ class _FineTuning:
                      + (f", meta zeroed {summary['test/top1_meta_zeroed']:.2f}" if self.groups else ""))
             run.finish(summary)
             self.logger.summary(summary)
-            best_path = os.path.join(run.out_dir, "best.pth")
+            best_path = run.best_path
             if os.path.isfile(best_path):
                 self.logger.log_model(best_path, name=f"fgvc-{self.cfg.model.name}-{self.logger.run_id}",
                                       metadata=summary, aliases=["best"])
@@ -431,7 +429,7 @@ class _FineTuning:
 
     def _best_model(self):
         from sparse_mim.utils.checkpoint import load_checkpoint
-        best_path = os.path.join(self.run.out_dir, "best.pth")
+        best_path = self.run.best_path
         if not os.path.isfile(best_path):
             return self._eval_model()
         rec = self.train_rec

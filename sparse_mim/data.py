@@ -383,19 +383,22 @@ class ResumableBatchSampler(ResumableSampler):
                 f"(batch_size {self.batch_size} x {self.num_replicas} processes x {self.accum_steps} accumulation "
                 f"steps): lower data.batch_size / optim.accum_steps or add images")
         self.steps_per_epoch = self.total // self.global_batch
-        self.start_step = 0
+
+    @property
+    def start_step(self) -> int:
+        """Optimizer steps of this epoch already done (``start`` counts this process's micro-batches)."""
+        return self.start // self.accum_steps
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         super().set_epoch(epoch, start_step * self.accum_steps)  # start: micro-batches of this process
-        self.start_step = int(start_step)
 
     def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.accum_steps
+        return self.steps_per_epoch * self.accum_steps - self.start
 
     def __iter__(self):
         order, b, P = self.epoch_order(), self.batch_size, self.num_replicas
-        for m in range(self.start_step * self.accum_steps, self.steps_per_epoch * self.accum_steps):
+        for m in range(self.start, self.steps_per_epoch * self.accum_steps):
             chunk = m * P + self.rank
             yield [(order[p], sample_seed(self.seed, self.epoch, p)) for p in range(chunk * b, (chunk + 1) * b)]

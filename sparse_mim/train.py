@@ -203,14 +203,14 @@ def pretrain(cfg: Config, guard=None) -> dict:
         return _Pretraining(cfg, run).execute()
 
 
-def _knn_monitor(cfg: Config, model, device, steps_per_epoch: int, logger, say, amp):
+def _knn_monitor(cfg: Config, model, device, steps_per_epoch: int, logger, say, amp, init_seed: int):
     """The k-NN monitor of the run (``eval.*``), or None when ``eval.knn_root`` resolves to off."""
     if not knn.knn_root_of(cfg):
         return None
 
     def random_backbone():  # the encoder this run started from (same seed, same init), for resumed runs
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stream_seed(cfg.seed, "init"))
+            torch.manual_seed(init_seed)
             return build_model(cfg).backbone
 
     return knn.PretrainKnn(cfg, model, device, steps_per_epoch, logger.log, say, amp.autocast, random_backbone)
@@ -255,7 +255,8 @@ class _Pretraining:
                 broadcast_buffers=False)
         self.logger = run.open_logger(amp=self.amp, perf=self.perf)
         self._describe()
-        self.knn = _knn_monitor(cfg, self.model, self.device, self.steps_per_epoch, self.logger, self.say, self.amp)
+        self.knn = _knn_monitor(cfg, self.model, self.device, self.steps_per_epoch, self.logger, self.say, self.amp,
+                                run.init_seed)
         run.step_hooks += [self._settle, self._visualize_every]
         if self.knn is not None:
             run.step_hooks.append(self.knn.step)

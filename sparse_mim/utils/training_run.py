@@ -99,14 +99,6 @@ class TrainState:
                 setattr(self, k, v)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every process if ``flag`` is true on any (one all-reduce; the flag itself with one process)."""
-    if not dist_utils.is_distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(dist_utils.all_reduce_sum(t).item() > 0)
-
-
 class TrainingRun:
     """One training run's skeleton (module docstring). Use as a context manager: entering sets up the
     process group, the pre-emption guard and the run folder; leaving releases them on every path.
@@ -125,6 +117,7 @@ class TrainingRun:
         self.log = log
         self.out_dir = cfg.output_dir
         self.last_path = os.path.join(self.out_dir, "last.pth")
+        self.best_path = os.path.join(self.out_dir, "best.pth")  # the model selection's weights (fine-tuning)
         self.state = TrainState()
         self.step_hooks: list[Callable[[TrainState], None]] = []
         self.logger = None
@@ -179,7 +172,7 @@ class TrainingRun:
                 self.save_config()
             except Exception as e:  # noqa: BLE001 - re-raised below on this rank, after telling the others
                 error = e
-        if _any_rank(error is not None, self.comm_device):
+        if dist_utils.any_rank(error is not None, self.comm_device):
             if error is not None:
                 raise error
             raise RuntimeError("the main process refused the output folder (see its message)")
@@ -241,7 +234,7 @@ class TrainingRun:
         if ck is None:
             self.wandb_run_id = new_run_id()  # known before the logger starts (fgvc names its wandb group by it)
             return None
-        state = TrainState()
+        state = self.state
         state.load_state_dict(ck["train_state"])
         if state.step > self.total_steps:
             raise ConfigError(
@@ -257,8 +250,8 @@ class TrainingRun:
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         load_scaler_state(self.scaler, ck.get("scaler"))
-        self.state.load_state_dict(ck["train_state"])
-        self.wandb_run_id = ck.get("wandb_run_id") or ck.get("wandb_id") or None  # wandb_id: older fgvc files
+        # wandb_id: older fgvc files; a checkpoint with neither starts a new wandb run, named before the logger starts
+        self.wandb_run_id = ck.get("wandb_run_id") or ck.get("wandb_id") or new_run_id()
         if ck.get("global_batch") not in (None, self.global_batch):
             self.say(f"[resume] warning: resuming with global batch {self.global_batch}, the checkpoint used "
                      f"{ck['global_batch']}: the data order after the resume point differs from the original run")
@@ -301,8 +294,8 @@ class TrainingRun:
                 f"step {self.state.step}: the training state became non-finite ({n_bad} tensor(s), e.g. "
                 f"{', '.join(bad[:3]) or 'on rank 0'}); nothing was written, {self.last_good()}. Usual fixes: lower "
                 "optim.lr, keep optim.clip_grad on, or train.amp=off; then resume=auto")
-        name = {"last": "last.pth", "best": "best.pth", "keep": checkpoint_name(self.state.step)}[which]
-        path = os.path.join(self.out_dir, name)
+        path = {"last": self.last_path, "best": self.best_path,
+                "keep": os.path.join(self.out_dir, checkpoint_name(self.state.step))}[which]
         if self.is_main:
             ck = {**tensors, "train_state": self.state.state_dict(), "config": self.cfg.to_dict(),
                   "wandb_run_id": self.wandb_run_id, "format": self.format, "format_version": FORMAT_VERSION,
@@ -377,7 +370,7 @@ class TrainingRun:
 
     def _stop(self) -> None:
         self.stopped = True
-        if self._saved is None or self._saved != (self.state.step, self.last_path):
+        if self._saved != (self.state.step, self.last_path):
             self.save("last")
         dist_utils.barrier()  # nobody exits (and gets the job step killed) before rank 0 has written
         why = self.guard.signal_name if self.guard.requested else f"train.stop_at_step={self.stop_at}"
